@@ -186,5 +186,5 @@ def doctor(json_out: Json = False):
             typer.echo(f"{k:<12} {v}")
 
 
-def main():  # pragma: no cover
+if __name__ == "__main__":
     app()

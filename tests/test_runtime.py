@@ -1,0 +1,202 @@
+"""End to end on the real SmolLM2: turns, restores from disk, refusals, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
+import mlx.core as mx
+import pytest
+
+from mlx_agentcache import cachefile
+from mlx_agentcache.runtime import Runtime
+
+# Restoring from disk must reproduce the in-memory computation: the same Q4
+# codes are read back, so only float summation order (chunking) can differ.
+RESTORE_LOGIT_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def rt(model_home, tmp_path_factory):
+    return Runtime(home=model_home, cache_dir=tmp_path_factory.mktemp("agents"), max_tokens=12)
+
+
+def fresh_runtime(rt, cache_dir=None):
+    """A second Runtime on the same model and directory: nothing is hot."""
+    return Runtime(model=str(rt.runner.path), home=rt.home, cache_dir=cache_dir or rt.cache_dir, max_tokens=rt.max_tokens)
+
+
+def test_restore_then_continue_matches_full_prefill(rt):
+    text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(120))
+    ids = rt.runner.tokenizer.encode(text)
+    assert len(ids) > 600
+    head, tail = ids[:513], ids[513:]
+
+    full = rt.runner.new_cache()
+    ref = rt.runner.prefill(ids, full)
+
+    part = rt.runner.new_cache()
+    rt.runner.prefill(head, part)
+    path = rt.cache_dir / "restore-probe.safetensors"
+    cachefile.save(path, part, rt.runner.fingerprint)
+    restored, _ = cachefile.load(path, rt.runner.fingerprint, rt.runner.new_cache().layers)
+    assert restored.tokens == head
+    out = rt.runner.prefill(tail, restored)
+    assert int(mx.argmax(out)) == int(mx.argmax(ref))
+    assert float(mx.abs(out - ref).max()) < RESTORE_LOGIT_TOL
+
+
+def test_second_turn_prefills_only_new_tokens_after_restart(rt):
+    a = rt.agent("planner", system="You are a careful planner.")
+    first = a.chat("List three fruits.")
+    assert first.stats.tier == "cold" and first.stats.restored_tokens == 0
+    assert first.text.strip()
+    cached = first.stats.cache_tokens
+
+    rt2 = fresh_runtime(rt)
+    b = rt2.agent("planner")
+    assert b.tier == "warm"
+    assert b.messages[-1]["content"] == first.text
+    full_prompt = b.prompt_tokens("Now list three vegetables.")
+    second = b.chat("Now list three vegetables.")
+    assert second.stats.tier == "warm"
+    # Everything cached that the re-rendered prompt still starts with is reused.
+    assert second.stats.restored_tokens >= cached - 2
+    assert second.stats.restored_tokens + second.stats.prefilled_tokens == len(full_prompt)
+    assert second.stats.prefilled_tokens < len(full_prompt) // 2
+
+
+def test_hot_agent_is_not_reloaded(rt):
+    a = rt.agent("hotty")
+    a.chat("Say hello.")
+    r = a.chat("Say goodbye.")
+    assert r.stats.tier == "hot" and r.stats.restored_tokens > 0
+
+
+def test_diverging_history_trims_at_first_difference(rt):
+    a = rt.agent("brancher", system="You answer briefly.")
+    a.chat("What is 2+2?")
+    cache, _ = rt.pool.checkout("brancher")
+    old_tokens = list(cache.tokens)
+    rt.pool.checkin("brancher", cache, persist=False)
+    a.messages = a.messages[:0]  # rewrite history: a different first question
+    new_prompt = a.prompt_tokens("What is 3+3?")
+    common = next(i for i, (x, y) in enumerate(zip(old_tokens, new_prompt)) if x != y)
+    r = a.chat("What is 3+3?")
+    assert r.stats.restored_tokens == common
+    assert r.stats.prefilled_tokens == len(new_prompt) - common
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "garbage"])
+def test_damaged_cache_is_refused_and_moved_aside(rt, damage, capfd):
+    name = f"victim-{damage}"
+    rt.agent(name).chat("Tell me a word.")
+    path = rt.pool.path(name)
+    data = bytearray(path.read_bytes())
+    if damage == "bitflip":
+        data[-100] ^= 0x10
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(os.urandom(len(data)))
+    path.write_bytes(bytes(data))
+
+    rt2 = fresh_runtime(rt)
+    r = rt2.agent(name).chat("Another word.")
+    err = capfd.readouterr().err
+    assert f"cache for agent '{name}' not used" in err
+    assert r.stats.tier == "cold" and r.stats.restored_tokens == 0
+    assert list(rt.cache_dir.glob(f"{name}.safetensors.bad-*")), "bad file must be kept aside"
+    assert path.exists()  # a fresh, valid cache was written after the turn
+    cachefile.load(path, rt.runner.fingerprint)
+
+
+def test_cache_from_another_model_is_refused(rt, tmp_path):
+    cache = rt.runner.new_cache()
+    rt.runner.prefill(rt.runner.tokenizer.encode("hello there"), cache)
+    path = tmp_path / "other.safetensors"
+    cachefile.save(path, cache, "0" * 32)
+    with pytest.raises(cachefile.CacheFileError, match="another model"):
+        cachefile.load(path, rt.runner.fingerprint)
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".hidden", "x" * 65, "a..b", "nul\0byte", "semi;colon"])
+def test_hostile_agent_names_are_rejected(rt, name):
+    with pytest.raises(ValueError, match="invalid agent name"):
+        rt.agent(name)
+    assert not any(rt.cache_dir.parent.glob("passwd*"))
+
+
+def test_sigkill_during_save_keeps_previous_cache(rt, tmp_path):
+    """A real process killed mid-save: the file on disk is the old one, intact."""
+    a = rt.agent("survivor")
+    a.chat("Remember the number 7.")
+    path = rt.pool.path("survivor")
+    before = path.read_bytes()
+    script = f"""
+import mlx_agentcache, os, signal, sys
+from mlx_agentcache import cachefile
+from mlx_agentcache.runtime import Runtime
+rt = Runtime(model={str(rt.runner.path)!r}, home={str(rt.home)!r}, cache_dir={str(rt.cache_dir)!r}, max_tokens=4)
+cache, _ = rt.pool.checkout("survivor")
+rt.runner.prefill(rt.runner.tokenizer.encode(" more words" * 300), cache)
+real_fsync = os.fsync
+def die(fd):  # the new bytes are written to the temporary file; die before the rename
+    os.kill(os.getpid(), signal.SIGKILL)
+os.fsync = die
+cachefile.save({str(path)!r}, cache, rt.runner.fingerprint)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert p.returncode == -9, p.stderr.decode()[-2000:]
+    assert path.read_bytes() == before
+    cache, _ = cachefile.load(path, rt.runner.fingerprint)
+    assert cache.offset > 0
+
+
+def cli(*args, env_home, cache_dir):
+    env = {**os.environ, "AGENTCACHE_HOME": str(env_home)}
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_agentcache.cli", *args, "--cache-dir", str(cache_dir)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_cli_say_json_resumes_across_processes(model_home, tmp_path):
+    first = json.loads(cli("say", "--agent", "critic", "--max-tokens", "8", "--json", "Name a color.", env_home=model_home, cache_dir=tmp_path).stdout)
+    for key in ("reply", "ttft_ms", "restored_tokens", "prefilled_tokens", "cache_bytes", "tier"):
+        assert key in first
+    assert first["tier"] == "cold"
+    second = json.loads(cli("say", "--agent", "critic", "--max-tokens", "8", "--json", "Another one.", env_home=model_home, cache_dir=tmp_path).stdout)
+    assert second["tier"] == "warm"
+    assert second["restored_tokens"] >= first["cache_tokens"] - 2
+    listing = json.loads(cli("agents", "ls", "--json", env_home=model_home, cache_dir=tmp_path).stdout)
+    assert [a["name"] for a in listing] == ["critic"] and listing[0]["tokens"] > 0
+
+
+def test_cli_rejects_hostile_name(model_home, tmp_path):
+    env = {**os.environ, "AGENTCACHE_HOME": str(model_home)}
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_agentcache.cli", "say", "--agent", "../x", "hi", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert p.returncode == 2 and "invalid agent name" in p.stderr
+
+
+def test_chat_repl(model_home, tmp_path):
+    """The interactive chat, driven through stdin: two agents, /agents, /stats, /quit."""
+    env = {**os.environ, "AGENTCACHE_HOME": str(model_home)}
+    script = "@planner Say hi.\n@critic Say bye.\n/agents\n/stats\n/quit\n"
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_agentcache.cli", "chat", "--agent", "planner", "--agent", "critic",
+         "--max-tokens", "6", "--cache-dir", str(tmp_path)],
+        input=script, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert "planner: " in out and "critic: " in out
+    assert "ttft" in out and "prefilled" in out
+    lines = [l for l in out.splitlines() if "planner" in l and "hot" in l]
+    assert lines, out
