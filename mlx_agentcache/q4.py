@@ -5,7 +5,11 @@ groups of GROUP_SIZE elements, 4 bits each, with one fp16 scale and one fp16
 bias per group (x ~= scale * q + bias). Eight 4-bit codes are packed into one
 little-endian uint32, element i of a group of eight in bits 4*i..4*i+3. This is
 exactly MLX's affine `mx.quantize` layout, so the portable path is
-`mx.quantize` itself. See kernels/README.md for the byte layout.
+`mx.quantize` itself. On an Apple GPU the custom kernels of kernels/ are used
+instead (see `metal_kernels`); they produce the bytes of MLX's CPU
+`mx.quantize`, so a block is encoded identically on every machine. (MLX's own
+GPU quantize rounds ties away from zero and starts its running max at 0, so
+it can differ in rare groups.) See kernels/README.md for the byte layout.
 """
 
 from __future__ import annotations
@@ -32,14 +36,82 @@ class Q4(NamedTuple):
         return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
 
 
+def _metal(group_size: int = GROUP_SIZE, bits: int = BITS) -> bool:
+    """Whether to use the custom kernels: Q4 on an Apple GPU, once they passed their self-check."""
+    if (group_size, bits) != (GROUP_SIZE, BITS) or not mx.metal.is_available():
+        return False
+    if mx.default_device() != mx.gpu:
+        return False
+    from . import metal_kernels
+
+    return metal_kernels.available()
+
+
 def quantize(x: mx.array, group_size: int = GROUP_SIZE, bits: int = BITS) -> Q4:
     """Quantize along the last axis; input is cast to fp16 first so scales are fp16."""
+    if _metal(group_size, bits):
+        from . import metal_kernels
+
+        return metal_kernels.quantize(x)
     return Q4(*mx.quantize(x.astype(STORE_DTYPE), group_size=group_size, bits=bits))
 
 
+def quantize_kv(keys: mx.array, values: mx.array) -> tuple[Q4, Q4]:
+    """Keys and values together: one kernel launch on an Apple GPU."""
+    if _metal():
+        from . import metal_kernels
+
+        return metal_kernels.quantize_kv_block(keys, values)
+    return quantize(keys), quantize(values)
+
+
 def dequantize(q: Q4, group_size: int = GROUP_SIZE, bits: int = BITS, dtype=None) -> mx.array:
-    out = mx.dequantize(*q, group_size=group_size, bits=bits)
+    if _metal(group_size, bits):
+        from . import metal_kernels
+
+        out = metal_kernels.dequantize(q)
+    else:
+        out = mx.dequantize(*q, group_size=group_size, bits=bits)
     return out if dtype is None else out.astype(dtype)
+
+
+def decode_attention_q4(queries: mx.array, kq: Q4, vq: Q4, scale: float,
+                        lengths: mx.array | None = None) -> mx.array:
+    """Attention of queries over Q4 keys/values with MLX ops: the reference the kernel must match.
+
+    queries (B, H, L, D); kq, vq hold (B, H_kv, N, D) keys and (B, H_kv, N, Dv)
+    values, H a multiple of H_kv (query head h reads kv head h // (H / H_kv)).
+    `lengths` (B,) limits sequence b to its first lengths[b] cache rows (no
+    causal mask among the L queries); a sequence of length 0 gives zeros.
+    Scores, softmax and the weighted sum are float32; the result has the
+    queries' dtype, shape (B, H, L, Dv).
+    """
+    b, h, l, d = queries.shape
+    n_kv, n = kq.packed.shape[1], kq.packed.shape[2]
+    q = queries.astype(mx.float32).reshape(b, n_kv, (h // n_kv) * l, d) * scale
+
+    def f32(t: Q4) -> Q4:
+        return Q4(t.packed, t.scales.astype(mx.float32), t.biases.astype(mx.float32))
+
+    s = mx.quantized_matmul(q, *f32(kq), transpose=True, group_size=GROUP_SIZE, bits=BITS)
+    if lengths is not None:
+        valid = (mx.arange(n)[None, :] < lengths.astype(mx.int32)[:, None])[:, None, None, :]
+        s = mx.where(valid, s, -mx.inf)
+    p = mx.softmax(s, axis=-1, precise=True)
+    o = mx.quantized_matmul(p, *f32(vq), transpose=False, group_size=GROUP_SIZE, bits=BITS)
+    if lengths is not None:
+        o = mx.where((lengths > 0)[:, None, None, None], o, 0.0)
+    return o.reshape(b, h, l, -1).astype(queries.dtype)
+
+
+def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
+                     lengths: mx.array | None = None) -> mx.array:
+    """Decode-step attention (L = 1) over Q4 caches: the fused kernel on an Apple GPU."""
+    if queries.shape[2] == 1 and _metal():
+        from . import metal_kernels
+
+        return metal_kernels.decode_attention(queries, kq, vq, scale, lengths)
+    return decode_attention_q4(queries, kq, vq, scale, lengths)
 
 
 def bytes_per_token(n_kv_heads: int, k_dim: int, v_dim: int, bits: int = BITS, group_size: int = GROUP_SIZE) -> int:
