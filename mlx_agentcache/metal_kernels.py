@@ -22,7 +22,9 @@ import mlx.core as mx
 
 from .q4 import GROUP_SIZE, Q4
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# Installed wheels carry kernels/ inside the package; a source checkout has it at the top.
+_HERE = Path(__file__).resolve().parent
+KERNEL_DIR = next((d for d in (_HERE / "kernels", _HERE.parent / "kernels") if d.is_dir()), _HERE.parent / "kernels")
 
 _SPECS = {
     # name: (source file, input names, output names)
