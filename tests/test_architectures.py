@@ -1,0 +1,278 @@
+"""The Q4 agent cache on each supported architecture.
+
+Real checkpoints: SmolLM2-135M (Llama layout) and Gemma 3 270M (sliding
+windows). Random tiny models (mlx_agentcache.tiny_models): Llama 3 (GQA,
+llama3 RoPE) and DeepSeek-V2 (MLA + MoE, latent cache). Contexts are short
+but cross a 256-token block and, for Gemma, the 512-token window.
+
+Accuracy bounds were measured on this suite's text (tests/data) and are
+stated with their measured values in docs/architectures.md. Random models
+have flat next-token distributions (near-ties are common), so top-1
+agreement is asserted on real models only; KL bounds hold for all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_agentcache import cachefile, mla, q4, tiny_models
+from mlx_agentcache.q4 import BLOCK_TOKENS
+from mlx_agentcache.runner import ModelRunner
+
+TEXT = (Path(__file__).parent / "data" / "python_reference.txt").read_text()
+GEN = 16
+N_TOKENS = {"smollm2": 700, "gemma3": 1100, "llama3-tiny-random": 700, "deepseek-v2-tiny-random": 700}
+
+# Q4 cache vs fp16 cache over 17 next-token distributions (prefill + 16 teacher-forced steps):
+# (max KL(fp16 || q4), max |log p diff| on tokens with p > 1e-3, min top-1 agreement or None).
+Q4_BOUNDS = {
+    "smollm2": (0.05, 0.5, 0.8),
+    "gemma3": (0.05, 0.5, 0.8),
+    "llama3-tiny-random": (0.01, 0.5, None),
+    "deepseek-v2-tiny-random": (0.04, 1.0, None),
+}
+# fp16 agent cache vs mlx-lm's own fp16 caches: only summation order differs.
+NATIVE_LOGIT_TOL = 0.05
+# Latent (absorbed) vs full MLA, both with fp16 caches: measured max |logit diff| 7e-4.
+MLA_LOGIT_TOL = 5e-3
+
+
+@dataclass
+class Arch:
+    name: str
+    runner: ModelRunner
+    prompt: list[int]
+    cont: list[int]
+    cache: object  # the uninterrupted in-memory Q4 cache (only the restore test decodes on it)
+    logits: mx.array
+    file: Path
+    _fp16: tuple = field(default=None, repr=False)
+
+    def load(self):
+        cache, _ = cachefile.load(self.file, self.runner.fingerprint, self.runner.new_cache().layers)
+        return cache
+
+    def fp16(self):
+        """(cache, logits) after prefilling the prompt into a 16-bit cache, computed once."""
+        if self._fp16 is None:
+            cache = self.runner.new_cache(bits=16)
+            self._fp16 = cache, self.runner.prefill(self.prompt, cache)
+        return self._fp16
+
+
+def load_runner(path: Path, mla_mode: str = "latent") -> ModelRunner:
+    from mlx_lm.utils import load
+
+    model, tokenizer, config = load(str(path), return_config=True)
+    return ModelRunner(model, tokenizer, config, path, mla_mode=mla_mode)
+
+
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def model_path(name: str, request, tiny_home: Path) -> Path:
+    if name in tiny_models.CONFIGS:
+        dest = tiny_home / name
+        return dest if (dest / "config.json").exists() else tiny_models.build(name, dest)
+    try:
+        return Path(request.getfixturevalue(f"{name}_path"))
+    except pytest.FixtureLookupError:
+        pytest.skip(f"no {name}_path fixture (tests/conftest.py provides the real models)")
+
+
+@pytest.fixture(scope="module", params=list(N_TOKENS))
+def arch(request, tiny_home, tmp_path_factory) -> Arch:
+    name = request.param
+    runner = load_runner(model_path(name, request, tiny_home))
+    ids = runner.tokenizer.encode(TEXT[:20000])[: N_TOKENS[name] + GEN]
+    prompt, cont = ids[: N_TOKENS[name]], ids[N_TOKENS[name] :]
+    assert len(cont) == GEN
+    cache = runner.new_cache()
+    logits = runner.prefill(prompt, cache)
+    file = tmp_path_factory.mktemp(name) / "agent.safetensors"
+    cachefile.save(file, cache, runner.fingerprint)
+    return Arch(name, runner, prompt, cont, cache, logits, file)
+
+
+def greedy(runner: ModelRunner, logits: mx.array, cache, n: int = GEN) -> list[int]:
+    out = []
+    for _ in range(n):
+        out.append(int(mx.argmax(logits)))
+        logits = runner.decode([out[-1]], [cache])[0]
+    return out
+
+
+def teacher_forced(arch: Arch, cache, first: mx.array) -> mx.array:
+    """Next-token logits after the prompt and after each continuation token."""
+    out = [first]
+    for tok in arch.cont:
+        out.append(arch.runner.decode([tok], [cache])[0])
+    return mx.stack(out)
+
+
+def log_softmax(x: mx.array) -> mx.array:
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def layer_bytes_per_token(config: dict) -> int:
+    """Q4 bytes one token takes in one layer (keys + values), as in docs/architectures.md."""
+    if config["model_type"] == "deepseek_v2":  # latent mode: one single-head key, no values
+        return q4.bytes_per_token(1, config["kv_lora_rank"] + config["qk_rope_head_dim"], 0)
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return q4.bytes_per_token(heads, head_dim, head_dim)
+
+
+# -- every architecture ------------------------------------------------------
+
+
+def test_restore_then_greedy_matches_uninterrupted(arch):
+    restored = arch.load()
+    assert restored.tokens == arch.prompt
+    assert [layer.offset for layer in restored.layers] == [len(arch.prompt)] * len(restored.layers)
+    after_restore = greedy(arch.runner, arch.logits, restored)
+    uninterrupted = greedy(arch.runner, arch.logits, arch.cache)
+    assert after_restore == uninterrupted
+
+
+def test_q4_logits_close_to_fp16(arch):
+    cache16, first16 = arch.fp16()
+    ref = log_softmax(teacher_forced(arch, cache16, first16))
+    got = log_softmax(teacher_forced(arch, arch.load(), arch.logits))
+    p = mx.exp(ref)
+    kl = (p * (ref - got)).sum(axis=-1)
+    dlogp = mx.where(p > 1e-3, mx.abs(ref - got), 0).max().item()
+    top1 = (mx.argmax(ref, axis=-1) == mx.argmax(got, axis=-1)).mean().item()
+    max_kl, max_dlogp, min_top1 = Q4_BOUNDS[arch.name]
+    print(f"{arch.name}: KL mean {kl.mean().item():.2e} max {kl.max().item():.2e}, |dlogp| {dlogp:.3f}, top-1 {top1:.2f}")
+    assert kl.max().item() < max_kl
+    assert dlogp < max_dlogp
+    if min_top1 is not None:
+        assert top1 >= min_top1
+
+
+def test_fp16_cache_matches_mlx_lm_cache(arch):
+    """Our 16-bit cache (windows, masks, RoPE offsets, latent MLA) against mlx-lm's own caches."""
+    _, ours = arch.fp16()
+    runner = arch.runner
+    native = make_prompt_cache(runner.model)
+    for a in range(0, len(arch.prompt), 512):  # same chunking as prefill
+        h = runner._forward(mx.array(arch.prompt[a : a + 512])[None], native, logits=False)
+    ref = runner._head(h[:, -1:])[0, -1].astype(mx.float32)
+    assert int(mx.argmax(ours)) == int(mx.argmax(ref))
+    assert mx.abs(ours - ref).max().item() < NATIVE_LOGIT_TOL
+
+
+def test_disk_bytes_per_token(arch):
+    """File = 8 + header + 4 bytes per token id + sum over layers of persisted tokens x layer bytes/token."""
+    header, meta, data_start = cachefile.read_header(arch.file)
+    spans = json.loads(meta["layers"])
+    n = len(arch.prompt)
+    per_layer = layer_bytes_per_token(arch.runner.config)
+    expect = 4 * n + sum(min(n, s["window"] or n) * per_layer for s in spans)
+    assert arch.file.stat().st_size - data_start == expect
+    assert data_start < 64 * 1024  # header overhead stays small and separate
+    full = [s for s in spans if s["window"] is None]
+    assert full and all(s["start"] == 0 for s in full)
+
+
+def test_sliding_layers_persist_at_most_window(arch):
+    windows = [w for w in arch.runner.windows if w]
+    if not windows:
+        pytest.skip("no sliding-window layers")
+    n = len(arch.prompt)
+    assert n > windows[0] + BLOCK_TOKENS  # whole blocks were dropped in memory
+    _, meta, _ = cachefile.read_header(arch.file)
+    for s, w in zip(json.loads(meta["layers"]), arch.runner.windows):
+        assert s["window"] == w and s["offset"] == n
+        assert s["offset"] - s["start"] == (min(n, w) if w else n)
+    for layer in arch.cache.layers:
+        if layer.window:
+            assert layer.start > 0 and layer.start % BLOCK_TOKENS == 0
+            assert layer.stored < layer.window + BLOCK_TOKENS
+    restored = arch.load()
+    for layer in restored.layers:
+        if layer.window:
+            assert layer.stored == layer.window and layer.start == n - layer.window
+
+
+# -- DeepSeek-V2 latent cache --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepseek(request, tiny_home) -> tuple[ModelRunner, ModelRunner]:
+    path = model_path("deepseek-v2-tiny-random", request, tiny_home)
+    return load_runner(path, "latent"), load_runner(path, "full")
+
+
+def test_mla_latent_cache_at_least_4x_smaller(deepseek):
+    latent, full = deepseek
+    assert latent.fingerprint != full.fingerprint  # the two layouts never share cache files
+    ids = latent.tokenizer.encode(TEXT[:300])
+    sizes = []
+    for runner in deepseek:
+        cache = runner.new_cache()
+        runner.prefill(ids, cache)
+        sizes.append(cache.nbytes / len(ids))
+    assert sizes[0] == mla.bytes_per_token(latent.config, "latent")
+    assert sizes[1] == mla.bytes_per_token(latent.config, "full")
+    assert sizes[1] / sizes[0] >= 4
+
+
+def test_mla_latent_matches_full_with_fp16_caches(deepseek):
+    ids = deepseek[0].tokenizer.encode(TEXT[:20000])[:600]
+    outs = []
+    for runner in deepseek:
+        cache = runner.new_cache(bits=16)
+        logits = [runner.prefill(ids[:-8], cache)]
+        logits += [runner.decode([t], [cache])[0] for t in ids[-8:]]
+        outs.append(mx.stack(logits))
+    assert mx.abs(outs[0] - outs[1]).max().item() < MLA_LOGIT_TOL
+
+
+def test_mla_batched_decode_matches_single(deepseek):
+    runner = deepseek[0]
+    ids = runner.tokenizer.encode(TEXT[:2000])
+    prompts = [ids[:300], ids[100:140]]
+    solo, batch = [], []
+    for p in prompts:
+        a, b = runner.new_cache(), runner.new_cache()
+        runner.prefill(p, a)
+        runner.prefill(p, b)
+        solo.append(runner.decode([p[-1]], [a])[0])
+        batch.append(b)
+    both = runner.decode([p[-1] for p in prompts], batch)
+    for i in range(2):
+        assert mx.abs(both[i] - solo[i]).max().item() < 1e-3
+
+
+def test_tiny_models_are_labelled_random(tiny_home, request):
+    for name in tiny_models.CONFIGS:
+        path = model_path(name, request, tiny_home)
+        assert "random" in name
+        assert "RANDOM" in json.loads((path / "config.json").read_text())["_comment"]
+        assert "RANDOM" in (path / "README.md").read_text()
+
+
+def test_window_cache_can_always_start_over():
+    """A prompt that diverges before the window must re-prefill, not fail to trim."""
+    from mlx_agentcache.kvcache import AgentCache, LayerCache
+
+    cache = AgentCache([LayerCache(4, window=512), LayerCache(4)])
+    for a in range(0, 1200, 300):
+        for layer in cache.layers:
+            layer.update_and_fetch(mx.ones((1, 1, 300, 64)), mx.ones((1, 1, 300, 64)))
+        cache.tokens.extend(range(a, a + 300))
+    assert cache.layers[0].start > 0
+    assert cache.reusable_prefix([0, 1, 2, -1]) == 0
+    cache.trim_to(0)
+    assert all(layer.offset == layer.start == layer.stored == 0 for layer in cache.layers)
