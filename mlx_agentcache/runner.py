@@ -59,7 +59,9 @@ def fingerprint(model_path: Path) -> str:
 class ModelRunner:
     """Prefill, decode and cache creation for one loaded model."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: dict, path: Path | None = None, kv_bits: int = 4):
+    def __init__(
+        self, model: nn.Module, tokenizer, config: dict, path: Path | None = None, kv_bits: int = 4, mla_mode: str = "latent"
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -67,17 +69,31 @@ class ModelRunner:
         self.kv_bits = kv_bits
         self.fingerprint = fingerprint(path) if path else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
         self.windows = self._layer_windows()
+        self.mla_mode = self._set_mla_mode(mla_mode)
+        if self.mla_mode:  # the cache layout differs per mode: files must not mix
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint}:mla={self.mla_mode}".encode()).hexdigest()[:32]
         _route_attention(model)
         body = getattr(model, "model", None)
         self._body = body if body is not None and hasattr(body, "embed_tokens") else None
 
     @classmethod
-    def load(cls, name_or_path: str, home: Path, kv_bits: int = 4) -> "ModelRunner":
+    def load(cls, name_or_path: str, home: Path, kv_bits: int = 4, mla_mode: str = "latent") -> "ModelRunner":
         from .model_store import load_model, resolve_model
 
         path = resolve_model(name_or_path, home)
         model, tokenizer, config = load_model(path)
-        return cls(model, tokenizer, config, path, kv_bits)
+        return cls(model, tokenizer, config, path, kv_bits, mla_mode)
+
+    def _set_mla_mode(self, mode: str) -> str | None:
+        """DeepSeek-V2 MLA: cache the latent ("latent", see mla.py) or mlx-lm's full K/V ("full")."""
+        from . import mla
+
+        if mode not in mla.MODES:
+            raise ValueError(f"mla_mode must be one of {mla.MODES}, got {mode!r}")
+        if self.config.get("model_type") != "deepseek_v2":
+            return None
+        (mla.install if mode == "latent" else mla.uninstall)(self.model)
+        return mode
 
     def _layer_windows(self) -> list[int | None]:
         """Sliding window per layer, read from the model's own cache layout."""
