@@ -190,6 +190,8 @@ class LayerCache:
         """True if the cache can be cut back to the first `n` absolute tokens."""
         if n > self.offset:
             return False
+        if n == 0:
+            return True  # starting over is always possible, whatever was dropped
         if self.window is None:
             return self.start == 0
         return self.start <= max(0, n - self.window + 1)  # the next query needs window-1 keys back
@@ -197,6 +199,9 @@ class LayerCache:
     def trim_to(self, n: int) -> None:
         if not self.can_trim_to(n):
             raise ValueError(f"cannot trim layer cache to {n} tokens (stored from {self.start})")
+        if n == 0:
+            self.segments, self.start, self.offset = [], 0, 0
+            return
         keep = n - self.start
         out, seen = [], 0
         for s in self.segments:
