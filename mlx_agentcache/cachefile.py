@@ -1,37 +1,50 @@
-"""The agent cache file: safetensors with a checked header, written atomically.
+"""Cache files: safetensors with a checked header, written atomically.
 
 Layout: the standard safetensors container (8-byte little-endian header
-length, JSON header, raw tensor bytes). Tensors are `tokens` (int32) and,
-per layer `i`, `layers.i.k.j` / `layers.i.v.j` (j = 0 packed codes,
-1 fp16 scales, 2 fp16 biases; a single fp16 tensor for 16-bit caches).
-`__metadata__` holds the format name and version, the model fingerprint,
-the quantization parameters, each layer's span, a CRC32 per tensor and a
-CRC32 of the metadata itself.
+length, JSON header, raw tensor bytes), so any safetensors reader can open
+it. Two kinds share the container:
 
-A file is only ever used after every check passed; anything else raises
-`CacheFileError` with a one-line reason. Writes go to a temporary file in the
-same directory, are fsynced, renamed over the old file, and the directory is
-fsynced: a crash at any point leaves either the old or the new file.
+* agent files (`FORMAT`): `tokens` (int32) and, per layer `i`,
+  `layers.i.k.j` / `layers.i.v.j` (j = 0 packed codes, 1 fp16 scales,
+  2 fp16 biases; one fp16 tensor for 16-bit caches). When the agent uses a
+  shared prefix, `prefix` in the metadata names it and the layer tensors hold
+  only the tokens after it.
+* prefix block files (`BLOCK_FORMAT`, see prefixes.py): the same tensors for
+  a run of full 256-token blocks that several agents start with.
+
+`__metadata__` holds the format and version, the model fingerprint, the
+quantization parameters, each layer's span, a CRC32 per tensor, a CRC32 of
+the tensor table and a CRC32 of the metadata itself: every byte the reader
+uses is covered. A file is used only after every check passed; anything
+else raises `CacheFileError` with a one-line reason.
+
+Writes go to a temporary file in the same directory, are fsynced, renamed
+over the old file, and the directory is fsynced: a crash at any point leaves
+either the old or the new file. Reads open the file once and memory-map it,
+so a concurrent rename never mixes two versions.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import mlx.core as mx
 import numpy as np
 
-from .kvcache import AgentCache, LayerCache
+from .kvcache import AgentCache, LayerCache, Segment
 from .q4 import BLOCK_TOKENS, GROUP_SIZE
 
 FORMAT = "agentcache-kv"
-VERSION = 1
+BLOCK_FORMAT = "agentcache-prefix"
+VERSION = 2
 MAX_HEADER_BYTES = 64 << 20
 SUFFIX = ".safetensors"
 
@@ -59,10 +72,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def tmp_name(path: Path) -> Path:
+    """The temporary file a save writes first; the pid lets a later run remove leftovers."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
     """Write chunks to `path` so that readers see the old or the new file, never a mix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = tmp_name(path)
     written = 0
     try:
         with open(tmp, "wb") as f:
@@ -81,50 +99,7 @@ def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
     return written
 
 
-def _to_numpy(a: mx.array) -> np.ndarray:
-    return np.array(a, copy=False)
-
-
-def _tensors(cache: AgentCache) -> tuple[dict[str, np.ndarray], list[dict]]:
-    mx.eval([(s.keys, s.values or ()) for layer in cache.layers for s in layer.segments])
-    tensors = {"tokens": np.asarray(cache.tokens, dtype=np.int32)}
-    spans = []
-    for i, layer in enumerate(cache.layers):
-        start, k, v = layer.export() if layer.stored else (layer.offset, (), None)
-        spans.append({"start": start, "offset": layer.offset, "window": layer.window, "values": v is not None})
-        for name, part in (("k", k), ("v", v or ())):
-            for j, x in enumerate(part):
-                tensors[f"layers.{i}.{name}.{j}"] = _to_numpy(x)
-    return tensors, spans
-
-
-def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = None) -> int:
-    """Write `cache` to `path` atomically; returns bytes written."""
-    bits = cache.layers[0].bits
-    tensors, spans = _tensors(cache)
-    header, offset = {}, 0
-    for name, arr in tensors.items():
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    meta = {
-        "format": FORMAT,
-        "version": str(VERSION),
-        "fingerprint": fingerprint,
-        "kv_bits": str(bits),
-        "group_size": str(GROUP_SIZE),
-        "block_tokens": str(BLOCK_TOKENS),
-        "n_tokens": str(len(cache.tokens)),
-        "layers": json.dumps(spans),
-        "crc32": json.dumps({n: _crc(a) for n, a in tensors.items()}),
-        "extra": json.dumps(extra or {}),
-        "saved_at": str(int(time.time())),
-    }
-    meta["meta_crc32"] = str(_meta_crc(meta))
-    header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    chunks = [struct.pack("<Q", len(raw)), raw] + [memoryview(np.ascontiguousarray(a)).cast("B") for a in tensors.values()]
-    return atomic_write(path, chunks)
+# -- container ---------------------------------------------------------------
 
 
 def _meta_crc(meta: dict) -> int:
@@ -132,110 +107,306 @@ def _meta_crc(meta: dict) -> int:
     return zlib.crc32(body) & 0xFFFFFFFF
 
 
-def read_header(path: Path) -> tuple[dict, dict, int]:
-    """Parse and check the container: (tensor entries, metadata, data start)."""
+def _table_crc(entries: dict) -> int:
+    return zlib.crc32(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> int:
+    """Checksum `tensors`, build the header and write atomically; returns bytes written."""
+    entries, offset = {}, 0
+    for name, arr in tensors.items():
+        entries[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    arrays = [np.ascontiguousarray(a) for a in tensors.values()]
+    meta = {
+        **meta,
+        "version": str(VERSION),
+        "crc32": json.dumps({n: _crc(a) for n, a in zip(tensors, arrays)}),
+        "table_crc32": str(_table_crc(entries)),
+        "saved_at": str(int(time.time())),
+    }
+    meta["meta_crc32"] = str(_meta_crc(meta))
+    raw = json.dumps({**entries, "__metadata__": meta}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    chunks = [struct.pack("<Q", len(raw)), raw] + [memoryview(a).cast("B") for a in arrays if a.nbytes]
+    return atomic_write(path, chunks)
+
+
+def _parse_header(buf, name: str, size: int) -> tuple[dict, dict, int]:
+    if size < 8:
+        raise CacheFileError(f"{name}: truncated ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CacheFileError(f"{name}: header of {n} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    if n > size - 8:
+        raise CacheFileError(f"{name}: truncated (header needs {n} bytes, file has {size - 8} after the length)")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors
+        raise CacheFileError(f"{name}: header is not valid JSON ({e.__class__.__name__})") from None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CacheFileError(f"{name}: not an agent cache (no string metadata)")
+    return header, meta, 8 + n
+
+
+def _check_header(header: dict, meta: dict, name: str, size: int, data_start: int, formats: tuple[str, ...]) -> None:
+    if meta.get("format") not in formats:
+        raise CacheFileError(f"{name}: not an agent cache file (format {meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise CacheFileError(f"{name}: format version {meta.get('version')} is not supported (expected {VERSION}); remove it with `agentcache agents gc`")
+    if meta.get("meta_crc32") != str(_meta_crc(meta)):
+        raise CacheFileError(f"{name}: metadata checksum mismatch")
+    if meta.get("table_crc32") != str(_table_crc(header)):
+        raise CacheFileError(f"{name}: tensor table checksum mismatch")
+    end = 0
+    try:
+        for tname, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dt = np.dtype(_DTYPES[e["dtype"]])
+            shape = [int(s) for s in e["shape"]]
+            a, b = (int(x) for x in e["data_offsets"])
+            if a != end or min(shape, default=0) < 0 or b - a != dt.itemsize * math.prod(shape):
+                raise CacheFileError(f"{name}: tensor {tname!r} has inconsistent offsets")
+            end = b
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CacheFileError(f"{name}: malformed tensor table") from None
+    if data_start + end != size:
+        raise CacheFileError(f"{name}: truncated or padded ({size} bytes, header describes {data_start + end})")
+
+
+def read_header(path: Path, formats: tuple[str, ...] = (FORMAT, BLOCK_FORMAT)) -> tuple[dict, dict, int]:
+    """Parse and check the container: (tensor entries, metadata, data start). Reads the header only."""
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
-            if len(head) < 8:
-                raise CacheFileError(f"{path.name}: truncated (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise CacheFileError(f"{path.name}: header length {n} is impossible for a {size}-byte file")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheFileError(f"{path.name}: header is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise CacheFileError(f"{path.name}: not an agent cache (no metadata)")
-    meta = header.pop("__metadata__")
-    if meta.get("format") != FORMAT:
-        raise CacheFileError(f"{path.name}: not an agent cache file (format {meta.get('format')!r})")
-    if meta.get("version") != str(VERSION):
-        raise CacheFileError(f"{path.name}: format version {meta.get('version')} is not supported (expected {VERSION})")
-    if meta.get("meta_crc32") != str(_meta_crc(meta)):
-        raise CacheFileError(f"{path.name}: metadata checksum mismatch")
-    data_start, end = 8 + n, 0
-    for name, e in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0] if isinstance(kv[1], dict) else 0):
-        try:
-            dt, shape, (a, b) = np.dtype(_DTYPES[e["dtype"]]), [int(s) for s in e["shape"]], e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CacheFileError(f"{path.name}: malformed entry for tensor {name!r}") from None
-        if a != end or b - a != dt.itemsize * int(np.prod(shape)) or min(shape, default=0) < 0:
-            raise CacheFileError(f"{path.name}: tensor {name!r} has inconsistent offsets")
-        end = b
-    if data_start + end != size:
-        raise CacheFileError(f"{path.name}: truncated or padded ({size} bytes, header describes {data_start + end})")
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            buf = head + f.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
+    except OSError as e:
+        raise CacheFileError(f"{path.name}: cannot read ({e.strerror or e})") from None
+    header, meta, data_start = _parse_header(buf, path.name, size)
+    _check_header(header, meta, path.name, size, data_start, formats)
     return header, meta, data_start
 
 
-def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None) -> tuple[AgentCache, dict]:
-    """Read, verify and rebuild an AgentCache. Raises CacheFileError on any doubt."""
+def read_tensors(path: Path, formats: tuple[str, ...] = (FORMAT,), check: Callable[[dict], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Memory-map a file and verify it: ({name: read-only view}, metadata).
+
+    `check(meta)` runs before any tensor byte is read (e.g. the model
+    fingerprint), so a file for another model costs only its header.
+    """
     path = Path(path)
-    header, meta, data_start = read_header(path)
-    if meta.get("fingerprint") != fingerprint:
-        raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as e:
+        raise CacheFileError(f"{path.name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    header, meta, data_start = _parse_header(memoryview(mm), path.name, size)
+    _check_header(header, meta, path.name, size, data_start, formats)
+    if check is not None:
+        check(meta)
+    try:
+        crcs = json.loads(meta["crc32"])
+        if not isinstance(crcs, dict) or set(crcs) != set(header):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise CacheFileError(f"{path.name}: checksum list does not match the tensors") from None
+    out = {}
+    for tname, e in header.items():
+        a, b = e["data_offsets"]
+        raw = np.frombuffer(mm, dtype=np.uint8, count=b - a, offset=data_start + a)
+        if _crc(raw) != crcs[tname]:
+            raise CacheFileError(f"{path.name}: checksum mismatch in {tname}")
+        out[tname] = raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out, meta
+
+
+# -- agent caches ------------------------------------------------------------
+
+
+def stored_views(layer: LayerCache, first: int) -> tuple[tuple, tuple | None]:
+    """Stored tokens [first, offset) of a layer; no copy when one segment holds them."""
+    parts, pos = [], layer.start
+    for s in layer.segments:
+        k, v = s.view()
+        if pos + s.length > first:
+            cut = max(first - pos, 0)
+            parts.append((tuple(x[..., cut:, :] for x in k), None if v is None else tuple(x[..., cut:, :] for x in v)))
+        pos += s.length
+    if len(parts) == 1:
+        return parts[0]
+    k = tuple(mx.concatenate(xs, axis=-2) for xs in zip(*(p[0] for p in parts)))
+    v = None if parts[0][1] is None else tuple(mx.concatenate(xs, axis=-2) for xs in zip(*(p[1] for p in parts)))
+    return k, v
+
+
+def layer_tensors(layers: list[LayerCache], first: Callable[[LayerCache], int]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Per-layer tensors from position `first(layer)` on, as numpy views of MLX memory."""
+    out, spans, arrays = {}, [], []
+    for i, layer in enumerate(layers):
+        a = first(layer)
+        k, v = stored_views(layer, a) if layer.offset > a else ((), None)
+        has_v = v is not None or any(s.values is not None for s in layer.segments)
+        spans.append({"start": a, "offset": layer.offset, "window": layer.window, "values": has_v})
+        for part, xs in (("k", k), ("v", v or ())):
+            for j, x in enumerate(xs):
+                arrays.append(x)
+                out[f"layers.{i}.{part}.{j}"] = x
+    mx.eval(arrays)
+    return {n: np.array(x, copy=False) for n, x in out.items()}, spans
+
+
+def snapshot(cache: AgentCache, fingerprint: str, prefix: tuple[str, int] | None = None, extra: dict | None = None, model: str | None = None) -> tuple[dict, dict]:
+    """Everything a save needs, taken now: (tensors, metadata).
+
+    The tensors are views of the cache's current MLX buffers; MLX arrays are
+    never changed in place below a segment's length, so a writer thread can
+    checksum and write them while the agent goes on decoding.
+    """
+    n_prefix = prefix[1] if prefix else 0
+
+    def first(layer: LayerCache) -> int:
+        return n_prefix if prefix else layer.persisted_span()[0]
+
+    tensors, spans = layer_tensors(cache.layers, first)
+    tensors = {"tokens": np.asarray(cache.tokens, dtype=np.int32), **tensors}
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "model": model or "",
+        "kv_bits": str(cache.layers[0].bits),
+        "group_size": str(GROUP_SIZE),
+        "block_tokens": str(BLOCK_TOKENS),
+        "n_tokens": str(len(cache.tokens)),
+        "layers": json.dumps(spans),
+        "prefix": json.dumps({"hash": prefix[0], "tokens": n_prefix} if prefix else None),
+        "extra": json.dumps(extra or {}),
+    }
+    return tensors, meta
+
+
+def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = None, prefix: tuple[str, int] | None = None, model: str | None = None) -> int:
+    """Write `cache` to `path` atomically; returns bytes written.
+
+    `prefix` = (hash, tokens): the first `tokens` positions live in that
+    shared prefix block file and are not written here.
+    """
+    return write_tensors(path, *snapshot(cache, fingerprint, prefix, extra, model))
+
+
+PrefixSource = Callable[[str, int, list[int]], list[Segment]]
+
+
+def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None) -> tuple[AgentCache, dict]:
+    """Read, verify and rebuild an AgentCache. Raises CacheFileError on any doubt.
+
+    `prefix_source(hash, n, tokens)` returns one shared segment per layer for
+    a file that refers to a prefix block (see prefixes.py).
+    """
+    path = Path(path)
+
+    def same_model(meta: dict) -> None:
+        if meta.get("fingerprint") != fingerprint:
+            raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
+
+    arrays, meta = read_tensors(path, (FORMAT,), same_model)
     try:
         spans = json.loads(meta["layers"])
-        crcs = json.loads(meta["crc32"])
         bits = int(meta["kv_bits"])
         extra = json.loads(meta.get("extra", "{}"))
-    except (KeyError, ValueError) as e:
+        prefix = json.loads(meta.get("prefix", "null"))
+        tokens = arrays.pop("tokens").tolist()
+        if bits not in (4, 8, 16) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
+            raise ValueError("unsupported quantization")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CacheFileError(f"{path.name}: malformed metadata ({e})") from None
-    if set(crcs) != set(header):
-        raise CacheFileError(f"{path.name}: checksum list does not match the tensors")
     if expect_layers is not None and len(spans) != len(expect_layers):
         raise CacheFileError(f"{path.name}: {len(spans)} layers, model has {len(expect_layers)}")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    arrays = {}
-    for name, e in header.items():
-        a, b = e["data_offsets"]
-        raw = mm[data_start + a : data_start + b]
-        if _crc(raw) != crcs[name]:
-            raise CacheFileError(f"{path.name}: checksum mismatch in {name}")
-        arrays[name] = mx.array(raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"]))
-    del mm
-    tokens = arrays.pop("tokens", None)
-    if tokens is None:
-        raise CacheFileError(f"{path.name}: no token ids")
-    tokens = tokens.tolist()
+    shared = None
+    if prefix is not None:
+        if prefix_source is None:
+            raise CacheFileError(f"{path.name}: refers to shared prefix {prefix.get('hash')} but no prefix store was given")
+        try:
+            h, n = str(prefix["hash"]), int(prefix["tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheFileError(f"{path.name}: malformed prefix reference") from None
+        if not 0 < n <= len(tokens) or n % BLOCK_TOKENS:
+            raise CacheFileError(f"{path.name}: prefix of {n} tokens does not fit the token list")
+        shared = prefix_source(h, n, tokens[:n])
     layers = []
+    parts = 3 if bits != 16 else 1
     try:
         for i, s in enumerate(spans):
             window = expect_layers[i].window if expect_layers is not None else s["window"]
             if window != s["window"] or s["offset"] != len(tokens):
                 raise CacheFileError(f"{path.name}: layer {i} does not match the model or the token list")
-            k = tuple(arrays.pop(f"layers.{i}.k.{j}") for j in range(3 if bits != 16 else 1) if f"layers.{i}.k.{j}" in arrays)
-            v = tuple(arrays.pop(f"layers.{i}.v.{j}") for j in range(3 if bits != 16 else 1) if f"layers.{i}.v.{j}" in arrays)
+            k = tuple(arrays.pop(f"layers.{i}.k.{j}") for j in range(parts) if f"layers.{i}.k.{j}" in arrays)
+            v = tuple(arrays.pop(f"layers.{i}.v.{j}") for j in range(parts) if f"layers.{i}.v.{j}" in arrays)
+            v = v if s["values"] else None
             if k:
-                _check_layer(path, i, k, v if s["values"] else None, bits)
-            layers.append(LayerCache.restore(bits, window, s["start"], s["offset"], k, v if s["values"] else None))
+                _check_layer(path, i, k, v, bits)
+            k = tuple(mx.array(x) for x in k)
+            v = None if v is None else tuple(mx.array(x) for x in v)
+            layers.append(_restore_layer(path, i, bits, window, s, k, v, None if shared is None else shared[i]))
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
     if arrays:
         raise CacheFileError(f"{path.name}: unexpected tensors {sorted(arrays)[:3]}")
-    if expect_layers is not None:
-        for i, (got, want) in enumerate(zip(layers, expect_layers)):
-            if got.bits != want.bits:
-                raise CacheFileError(f"{path.name}: stored with {got.bits}-bit KV, runtime uses {want.bits}-bit")
+    if expect_layers is not None and any(layer.bits != want.bits for layer, want in zip(layers, expect_layers)):
+        raise CacheFileError(f"{path.name}: stored with {bits}-bit KV, runtime uses {expect_layers[0].bits}-bit")
     return AgentCache(layers, tokens), extra
+
+
+def _restore_layer(path, i, bits, window, span, k, v, shared: Segment | None) -> LayerCache:
+    if shared is None:
+        return LayerCache.restore(bits, window, span["start"], span["offset"], k, v)
+    n = k[0].shape[-2] if k else 0
+    if window is not None or span["start"] != shared.length or span["start"] + n != span["offset"]:
+        raise CacheFileError(f"{path.name}: layer {i} does not continue its shared prefix")
+    layer = LayerCache(bits, window)
+    layer.offset = span["offset"]
+    layer.segments = [shared] + ([Segment(k, v, n)] if n else [])
+    return layer
 
 
 def _check_layer(path: Path, i: int, k: tuple, v: tuple | None, bits: int) -> None:
     """Shapes must agree with each other: (heads, tokens, dim) for every part."""
     parts = list(k) + list(v or ())
-    n = {x.shape[-2] for x in parts}
-    heads = {x.shape[0] for x in parts}
+    n = {x.shape[-2] for x in parts if x.ndim == 3}
+    heads = {x.shape[0] for x in parts if x.ndim == 3}
     if len(n) != 1 or len(heads) != 1 or any(x.ndim != 3 for x in parts):
         raise CacheFileError(f"{path.name}: layer {i} tensors disagree on shape")
-    if bits != 16 and (k[0].dtype != mx.uint32 or k[1].shape[-1] * GROUP_SIZE != k[0].shape[-1] * 32 // bits):
-        raise CacheFileError(f"{path.name}: layer {i} quantization layout mismatch")
+    for t in (k, v or None):
+        if t is None:
+            continue
+        if bits == 16:
+            ok = len(t) == 1 and t[0].dtype == np.float16
+        else:
+            ok = (
+                len(t) == 3
+                and t[0].dtype == np.uint32
+                and t[1].dtype == t[2].dtype == np.float16
+                and t[1].shape == t[2].shape
+                and t[1].shape[-1] * GROUP_SIZE == t[0].shape[-1] * 32 // bits
+            )
+        if not ok:
+            raise CacheFileError(f"{path.name}: layer {i} quantization layout mismatch")
 
 
-def quarantine(path: Path) -> Path:
-    """Move a refused file aside (never delete user data): <name>.bad-<time>."""
+def quarantine(path: Path, inode: int | None = None) -> Path | None:
+    """Move a refused file aside (never delete user data): <name>.bad-<time>.
+
+    With `inode`, only moves the file if it is still the one that was read
+    (another process may have replaced it with a good one meanwhile).
+    """
     path = Path(path)
-    dst = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.replace(path, dst)
+    try:
+        if inode is not None and path.stat().st_ino != inode:
+            return None
+        dst = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(path, dst)
+    except FileNotFoundError:
+        return None
     return dst

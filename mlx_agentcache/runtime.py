@@ -83,11 +83,64 @@ class Agent:
     def tier(self) -> str:
         return self.runtime.pool.tier(self.name)
 
-    def prompt_tokens(self, text: str | None) -> list[int]:
+    def prompt_tokens(self, text: str | None, generation: bool = True) -> list[int]:
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         if text is not None:
             msgs = msgs + [{"role": "user", "content": text}]
-        return list(self.runtime.runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        return list(self.runtime.runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=generation, tokenize=True))
+
+    def _prepare(self, cache, prompt: list[int], stats: "TurnStats") -> list[int]:
+        """Reuse what the cache (or a shared prefix) already holds; return the tokens left to prefill."""
+        self.runtime.pool.adopt_prefix(cache, prompt)
+        reuse = cache.reusable_prefix(prompt)
+        cache.trim_to(reuse)
+        stats.restored_tokens = reuse
+        stats.prefilled_tokens = len(prompt) - reuse
+        return prompt[reuse:]
+
+    def extend(self, text: str | None = None, messages: list[dict] | None = None, role: str = "user") -> "TurnStats":
+        """Append context for a later phase without generating (tool output, documents,
+        another agent's notes). The cache grows by the new tokens only; the next
+        phase that starts with this history reuses every cached block."""
+        new = list(messages or []) + ([{"role": role, "content": text}] if text is not None else [])
+        self.messages += new
+        self._save_history()
+        return self._sync()
+
+    def rewrite(self, messages: list[dict], system: str | None = None) -> "TurnStats":
+        """Replace the history (a phase that summarises or edits it). The cache is
+        cut at the first token that differs and only the rest is prefilled."""
+        self.messages = list(messages)
+        if system is not None:
+            self.system = system
+        self._save_history()
+        return self._sync()
+
+    def _sync(self) -> "TurnStats":
+        rt = self.runtime
+        t0 = time.perf_counter()
+        prompt = self.prompt_tokens(None, generation=False)
+        cache, tier = rt.pool.checkout(self.name)
+        stats = TurnStats(tier=tier)
+        try:
+            if prompt:
+                rt.runner.prefill(self._prepare(cache, prompt, stats), cache)
+        finally:
+            self._checkin(cache, stats)
+            stats.total_ms = stats.ttft_ms = (time.perf_counter() - t0) * 1000
+            self.last_stats = stats
+        return stats
+
+    def _checkin(self, cache, stats: "TurnStats") -> None:
+        rt = self.runtime
+        try:
+            rt.pool.checkin(self.name, cache)
+        except cachefile.CacheWriteError as e:
+            stats.saved = False
+            rt.pool.checkin(self.name, cache, persist=False)
+            _warn(f"warning: {e}; agent '{self.name}' stays in memory only")
+        stats.cache_tokens = cache.offset
+        stats.cache_bytes = cache.nbytes
 
     def chat(self, text: str, **options) -> Reply:
         pieces = list(self.stream(text, **options))
@@ -113,11 +166,7 @@ class Agent:
         detok = rt.runner.tokenizer.detokenizer
         detok.reset()
         try:
-            reuse = cache.reusable_prefix(prompt)
-            cache.trim_to(reuse)
-            stats.restored_tokens = reuse
-            stats.prefilled_tokens = len(prompt) - reuse
-            logits = rt.runner.prefill(prompt[reuse:], cache)
+            logits = rt.runner.prefill(self._prepare(cache, prompt, stats), cache)
             for i in range(max_tokens):
                 key, sub = mx.random.split(key)
                 tok = rt.runner.sample(logits, temperature, sub)
@@ -142,15 +191,8 @@ class Agent:
             stats.generated_tokens = len(out_tokens)
             self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
             self._save_history()
-            try:
-                rt.pool.checkin(self.name, cache)
-            except cachefile.CacheWriteError as e:
-                stats.saved = False
-                rt.pool.checkin(self.name, cache, persist=False)
-                _warn(f"warning: {e}; agent '{self.name}' stays in memory only")
+            self._checkin(cache, stats)
             stats.total_ms = (time.perf_counter() - t0) * 1000
-            stats.cache_tokens = cache.offset
-            stats.cache_bytes = cache.nbytes
             self.last_stats = stats
 
     def _save_history(self) -> None:
@@ -163,9 +205,8 @@ class Agent:
     def reset(self) -> None:
         """Forget the conversation and the cache."""
         self.messages = []
-        self.runtime.pool.forget(self.name)
-        for p in (self.runtime.pool.path(self.name), self._history_path):
-            p.unlink(missing_ok=True)
+        self.runtime.pool.remove(self.name)
+        self._history_path.unlink(missing_ok=True)
 
 
 class Runtime:
@@ -181,16 +222,18 @@ class Runtime:
         seed: int = 0,
         budget_bytes: int | None = None,
         home: str | Path | None = None,
+        runner: ModelRunner | None = None,
     ):
+        """`runner`: an already loaded model to use instead of loading `model`."""
         self.home = Path(home) if home else default_home()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.home
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.runner = ModelRunner.load(model, self.home, kv_bits=kv_bits)
+        self.runner = runner or ModelRunner.load(model, self.home, kv_bits=kv_bits)
         self.model_name = model
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
-        self.pool = BlockPool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn)
+        self.pool = BlockPool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn, model=model)
         self._agents: dict[str, Agent] = {}
 
     def agent(self, name: str, system: str | None = None) -> Agent:
@@ -199,6 +242,19 @@ class Runtime:
         elif system is not None:
             self._agents[name].system = system
         return self._agents[name]
+
+    def flush(self) -> dict[str, str]:
+        """Wait until every finished turn is on disk; returns {agent: error} for failed saves."""
+        return self.pool.flush()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def agents(self) -> list[dict]:
         """Every agent known in the cache directory, with tier, tokens and bytes."""

@@ -24,6 +24,7 @@ def rt(model_home, tmp_path_factory):
 
 def fresh_runtime(rt, cache_dir=None):
     """A second Runtime on the same model and directory: nothing is hot."""
+    rt.flush()  # saves are write-behind: let the first runtime's files land
     return Runtime(model=str(rt.runner.path), home=rt.home, cache_dir=cache_dir or rt.cache_dir, max_tokens=rt.max_tokens)
 
 
@@ -92,6 +93,7 @@ def test_diverging_history_trims_at_first_difference(rt):
 def test_damaged_cache_is_refused_and_moved_aside(rt, damage, capfd):
     name = f"victim-{damage}"
     rt.agent(name).chat("Tell me a word.")
+    rt.flush()
     path = rt.pool.path(name)
     data = bytearray(path.read_bytes())
     if damage == "bitflip":
@@ -104,6 +106,7 @@ def test_damaged_cache_is_refused_and_moved_aside(rt, damage, capfd):
 
     rt2 = fresh_runtime(rt)
     r = rt2.agent(name).chat("Another word.")
+    rt2.flush()
     err = capfd.readouterr().err
     assert f"cache for agent '{name}' not used" in err
     assert r.stats.tier == "cold" and r.stats.restored_tokens == 0
@@ -132,6 +135,7 @@ def test_sigkill_during_save_keeps_previous_cache(rt, tmp_path):
     """A real process killed mid-save: the file on disk is the old one, intact."""
     a = rt.agent("survivor")
     a.chat("Remember the number 7.")
+    rt.flush()
     path = rt.pool.path("survivor")
     before = path.read_bytes()
     script = f"""
