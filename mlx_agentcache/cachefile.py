@@ -326,15 +326,19 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
         raise CacheFileError(f"{path.name}: {len(spans)} layers, model has {len(expect_layers)}")
     shared = None
     if prefix is not None:
-        if prefix_source is None:
-            raise CacheFileError(f"{path.name}: refers to shared prefix {prefix.get('hash')} but no prefix store was given")
         try:
             h, n = str(prefix["hash"]), int(prefix["tokens"])
         except (KeyError, TypeError, ValueError):
             raise CacheFileError(f"{path.name}: malformed prefix reference") from None
         if not 0 < n <= len(tokens) or n % BLOCK_TOKENS:
             raise CacheFileError(f"{path.name}: prefix of {n} tokens does not fit the token list")
-        shared = prefix_source(h, n, tokens[:n])
+        if prefix_source is None:  # the block file next to the agent file
+            block = path.parent / "blocks" / f"{h}{SUFFIX}"
+            if not block.exists():
+                raise CacheFileError(f"{path.name}: shared prefix {h} is missing (no blocks/{block.name})")
+            shared = [Segment(tuple(x[..., :n, :] for x in k), None if v is None else tuple(x[..., :n, :] for x in v), n, shared=True) for k, v in read_block(block, fingerprint, bits, tokens[:n])]
+        else:
+            shared = prefix_source(h, n, tokens[:n])
     layers = []
     parts = 3 if bits != 16 else 1
     try:
@@ -357,6 +361,37 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
     if expect_layers is not None and any(layer.bits != want.bits for layer, want in zip(layers, expect_layers)):
         raise CacheFileError(f"{path.name}: stored with {bits}-bit KV, runtime uses {expect_layers[0].bits}-bit")
     return AgentCache(layers, tokens), extra
+
+
+def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int]) -> list[tuple[tuple, tuple | None]]:
+    """A prefix block file, verified and checked to start with `tokens`: per-layer (k, v)."""
+    path = Path(path)
+
+    def same(meta: dict) -> None:
+        if meta.get("fingerprint") != fingerprint or meta.get("kv_bits") != str(bits):
+            raise CacheFileError(f"{path.name}: prefix block of another model or KV precision")
+        try:
+            ok = json.loads(meta["tokens"])[: len(tokens)] == list(tokens)
+        except (KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CacheFileError(f"{path.name}: prefix block does not hold these tokens")
+
+    arrays, meta = read_tensors(path, (BLOCK_FORMAT,), same)
+    n = len(json.loads(meta["tokens"]))
+    parts = 1 if bits == 16 else 3
+    out = []
+    try:
+        for i, s in enumerate(json.loads(meta["layers"])):
+            k = tuple(arrays.pop(f"layers.{i}.k.{j}") for j in range(parts))
+            v = tuple(arrays.pop(f"layers.{i}.v.{j}") for j in range(parts)) if s["values"] else None
+            _check_layer(path, i, k, v, bits)
+            if k[0].shape[-2] != n:
+                raise ValueError(f"layer {i} holds {k[0].shape[-2]} tokens, expected {n}")
+            out.append((tuple(mx.array(x) for x in k), None if v is None else tuple(mx.array(x) for x in v)))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
+    return out
 
 
 def _restore_layer(path, i, bits, window, span, k, v, shared: Segment | None) -> LayerCache:

@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import re
-import sys
 import threading
 import time
 import weakref
@@ -524,7 +523,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _print_err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -245,26 +245,7 @@ class PrefixStore:
 
     def _read(self, entry: Prefix) -> list[tuple[tuple, tuple | None]]:
         path = self.path(entry.key)
-
-        def same(meta):
-            if meta.get("fingerprint") != self.fingerprint or meta.get("kv_bits") != str(self.bits):
-                raise cachefile.CacheFileError(f"{path.name}: prefix block of another model or precision")
-            if meta.get("tokens") != json.dumps(entry.tokens):
-                raise cachefile.CacheFileError(f"{path.name}: prefix block token ids changed")
-
-        arrays, meta = cachefile.read_tensors(path, (cachefile.BLOCK_FORMAT,), same)
-        try:
-            spans = json.loads(meta["layers"])
-            parts = 1 if self.bits == 16 else 3
-            out = []
-            for i, s in enumerate(spans):
-                k = tuple(mx.array(arrays.pop(f"layers.{i}.k.{j}")) for j in range(parts))
-                v = tuple(mx.array(arrays.pop(f"layers.{i}.v.{j}")) for j in range(parts)) if s["values"] else None
-                if any(x.ndim != 3 or x.shape[-2] != len(entry.tokens) for x in k + (v or ())):
-                    raise ValueError(f"layer {i} shape")
-                out.append((k, v))
-        except (KeyError, ValueError, TypeError) as e:
-            raise cachefile.CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
+        out = cachefile.read_block(path, self.fingerprint, self.bits, entry.tokens)
         self.bytes_read += path.stat().st_size
         return out
 

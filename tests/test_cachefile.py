@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
-import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -1,0 +1,430 @@
+"""The block pool: budget and eviction, write-behind, restores, multi-phase
+context, shared prefixes, locking across processes, full disks."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
+import mlx.core as mx
+import pytest
+
+from mlx_agentcache import cachefile, pool as pool_mod
+from mlx_agentcache.kvcache import AgentCache, LayerCache
+from mlx_agentcache.pool import AgentBusyError, BlockPool
+from mlx_agentcache.prefixes import SharedSegment
+from tiny import random_cache, same_tensors, tiny_runner, tokens
+
+# Prefill through a restored or shared cache reads the same Q4 codes; only
+# float summation order can differ from an uninterrupted run.
+LOGIT_TOL = 1e-3
+TESTS = Path(__file__).parent
+
+
+def new_random_cache() -> AgentCache:
+    return AgentCache([LayerCache(4) for _ in range(2)])
+
+
+def rpool(tmp_path, **kw) -> BlockPool:
+    """A pool over model-free random caches (2 layers, 2 heads, dim 64)."""
+    kw.setdefault("warn", lambda m: None)
+    return BlockPool(tmp_path, "f" * 32, new_random_cache, **kw)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return tiny_runner()
+
+
+def turn(pool: BlockPool, runner, name: str, prompt: list[int]):
+    """One model step for `name`: reuse what is cached, prefill the rest, check in."""
+    cache, tier = pool.checkout(name)
+    pool.adopt_prefix(cache, prompt)
+    reuse = cache.reusable_prefix(prompt)
+    cache.trim_to(reuse)
+    logits = runner.prefill(prompt[reuse:], cache)
+    pool.checkin(name, cache)
+    return tier, reuse, logits
+
+
+# -- budget, eviction, write-behind ------------------------------------------
+
+
+def test_lru_eviction_under_budget_and_counters(tmp_path):
+    p = rpool(tmp_path, budget_bytes=float("inf"))
+    one = pool_mod.own_bytes(random_cache(1))
+    p.budget = int(2.5 * one)
+    for seed, name in enumerate("abc"):
+        cache, tier = p.checkout(name)
+        assert tier == "cold"
+        p.checkin(name, random_cache(seed))
+    assert p.flush() == {}
+    assert list(p.hot) == ["b", "c"] and p.tier("a") == "warm"
+    assert p.stats.evictions == 1 and p.stats.writes == 3
+    cache, tier = p.checkout("a")  # restoring a needs room: b (least recently used) goes
+    assert tier == "warm" and same_tensors(cache, random_cache(0))
+    p.checkin("a", cache)
+    p.flush()
+    assert list(p.hot) == ["c", "a"] and p.stats.evictions == 2
+    s = p.summary()
+    assert s["hits"] == {"hot": 0, "warm": 1, "cold": 3}
+    assert s["bytes_read"] == p.path("a").stat().st_size
+    assert s["bytes_written"] == sum(p.path(n).stat().st_size for n in "bc") + 2 * p.path("a").stat().st_size
+    assert s["hot_bytes"] <= p.budget and s["pending_writes"] == 0
+
+
+def test_busy_agents_are_never_evicted(tmp_path):
+    p = rpool(tmp_path, budget_bytes=int(1.5 * pool_mod.own_bytes(random_cache(1))))
+    p.checkout("a")
+    p.checkin("a", random_cache(1))
+    held, tier = p.checkout("a")  # in a turn
+    assert tier == "hot"
+    p.checkout("b")
+    p.checkin("b", random_cache(2))  # over budget: a is older but busy, so b goes
+    p.flush()
+    assert p.tier("a") == "hot" and p.tier("b") == "warm"
+
+
+def test_default_budget_is_a_fraction_of_available_memory():
+    assert pool_mod.default_budget() == int(pool_mod.available_memory() * pool_mod.BUDGET_FRACTION) > 0
+
+
+def test_write_behind_never_blocks_turns_and_eviction_waits_only_for_its_victim(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = cachefile.write_tensors
+
+    def slow_for_one(path, *a):
+        if Path(path).name == "slow.safetensors":
+            assert gate.wait(20)
+        return real(path, *a)
+
+    monkeypatch.setattr(cachefile, "write_tensors", slow_for_one)
+    p = rpool(tmp_path, budget_bytes=float("inf"))
+    one = pool_mod.own_bytes(random_cache(1))
+    p.budget = int(2.5 * one)
+
+    p.checkout("x")
+    p.checkin("x", random_cache(1))
+    p.flush("x")
+    t0 = time.perf_counter()
+    p.checkout("slow")
+    p.checkin("slow", random_cache(2))
+    assert time.perf_counter() - t0 < 1.0 and p.pending("slow")  # the turn did not wait for disk
+    p.checkout("y")
+    p.checkin("y", random_cache(3))  # evicts x (clean): no wait for slow's write
+    assert p.tier("x") == "warm" and p.pending("slow")
+
+    done = threading.Event()
+
+    def z_turn():
+        p.checkout("z")
+        p.checkin("z", random_cache(4))  # must evict slow: waits for its save
+        done.set()
+
+    t = threading.Thread(target=z_turn)
+    t.start()
+    assert not done.wait(0.5)
+    gate.set()
+    t.join(20)
+    assert done.is_set() and p.tier("slow") == "warm"
+    cache, _ = cachefile.load(p.path("slow"), p.fingerprint)
+    assert same_tensors(cache, random_cache(2))
+
+
+def test_save_failure_keeps_agent_hot_and_tells_the_user(tmp_path, monkeypatch):
+    messages = []
+    p = rpool(tmp_path, budget_bytes=1, warn=messages.append)
+    p.checkout("a")
+    p.checkin("a", random_cache(1))
+    p.flush()
+    monkeypatch.setattr(cachefile.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    p.checkout("a")
+    p.checkin("a", random_cache(2))
+    failed = p.flush()
+    assert "No space left" in failed["a"] and any("No space left" in m for m in messages)
+    assert p.tier("a") == "hot" and "a" in p.summary()["unsaved"] and p.stats.write_errors == 1
+    p.checkout("b")
+    p.checkin("b", random_cache(3))  # over budget, but a's newest state is only in memory
+    assert p.tier("a") == "hot"
+    cache, _ = cachefile.load(p.path("a"), p.fingerprint)
+    assert same_tensors(cache, random_cache(1))  # the previous file is intact
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    dead = tmp_path / ".a.safetensors.tmp999999999"
+    mine = tmp_path / f".b.safetensors.tmp{os.getpid()}"
+    dead.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    rpool(tmp_path)
+    assert not dead.exists() and mine.exists()
+
+
+# -- restores and refusals ---------------------------------------------------
+
+
+def test_warm_restore_gives_identical_tensors(tmp_path):
+    p = rpool(tmp_path)
+    p.checkout("a")
+    p.checkin("a", random_cache(5, n=700))
+    p.close()
+    q = rpool(tmp_path)
+    cache, tier = q.checkout("a")
+    assert tier == "warm" and same_tensors(cache, random_cache(5, n=700))
+    assert q.stats.bytes_read == q.path("a").stat().st_size
+
+
+def _damage(path: Path, kind: str) -> None:
+    data = bytearray(path.read_bytes())
+    if kind == "bitflip":
+        data[-7] ^= 0x80
+    elif kind == "truncated":
+        del data[len(data) // 3 :]
+    elif kind == "oversized-header":
+        data[:8] = (1 << 50).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["bitflip", "truncated", "oversized-header", "wrong-model", "wrong-version"])
+def test_refused_file_is_moved_aside_and_agent_prefills(tmp_path, kind, monkeypatch):
+    messages = []
+    p = rpool(tmp_path, warn=messages.append, write_behind=False)
+    if kind == "wrong-model":
+        cachefile.save(p.path("a"), random_cache(1), "0" * 32)
+    elif kind == "wrong-version":
+        monkeypatch.setattr(cachefile, "VERSION", 1)
+        cachefile.save(p.path("a"), random_cache(1), p.fingerprint)
+        monkeypatch.undo()
+    else:
+        cachefile.save(p.path("a"), random_cache(1), p.fingerprint)
+        _damage(p.path("a"), kind)
+    original = p.path("a").read_bytes()
+    cache, tier = p.checkout("a")
+    assert tier == "cold" and cache.offset == 0 and p.stats.refused_files == 1
+    assert len(messages) == 1 and "cache for agent 'a' not used" in messages[0] and "re-prefilling" in messages[0]
+    bad = list(tmp_path.glob("a.safetensors.bad-*"))
+    assert len(bad) == 1 and bad[0].read_bytes() == original  # kept, not deleted
+    assert not p.path("a").exists()
+
+
+# -- context across phases ---------------------------------------------------
+
+
+def test_phases_append_reuse_every_block_and_rewrites_trim_at_first_difference(tmp_path, runner):
+    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    phase1 = tokens(300, seed=3)  # one full block and a partial one
+    _, reuse, _ = turn(p, runner, "a", phase1)
+    assert reuse == 0
+    cache = p.hot["a"]
+    assert cache.offset == 300 and len(cache.layers[0].segments) == 1
+
+    phase2 = phase1 + tokens(250, seed=4)  # grows into the partial block and past it
+    _, reuse, logits = turn(p, runner, "a", phase2)
+    assert reuse == 300
+    ref_cache = runner.new_cache()
+    ref = runner.prefill(phase2, ref_cache)
+    assert float(mx.abs(logits - ref).max()) < LOGIT_TOL
+
+    rewritten = phase2[:123] + tokens(40, seed=5)  # a later phase edits history
+    _, reuse, logits = turn(p, runner, "a", rewritten)
+    assert reuse == 123 and p.hot["a"].offset == len(rewritten)
+    ref = runner.prefill(rewritten, runner.new_cache())
+    assert float(mx.abs(logits - ref).max()) < LOGIT_TOL
+
+    p.flush()
+    p.forget("a")  # next phase comes from disk
+    phase3 = rewritten + tokens(30, seed=6)
+    tier, reuse, logits = turn(p, runner, "a", phase3)
+    assert tier == "warm" and reuse == len(rewritten)
+    ref = runner.prefill(phase3, runner.new_cache())
+    assert float(mx.abs(logits - ref).max()) < LOGIT_TOL
+
+
+@pytest.fixture(scope="module")
+def byte_runner(tmp_path_factory):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_agentcache import tiny_models
+
+    d = tmp_path_factory.mktemp("tok")
+    tiny_models.write_byte_tokenizer(d)
+    return tiny_runner(tokenizer=load_tokenizer(d))
+
+
+def test_agent_extend_and_rewrite(tmp_path, byte_runner):
+    from mlx_agentcache.runtime import Runtime
+
+    rt = Runtime(cache_dir=tmp_path, runner=byte_runner, max_tokens=3)
+    a = rt.agent("researcher", system="You collect notes.")
+    s1 = a.extend("Phase 1 notes: " + "alpha " * 40)
+    assert s1.restored_tokens == 0 and s1.cache_tokens == s1.prefilled_tokens
+    s2 = a.extend("Phase 2 notes: " + "beta " * 40)
+    assert s2.restored_tokens == s1.cache_tokens  # every cached token, partial last block included
+    assert s2.prefilled_tokens == len(a.prompt_tokens(None, generation=False)) - s2.restored_tokens
+    r = a.chat("Summarise.")
+    assert r.stats.tier == "hot" and r.stats.restored_tokens >= s2.cache_tokens - 1
+    old = a.prompt_tokens(None, generation=False)
+    msgs = [dict(m) for m in a.messages]
+    msgs[1]["content"] = "Phase 2 notes: " + "gamma " * 10  # rewrite the second phase
+    s3 = a.rewrite(msgs)
+    new = a.prompt_tokens(None, generation=False)
+    first_diff = next(i for i, (x, y) in enumerate(zip(old, new)) if x != y)
+    assert s3.restored_tokens == first_diff and s3.cache_tokens == len(new)
+    assert rt.flush() == {}
+    rt2 = Runtime(cache_dir=tmp_path, runner=byte_runner, max_tokens=3)
+    s4 = rt2.agent("researcher").extend("Phase 3: " + "delta " * 5)
+    assert s4.tier == "warm" and s4.restored_tokens == len(new)
+
+
+# -- shared prefixes -----------------------------------------------------------
+
+SYSTEM = tokens(600, seed=9)  # two full blocks (512 tokens) are shareable
+
+
+def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, runner):
+    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    solo = runner.new_cache()
+    runner.prefill(SYSTEM + tokens(20, seed=100), solo)
+    per_agent = pool_mod.own_bytes(solo)
+    logits = {}
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        _, reuse, logits[name] = turn(p, runner, name, SYSTEM + tokens(20 + i, seed=100 + i))
+        assert reuse == (512 if name in "cd" else 0)  # c and d attach the prefix instead of prefilling it
+    assert p.stats.prefix_hits == 2
+    for name in "abcd":
+        first = [layer.segments[0] for layer in p.hot[name].layers]
+        assert all(isinstance(s, SharedSegment) and s.length == 512 for s in first)
+    assert p.hot_bytes < 4 * per_agent * 0.6
+    s = p.summary()
+    assert s["shared_prefixes_in_memory"] == 1 and s["shared_prefix_bytes_saved"] > 2 * per_agent * 512 / 620
+
+    ref = runner.prefill(SYSTEM + tokens(23, seed=103), runner.new_cache())
+    assert float(mx.abs(logits["d"] - ref).max()) < LOGIT_TOL
+
+    p.flush()
+    blocks = list((tmp_path / "blocks").glob("*.safetensors"))
+    assert len(blocks) == 1
+    key = blocks[0].stem
+    for name in "abcd":
+        info = p.describe(name)
+        assert info["shared_prefix"] == {"hash": key, "tokens": 512}
+        assert info["file_bytes"] < blocks[0].stat().st_size  # only the tail is in the agent file
+
+    q = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    assert q.prefixes.refs[key] == set("abcd")  # rebuilt from the agent files
+    restored = {}
+    for name in "abcd":
+        restored[name], tier = q.checkout(name)
+        assert tier == "warm" and same_tensors(restored[name], p.hot[name])
+    assert q.prefixes.bytes_read == blocks[0].stat().st_size  # the block file was read once
+
+
+def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, runner):
+    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    for i, name in enumerate("ab"):
+        turn(p, runner, name, SYSTEM + tokens(20, seed=200 + i))
+    b_before = [layer.contiguous() for layer in p.hot["b"].layers]
+    edited = SYSTEM[:300] + tokens(50, seed=7)  # a rewrites inside the shared blocks
+    _, reuse, _ = turn(p, runner, "a", edited)
+    assert reuse == 300
+    # the trim copied; on checkin the one block a still has in common is shared again (a view)
+    assert all(isinstance(layer.segments[0], SharedSegment) and layer.segments[0].length == 256 for layer in p.hot["a"].layers)
+    for layer, (k, v) in zip(p.hot["b"].layers, b_before):
+        k2, v2 = layer.contiguous()
+        assert all(mx.array_equal(x, y).item() for x, y in zip(k + v, k2 + v2))
+    p.flush()
+    assert p.describe("a")["shared_prefix"]["tokens"] == 256
+    cache, _ = cachefile.load(p.path("a"), p.fingerprint)
+    assert cache.tokens == edited
+
+
+def test_gc_removes_only_unreferenced_blocks_and_missing_blocks_are_refused(tmp_path, runner):
+    messages = []
+    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
+    for i, name in enumerate("ab"):
+        turn(p, runner, name, SYSTEM + tokens(20, seed=300 + i))
+    p.flush()
+    assert p.gc_prefixes() == []
+    block = next((tmp_path / "blocks").glob("*.safetensors"))
+    p.remove("a")
+    assert p.gc_prefixes() == []  # b still refers to it
+    p.remove("b")
+    assert p.gc_prefixes() == [block] and not block.exists()
+
+    turn(p, runner, "c", SYSTEM + tokens(5, seed=1))
+    turn(p, runner, "d", SYSTEM + tokens(5, seed=2))
+    p.flush()
+    next((tmp_path / "blocks").glob("*.safetensors")).unlink()
+    q = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
+    cache, tier = q.checkout("c")
+    assert tier == "cold" and "shared prefix" in messages[-1] and "missing" in messages[-1]
+
+
+# -- two processes, full disks -------------------------------------------------
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import mlx_agentcache
+from test_pool import rpool
+from pathlib import Path
+p = rpool(Path({dir!r}))
+with p.agent_lock("x"):
+    print("locked", flush=True)
+    time.sleep({hold})
+"""
+
+
+def test_second_process_waits_for_the_agent_lock_or_fails_clearly(tmp_path):
+    p = rpool(tmp_path, write_behind=False, lock_timeout=0.3)
+    child = subprocess.Popen([sys.executable, "-c", HOLDER.format(tests=str(TESTS), dir=str(tmp_path), hold=2.0)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(AgentBusyError, match="agent 'x' is being saved by another process"):
+            p.save("x", random_cache(1))
+        assert not p.path("x").exists()
+        p.lock_timeout = 20
+        t0 = time.monotonic()
+        p.save("x", random_cache(1))  # waits for the other writer, then saves
+        assert time.monotonic() - t0 > 0.5
+    finally:
+        child.wait(20)
+    cache, _ = cachefile.load(p.path("x"), p.fingerprint)
+    assert same_tensors(cache, random_cache(1))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_fails_cleanly_and_keeps_old_file(small_disk):
+    messages = []
+    p = rpool(small_disk, warn=messages.append, budget_bytes=1)
+    p.checkout("a")
+    p.checkin("a", random_cache(1, n=100))
+    assert p.flush() == {}
+    old = p.path("a").read_bytes()
+    p.checkout("a")
+    p.checkin("a", random_cache(2, n=4000))  # ~1 MB does not fit in 256 KiB
+    failed = p.flush()
+    assert "No space left on device" in failed["a"]
+    assert any("agent 'a' was not saved" in m and "stays in memory" in m for m in messages)
+    assert p.tier("a") == "hot" and p.path("a").read_bytes() == old
+    assert [x.name for x in small_disk.iterdir() if x.name.startswith(".a.")] == []  # no partial file left
+    assert same_tensors(p.hot["a"], random_cache(2, n=4000))
+    p.checkout("a")
+    p.checkin("a", random_cache(3, n=120))  # space is back for a smaller state: saved, then evictable
+    assert p.flush() == {} and "a" not in p.summary()["unsaved"]
+    cache, _ = cachefile.load(p.path("a"), p.fingerprint)
+    assert same_tensors(cache, random_cache(3, n=120))
