@@ -24,7 +24,7 @@ MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens genera
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 means greedy.")]
 KvBits = Annotated[int, typer.Option("--kv-bits", help="KV cache precision: 4 (default), 8 or 16.")]
-Budget = Annotated[Optional[str], typer.Option("--cache-budget", help="Memory for hot caches, e.g. 2GiB [default: unlimited].")]
+Budget = Annotated[Optional[str], typer.Option("--cache-budget", help="Memory for hot caches, e.g. 2GiB [default: 40% of available memory].")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
@@ -99,6 +99,12 @@ def chat(
             for info in rt.agents():
                 mark = "*" if info["name"] == current else " "
                 typer.echo(f"{mark} {info['name']:<16} {info['tier']:<5} {info['tokens']:>6} tok {info['bytes'] / 1024:>9.1f} KiB")
+            s = rt.pool.summary()
+            typer.echo(
+                f"pool: {s['hot_bytes'] / 1024:.0f} KiB hot of {(s['budget_bytes'] or 0) / 1024:.0f} KiB | hits hot {s['hits']['hot']} "
+                f"warm {s['hits']['warm']} cold {s['hits']['cold']} | written {s['bytes_written'] / 1024:.0f} KiB, "
+                f"read {s['bytes_read'] / 1024:.0f} KiB | evictions {s['evictions']} | shared prefix saves {s['shared_prefix_bytes_saved'] / 1024:.0f} KiB"
+            )
             continue
         if line == "/stats":
             typer.echo(_stats_line(last) if last else "no turn yet")
@@ -146,20 +152,164 @@ def say(
         typer.echo("")
 
 
+def _cache_dir(cache_dir: Path | None) -> Path:
+    from .runtime import default_home
+
+    return Path(cache_dir).expanduser() if cache_dir else default_home()
+
+
+def _confirm(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        typer.secho(f"{question} Not confirmed (no terminal); pass --yes to go ahead.", err=True)
+        return False
+    return typer.confirm(question, default=False)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):,.1f} MiB"
+
+
+def _fail(msg: str, code: int = 1):
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
 @agents_app.command("ls")
 def agents_ls(
-    model: Model = "smollm2-135m",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Mark caches made by this installed model.")] = None,
     cache_dir: CacheDir = None,
     json_out: Json = False,
 ):
-    """Agents in the cache directory with tier, tokens and bytes."""
-    rt = _runtime(model, cache_dir, 0, 0, 0.0)
-    infos = rt.agents()
+    """Agents on disk: tier (warm: cache file, cold: history only), tokens, size, model, last use."""
+    from . import catalog
+
+    d = _cache_dir(cache_dir)
+    infos = catalog.listing(d)
+    if model:  # only an installed model: listing never builds one
+        from .runtime import default_home
+        from .runner import fingerprint
+
+        found = [p for p in (Path(model), default_home() / "models" / model, d / "models" / model) if (p / "config.json").is_file()]
+        fp = fingerprint(found[0]) if found else None
+        for i in infos:
+            i["model_match"] = fp is not None and i.get("fingerprint") == fp
     if json_out:
         typer.echo(json.dumps(infos))
         return
+    if not infos:
+        typer.echo(f"no agents in {d}")
+        return
+    typer.echo(f"{'NAME':<20} {'TIER':<7} {'TOKENS':>7} {'FILE':>12} {'SHARED':>12}  {'MODEL':<16} LAST USED")
     for i in infos:
-        typer.echo(f"{i['name']:<20} {i['tier']:<5} {i['tokens']:>7} tok {i['bytes'] / 1024:>10.1f} KiB  {i.get('last_used') or ''}")
+        typer.echo(
+            f"{i['name']:<20} {i['tier']:<7} {i['tokens']:>7} {_kib(i['bytes']):>12} {_kib(i['shared_bytes']):>12}  "
+            f"{(i.get('model') or '-')[:16]:<16} {i.get('last_used') or '-'}"
+        )
+
+
+@agents_app.command("show")
+def agents_show(
+    name: Annotated[str, typer.Argument(help="Agent name.")],
+    cache_dir: CacheDir = None,
+    json_out: Json = False,
+):
+    """One agent in detail; every checksum is verified."""
+    from . import catalog
+
+    d = _cache_dir(cache_dir)
+    if name not in catalog.names(d):
+        _fail(f"no agent '{name}' in {d}")
+    info = catalog.describe(d, name, verify=True)
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    for k, v in info.items():
+        typer.echo(f"{k:<14} {_kib(v) if k in ('bytes', 'shared_bytes') else v}")
+    if info.get("error"):
+        raise typer.Exit(1)
+
+
+@agents_app.command("rm")
+def agents_rm(
+    names: Annotated[list[str], typer.Argument(help="Agent names.")],
+    cache_dir: CacheDir = None,
+    keep_history: Annotated[bool, typer.Option("--keep-history", help="Remove only the cache; the next turn re-prefills.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+):
+    """Remove agents' caches and histories."""
+    from . import catalog
+
+    d = _cache_dir(cache_dir)
+    missing = [n for n in names if n not in catalog.names(d)]
+    if missing:
+        _fail(f"no agent {', '.join(repr(n) for n in missing)} in {d}")
+    what = "cache" if keep_history else "cache and history"
+    if not _confirm(f"Remove the {what} of {', '.join(names)}?", yes):
+        raise typer.Exit(1)
+    for n in names:
+        for p in catalog.remove(d, n, history=not keep_history):
+            typer.echo(f"removed {p}")
+
+
+@agents_app.command("export")
+def agents_export(
+    name: Annotated[str, typer.Argument(help="Agent name.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Card file [default: NAME.card.safetensors].")] = None,
+    cache_dir: CacheDir = None,
+):
+    """Write a cache card: one checked file with the agent's cache (shared blocks inlined) and history."""
+    from . import cachefile, catalog
+
+    try:
+        path = catalog.export_card(_cache_dir(cache_dir), name, out or Path(name + catalog.CARD_SUFFIX))
+    except (FileNotFoundError, ValueError, cachefile.CacheFileError, cachefile.CacheWriteError) as e:
+        _fail(str(e))
+    typer.echo(f"exported '{name}' to {path} ({_kib(path.stat().st_size)})")
+
+
+@agents_app.command("import")
+def agents_import(
+    card: Annotated[Path, typer.Argument(help="A card written by `agents export`.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Import under this name [default: the card's].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing agent of that name.")] = False,
+    cache_dir: CacheDir = None,
+):
+    """Install a cache card as an agent, after checking every byte of it."""
+    from . import cachefile, catalog
+
+    try:
+        got = catalog.import_card(_cache_dir(cache_dir), card, name, force)
+    except (FileNotFoundError, FileExistsError, ValueError, cachefile.CacheFileError, cachefile.CacheWriteError) as e:
+        _fail(str(e))
+    typer.echo(f"imported {card} as agent '{got}'")
+
+
+@agents_app.command("gc")
+def agents_gc(
+    cache_dir: CacheDir = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+):
+    """Remove caches of models that are not installed, older formats, unused shared
+    blocks, damaged files set aside and leftovers of interrupted saves. Histories stay."""
+    from . import catalog
+    from .runtime import default_home
+
+    d = _cache_dir(cache_dir)
+    known = catalog.installed_fingerprints(default_home()) | catalog.installed_fingerprints(d)
+    if not known:
+        typer.echo("no installed models found: caches are kept whatever model made them")
+    plan = catalog.gc_plan(d, known)
+    if not plan:
+        typer.echo("nothing to remove")
+        return
+    for p, why in plan:
+        typer.echo(f"{_kib(p.stat().st_size):>12}  {p.relative_to(d)}  ({why})")
+    if dry_run or not _confirm(f"Remove these {len(plan)} files?", yes):
+        raise typer.Exit(0 if dry_run else 1)
+    typer.echo(f"freed {_kib(catalog.gc_apply(d, plan))}")
 
 
 @app.command()

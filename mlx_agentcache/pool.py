@@ -51,6 +51,13 @@ def validate_agent_name(name: str) -> str:
     return name
 
 
+def lock_path(cache_dir: Path, name: str) -> str:
+    """The per-agent lock file, shared by every process using `cache_dir`."""
+    d = Path(cache_dir) / ".locks"
+    d.mkdir(exist_ok=True)
+    return str(d / f"{validate_agent_name(name)}.lock")
+
+
 def available_memory() -> int:
     """Bytes the OS could hand out now (Linux MemAvailable; elsewhere physical memory)."""
     try:
@@ -199,8 +206,7 @@ class BlockPool:
         return self.dir / (validate_agent_name(name) + cachefile.SUFFIX)
 
     def lock_path(self, name: str) -> str:
-        (self.dir / ".locks").mkdir(exist_ok=True)
-        return str(self.dir / ".locks" / f"{validate_agent_name(name)}.lock")
+        return lock_path(self.dir, name)
 
     def agent_lock(self, name: str, timeout: float | None = None) -> FileLock:
         """The per-agent lock every writer (in any process) holds while replacing the file."""
@@ -454,7 +460,7 @@ class BlockPool:
                     used.add(str(ref.get("hash")))
             with self._lock:
                 used |= {p[0] for p in map(prefix_of, self.hot.values()) if p}
-                used |= {k for k, e in self.prefixes.entries.items() if e.pending is not None}
+                used |= self.prefixes.unwritten()
             for p in blocks.glob("*" + cachefile.SUFFIX):
                 if p.stem not in used:
                     p.unlink()

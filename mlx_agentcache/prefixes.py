@@ -89,7 +89,7 @@ class Prefix:
     key: str
     tokens: list[int]
     layers: list[tuple[tuple, tuple | None]] | None = None  # None: on disk only
-    pending: tuple[dict, dict] | None = None  # (tensors, meta) until its file is written
+    host: tuple[dict, dict] | None = None  # (numpy views, meta) of `layers`, for writing its file
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +193,7 @@ class PrefixStore:
                 n = j * BLOCK_TOKENS
                 entry = Prefix(chain[j - 1], list(cache.tokens[:n]))
                 entry.layers = [(_copy(k, 0, n), _copy(v, 0, n)) for k, v in (cachefile.stored_views(layer, 0) for layer in cache.layers)]
-                entry.pending = self._block_file(entry)
+                entry.host = self._block_file(entry)
                 self._add(entry)
                 return entry.key, n
         return None
@@ -241,6 +241,7 @@ class PrefixStore:
                 raise cachefile.CacheFileError(f"shared prefix {key} does not hold these {n} tokens")
             if entry.layers is None:
                 entry.layers = self._read(entry)
+                entry.host = self._block_file(entry)
             return entry.segments(n)
 
     def _read(self, entry: Prefix) -> list[tuple[tuple, tuple | None]]:
@@ -251,18 +252,25 @@ class PrefixStore:
 
     # -- disk ----------------------------------------------------------------
     def ensure_file(self, key: str) -> int:
-        """Write the block file if it is not on disk yet; returns bytes written."""
+        """Write the block file if it is not on disk (new, or removed meanwhile); returns bytes written.
+
+        Runs on the writer thread: it only touches numpy views made on the
+        thread that created or loaded the prefix.
+        """
         with self._lock:
             entry = self.entries.get(key)
-            pending = entry.pending if entry else None
-        if pending is None or self.path(key).exists():
-            if entry is not None:
-                entry.pending = None
+            host = entry.host if entry else None
+        if self.path(key).exists():
             return 0
+        if host is None:
+            raise cachefile.CacheWriteError(2, f"shared prefix {key} is neither on disk nor in memory")
         self.dir.mkdir(parents=True, exist_ok=True)
-        n = cachefile.write_tensors(self.path(key), *pending)
-        entry.pending = None
-        return n
+        return cachefile.write_tensors(self.path(key), *host)
+
+    def unwritten(self) -> set[str]:
+        """Prefixes in memory whose block file is not on disk yet."""
+        with self._lock:
+            return {k for k, e in self.entries.items() if e.layers is not None and not self.path(k).exists()}
 
     def set_ref(self, name: str, key: str | None) -> None:
         with self._lock:
@@ -277,9 +285,9 @@ class PrefixStore:
         freed = 0
         with self._lock:
             for e in self.entries.values():
-                if e.layers is not None and e.key not in used and e.pending is None:
+                if e.layers is not None and e.key not in used and self.path(e.key).exists():
                     freed += e.nbytes
-                    e.layers = None
+                    e.layers = e.host = None
         return freed
 
     def memory_bytes(self) -> int:

@@ -428,3 +428,71 @@ def test_full_disk_fails_cleanly_and_keeps_old_file(small_disk):
     assert p.flush() == {} and "a" not in p.summary()["unsaved"]
     cache, _ = cachefile.load(p.path("a"), p.fingerprint)
     assert same_tensors(cache, random_cache(3, n=120))
+
+
+# -- management CLI -------------------------------------------------------------
+
+
+def test_agents_cli_ls_show_export_import_rm_gc(tmp_path, runner, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlx_agentcache import catalog
+    from mlx_agentcache.cli import app
+
+    d, other = tmp_path / "agents", tmp_path / "elsewhere"
+    p = BlockPool(d, runner.fingerprint, runner.new_cache, warn=lambda m: None, model="tiny")
+    for i, name in enumerate("ab"):
+        turn(p, runner, name, SYSTEM + tokens(30, seed=400 + i))
+    p.flush()
+    history = {"name": "a", "system": "You plan.", "messages": [{"role": "user", "content": "hi"}]}
+    (d / "a.json").write_text(json.dumps(history))
+    (d / "c.json").write_text(json.dumps({"name": "c", "messages": []}))  # history only: cold
+    cli = CliRunner()
+
+    def run(*args, code=0):
+        r = cli.invoke(app, ["agents", *args])
+        assert r.exit_code == code, r.output
+        return r.output
+
+    listing = {i["name"]: i for i in json.loads(run("ls", "--cache-dir", str(d), "--json"))}
+    assert set(listing) == {"a", "b", "c"} and listing["c"]["tier"] == "cold"
+    assert listing["a"]["tier"] == "warm" and listing["a"]["tokens"] == 630 and listing["a"]["model"] == "tiny"
+    assert listing["a"]["shared_bytes"] > listing["a"]["bytes"]  # most of it lives in the shared block
+    assert "NAME" in run("ls", "--cache-dir", str(d))
+    shown = json.loads(run("show", "a", "--cache-dir", str(d), "--json"))
+    assert shown["status"] == "ok" and shown["shared_prefix"]["tokens"] == 512 and shown["messages"] == 1
+
+    card = tmp_path / "a.card.safetensors"
+    assert "exported" in run("export", "a", "-o", str(card), "--cache-dir", str(d))
+    inlined, _ = cachefile.load(card, runner.fingerprint)  # self-contained: no blocks/ next to it
+    assert same_tensors(inlined, p.hot["a"])
+    run("import", str(card), "--name", "a2", "--cache-dir", str(other))
+    q = BlockPool(other, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    cache, tier = q.checkout("a2")
+    assert tier == "warm" and same_tensors(cache, p.hot["a"])
+    assert json.loads((other / "a2.json").read_text())["messages"] == history["messages"]
+    assert "already exists" in run("import", str(card), "--name", "a2", "--cache-dir", str(other), code=1)
+
+    run("rm", "a", "--cache-dir", str(d), code=1)  # no terminal, no --yes: nothing happens
+    assert (d / "a.safetensors").exists()
+    run("rm", "a", "--cache-dir", str(d), "--yes")
+    assert not (d / "a.safetensors").exists() and not (d / "a.json").exists()
+
+    monkeypatch.setattr(cachefile, "VERSION", 1)
+    cachefile.save(d / "old.safetensors", random_cache(1), runner.fingerprint)
+    monkeypatch.undo()
+    cachefile.save(d / "foreign.safetensors", random_cache(1), "0" * 32)
+    (d / "x.safetensors.bad-20250101-000000-1").write_bytes(b"junk")
+    (d / ".b.safetensors.tmp999999999").write_bytes(b"junk")
+    monkeypatch.setattr(catalog, "installed_fingerprints", lambda home: {runner.fingerprint})
+    out = run("gc", "--cache-dir", str(d), "--dry-run")
+    assert "older cache format" in out and "model not installed" in out and "damaged" in out and "interrupted" in out
+    assert "shared prefix block" not in out  # b still uses it
+    run("gc", "--cache-dir", str(d), "--yes")
+    left = sorted(x.name for x in d.iterdir() if x.is_file())
+    assert left == ["b.safetensors", "c.json"]
+    run("rm", "b", "--cache-dir", str(d), "--yes")
+    assert "shared prefix block no agent uses" in run("gc", "--cache-dir", str(d), "--yes")
+    assert list((d / "blocks").glob("*.safetensors")) == []
