@@ -284,6 +284,8 @@ def snapshot(cache: AgentCache, fingerprint: str, prefix: tuple[str, int] | None
         "prefix": json.dumps({"hash": prefix[0], "tokens": n_prefix} if prefix else None),
         "extra": json.dumps(extra or {}),
     }
+    if cache.layers[0].rotate_keys:  # q4k: keys are stored Hadamard-rotated (kvcache.rotate)
+        meta["kv_keys"] = "hadamard"
     return tensors, meta
 
 
@@ -318,6 +320,7 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
         extra = json.loads(meta.get("extra", "{}"))
         prefix = json.loads(meta.get("prefix", "null"))
         tokens = arrays.pop("tokens").tolist()
+        rotated = {"plain": False, "hadamard": True}[meta.get("kv_keys", "plain")]
         if bits not in (4, 8, 16) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
             raise ValueError("unsupported quantization")
     except (KeyError, ValueError, TypeError, AttributeError) as e:
@@ -353,13 +356,13 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
                 _check_layer(path, i, k, v, bits)
             k = tuple(mx.array(x) for x in k)
             v = None if v is None else tuple(mx.array(x) for x in v)
-            layers.append(_restore_layer(path, i, bits, window, s, k, v, None if shared is None else shared[i]))
+            layers.append(_restore_layer(path, i, bits, window, s, k, v, None if shared is None else shared[i], rotated))
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
     if arrays:
         raise CacheFileError(f"{path.name}: unexpected tensors {sorted(arrays)[:3]}")
-    if expect_layers is not None and any(layer.bits != want.bits for layer, want in zip(layers, expect_layers)):
-        raise CacheFileError(f"{path.name}: stored with {bits}-bit KV, runtime uses {expect_layers[0].bits}-bit")
+    if expect_layers is not None and any((layer.bits, layer.rotate_keys) != (want.bits, want.rotate_keys) for layer, want in zip(layers, expect_layers)):
+        raise CacheFileError(f"{path.name}: stored with {layers[0].mode} KV, runtime uses {expect_layers[0].mode}")
     return AgentCache(layers, tokens), extra
 
 
@@ -394,13 +397,13 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int]) -> li
     return out
 
 
-def _restore_layer(path, i, bits, window, span, k, v, shared: Segment | None) -> LayerCache:
+def _restore_layer(path, i, bits, window, span, k, v, shared: Segment | None, rotated: bool = False) -> LayerCache:
     if shared is None:
-        return LayerCache.restore(bits, window, span["start"], span["offset"], k, v)
+        return LayerCache.restore(bits, window, span["start"], span["offset"], k, v, rotated)
     n = k[0].shape[-2] if k else 0
     if window is not None or span["start"] != shared.length or span["start"] + n != span["offset"]:
         raise CacheFileError(f"{path.name}: layer {i} does not continue its shared prefix")
-    layer = LayerCache(bits, window)
+    layer = LayerCache(bits, window, rotated)
     layer.offset = span["offset"]
     layer.segments = [shared] + ([Segment(k, v, n)] if n else [])
     return layer

@@ -132,7 +132,7 @@ def export_card(cache_dir: Path, name: str, out: Path) -> Path:
                         tensors[key] = np.concatenate([head, arrays[key]], axis=-2) if key in arrays else np.ascontiguousarray(head)
             s["start"] = 0
     card = {"name": name, "history": _history(cache_dir, name), "exported_at": int(time.time())}
-    keep = ("format", "fingerprint", "model", "kv_bits", "group_size", "block_tokens", "n_tokens", "extra")
+    keep = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "group_size", "block_tokens", "n_tokens", "extra")
     new_meta = {k: meta[k] for k in keep if k in meta}
     new_meta.update(layers=json.dumps(spans), prefix="null", card=json.dumps(card))
     out = Path(out)

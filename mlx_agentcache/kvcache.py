@@ -16,6 +16,12 @@ Sliding-window layers (Gemma 3) keep at most `window` past tokens plus one
 block of slack; whole blocks are dropped from the front as the window moves.
 `start` is the absolute position of the first stored token, so RoPE offsets
 stay right after a restore.
+
+Keys have outlier channels (a few dimensions much larger than the rest), and
+one outlier stretches the range of its whole 64-value group. Mode `q4k`
+stores keys rotated by an orthonormal Hadamard matrix, which spreads every
+channel over the group, and rotates queries the same way: q.k is unchanged,
+the quantization error is not. See docs/quality.md.
 """
 
 from __future__ import annotations
@@ -28,6 +34,31 @@ from . import q4
 from .q4 import BLOCK_TOKENS, GROUP_SIZE
 
 KV_BITS = (4, 8, 16)
+KV_MODES = {"fp16": (16, False), "q8": (8, False), "q4": (4, False), "q4k": (4, True)}  # name -> (bits, rotate_keys)
+
+
+def kv_mode(mode: int | str) -> tuple[int, bool]:
+    """A mode name ("q4k") or a bit width (4) -> (bits, rotate_keys)."""
+    if isinstance(mode, str) and not mode.isdigit():
+        if mode not in KV_MODES:
+            raise ValueError(f"kv mode must be one of {', '.join(KV_MODES)}, got {mode!r}")
+        return KV_MODES[mode]
+    return int(mode), False
+
+
+def mode_name(bits: int, rotate_keys: bool) -> str:
+    return next(n for n, m in KV_MODES.items() if m == (bits, rotate_keys))
+
+
+def rotate(x: mx.array) -> mx.array:
+    """Orthonormal Walsh-Hadamard transform of the last axis, in blocks of its largest power-of-two factor.
+
+    Applied to both queries and keys it leaves every score unchanged.
+    """
+    d = x.shape[-1]
+    p = d & -d
+    y = mx.hadamard_transform(x.reshape(*x.shape[:-1], d // p, p), scale=p**-0.5)
+    return y.reshape(x.shape)
 
 
 def encode(x: mx.array, bits: int) -> tuple:
@@ -99,10 +130,16 @@ class LayerCache:
 
     group_size = GROUP_SIZE
 
-    def __init__(self, bits: int = 4, window: int | None = None):
+    def __init__(self, bits: int | str = 4, window: int | None = None, rotate_keys: bool = False):
+        """`bits` is 4, 8, 16 or a mode name of KV_MODES ("q4k" = 4 bits with rotated keys)."""
+        if isinstance(bits, str):
+            bits, rotate_keys = kv_mode(bits)
         if bits not in KV_BITS:
             raise ValueError(f"kv bits must be one of {KV_BITS}, got {bits}")
+        if rotate_keys and bits != 4:
+            raise ValueError("rotated keys are a 4-bit mode (q4k)")
         self.bits = bits
+        self.rotate_keys = bool(rotate_keys)
         self.window = window
         self.offset = 0  # absolute position of the next token
         self.start = 0  # absolute position of the first stored token
@@ -114,6 +151,8 @@ class LayerCache:
         if keys.shape[0] != 1:
             raise ValueError("LayerCache holds one sequence; batch through BatchView")
         self._drop_outside_window(self.offset)
+        if self.rotate_keys:
+            keys = rotate(keys)
         self.append(encode(keys[0], self.bits), None if values is None else encode(values[0], self.bits))
         return None, None
 
@@ -123,6 +162,10 @@ class LayerCache:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
+
+    @property
+    def mode(self) -> str:
+        return mode_name(self.bits, self.rotate_keys)
 
     def empty(self) -> bool:
         return self.stored == 0
@@ -225,6 +268,10 @@ class LayerCache:
         that store one latent per token, like DeepSeek's MLA).
         """
         B, Hq, L, D = queries.shape
+        if self.rotate_keys:
+            if values_from_keys is not None:
+                raise ValueError("rotated keys cannot serve as values (latent caches use q4, not q4k)")
+            queries = rotate(queries)
         views = [s.view() for s in self.segments]
         Hkv = views[0][0][0].shape[0]
         rep = Hq // Hkv
@@ -271,8 +318,8 @@ class LayerCache:
         return first, _slice(k, cut, _tokens(k)), (None if v is None else _slice(v, cut, _tokens(v)))
 
     @classmethod
-    def restore(cls, bits: int, window: int | None, start: int, offset: int, k: tuple, v: tuple | None) -> "LayerCache":
-        c = cls(bits, window)
+    def restore(cls, bits: int, window: int | None, start: int, offset: int, k: tuple, v: tuple | None, rotate_keys: bool = False) -> "LayerCache":
+        c = cls(bits, window, rotate_keys)
         n = _tokens(k) if k else 0
         if start + n != offset:
             raise ValueError("layer cache span does not end at its offset")

@@ -57,7 +57,8 @@ def chain_hashes(tokens: list[int], salt: str) -> list[str]:
 
 
 def eligible(cache: AgentCache) -> bool:
-    return all(layer.window is None and layer.start == 0 for layer in cache.layers)
+    """Global-attention caches only; q4k (rotated keys) is not shared: blocks are keyed by bits alone."""
+    return all(layer.window is None and layer.start == 0 and not layer.rotate_keys for layer in cache.layers)
 
 
 def prefix_of(cache: AgentCache) -> tuple[str, int] | None:
