@@ -162,6 +162,8 @@ class BlockPool:
     budget_bytes: None means `default_budget()`; float('inf') never evicts.
     write_behind: False saves inside `checkin` (errors raise CacheWriteError).
     share_prefixes: keep common leading blocks once (prefixes.py).
+    persist: False keeps caches in memory only; evicted agents go cold
+    (re-prefill), for ephemeral agents and for measuring what disk buys.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class BlockPool:
         write_behind: bool = True,
         share_prefixes: bool = True,
         lock_timeout: float = LOCK_TIMEOUT_S,
+        persist: bool = True,
     ):
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +188,7 @@ class BlockPool:
         self.budget = default_budget() if budget_bytes is None else budget_bytes
         self.warn = warn
         self.lock_timeout = lock_timeout
+        self.persist = persist
         self.hot: OrderedDict[str, AgentCache] = OrderedDict()
         self.busy: set[str] = set()
         self.unsaved: set[str] = set()  # hot state newer than its file and not queued
@@ -236,7 +240,7 @@ class BlockPool:
     def tier(self, name: str) -> str:
         if name in self.hot:
             return "hot"
-        return "warm" if self.path(name).exists() else "cold"
+        return "warm" if self.persist and self.path(name).exists() else "cold"
 
     @property
     def hot_bytes(self) -> int:
@@ -286,19 +290,39 @@ class BlockPool:
 
     def adopt_prefix(self, cache: AgentCache, prompt: list[int]) -> int:
         """Before prefill: start `cache` from a shared prefix of `prompt` when that
-        reuses more than the cache itself. Returns the tokens it covers (0: none)."""
+        reuses more than the cache itself. A hot idle agent that holds the same
+        leading blocks turns them into a new shared prefix on the spot, so even
+        the second agent with a long common prompt does not prefill it.
+        Returns the tokens it covers (0: none)."""
         if self.prefixes is None or not eligible(cache):
             return 0
-        hit = self.prefixes.match(prompt, limit=len(prompt) - 1)  # at least one token is prefilled
-        if hit is None or hit[1] <= cache.reusable_prefix(prompt):
-            return 0
-        try:
-            self.prefixes.attach(cache, hit[0], hit[1], prompt[: hit[1]])
-        except cachefile.CacheFileError as e:
-            self.warn(f"warning: shared prefix not used ({e}); prefilling it")
-            return 0
-        self.stats.prefix_hits += 1
-        return hit[1]
+        limit = len(prompt) - 1  # at least one token is prefilled
+        with self._lock:
+            hit = self.prefixes.match(prompt, limit) or self._prefix_from_peer(prompt, limit)
+            if hit is None or hit[1] <= cache.reusable_prefix(prompt):
+                return 0
+            try:
+                self.prefixes.attach(cache, hit[0], hit[1], prompt[: hit[1]])
+            except cachefile.CacheFileError as e:
+                self.warn(f"warning: shared prefix not used ({e}); prefilling it")
+                return 0
+            self.stats.prefix_hits += 1
+            return hit[1]
+
+    def _prefix_from_peer(self, prompt: list[int], limit: int) -> tuple[str, int] | None:
+        found = self.prefixes.peer(prompt, limit)
+        if found is None:
+            return None
+        peer, n = found
+        c = self.hot.get(peer)
+        if c is None or peer in self.busy or not eligible(c) or c.tokens[:n] != prompt[:n] or min(layer.stored for layer in c.layers) < n:
+            return None
+        key = self.prefixes.create(c, n)
+        self.prefixes.attach(c, key, n, c.tokens[:n])
+        self._sizes[peer] = own_bytes(c)
+        if self.persist and peer not in self.unsaved:
+            self._save(peer, c)
+        return key, n
 
     def checkin(self, name: str, cache: AgentCache, persist: bool = True) -> int:
         """Keep the cache hot, queue (or do) its save, and evict others if over budget.
@@ -307,13 +331,15 @@ class BlockPool:
         """
         with self._lock:
             self.busy.discard(name)
-            if self.prefixes and persist and self.prefixes.share(name, cache):
+            if self.prefixes and self.prefixes.share(name, cache):
                 self._share_with_idle(name)
             self.hot[name] = cache
             self.hot.move_to_end(name)
             self._sizes[name] = own_bytes(cache)
             written = 0
-            if persist:
+            if not self.persist:
+                pass  # memory only: eviction makes the agent cold
+            elif persist:
                 self.unsaved.discard(name)
                 written = self._save(name, cache)
             elif self._writer is None or not self._writer.pending(name):
@@ -326,7 +352,7 @@ class BlockPool:
         for other, c in self.hot.items():
             if other != name and other not in self.busy and self.prefixes.share(other, c):
                 self._sizes[other] = own_bytes(c)
-                if other not in self.unsaved:
+                if self.persist and other not in self.unsaved:
                     self._save(other, c)
 
     # -- saving ----------------------------------------------------------------
@@ -402,7 +428,7 @@ class BlockPool:
                 if victim in self.flush(victim):
                     self.unsaved.add(victim)
                     continue
-            if not self.path(victim).exists():
+            if self.persist and not self.path(victim).exists():
                 self.unsaved.add(victim)
                 continue
             self._drop(victim)

@@ -191,13 +191,29 @@ class PrefixStore:
         for j in range(len(chain), 0, -1):
             peer = self._seen.get(chain[j - 1])
             if peer is not None and peer != name:
-                n = j * BLOCK_TOKENS
-                entry = Prefix(chain[j - 1], list(cache.tokens[:n]))
-                entry.layers = [(_copy(k, 0, n), _copy(v, 0, n)) for k, v in (cachefile.stored_views(layer, 0) for layer in cache.layers)]
-                entry.host = self._block_file(entry)
-                self._add(entry)
-                return entry.key, n
+                return self.create(cache, j * BLOCK_TOKENS), j * BLOCK_TOKENS
         return None
+
+    def peer(self, tokens: list[int], limit: int | None = None) -> tuple[str, int] | None:
+        """The agent last seen holding the longest run of these leading blocks: (name, tokens)."""
+        chain = chain_hashes(tokens[:limit], self.salt)
+        with self._lock:
+            for j in range(len(chain), 0, -1):
+                name = self._seen.get(chain[j - 1])
+                if name is not None:
+                    return name, j * BLOCK_TOKENS
+        return None
+
+    def create(self, cache: AgentCache, n: int) -> str:
+        """A new prefix from a copy of the first `n` (full blocks) tokens of `cache`; returns its key."""
+        with self._lock:
+            entry = Prefix(chain_hashes(cache.tokens[:n], self.salt)[-1], list(cache.tokens[:n]))
+            if entry.key in self.entries and self.entries[entry.key].layers is not None:
+                return entry.key
+            entry.layers = [(_copy(k, 0, n), _copy(v, 0, n)) for k, v in (cachefile.stored_views(layer, 0) for layer in cache.layers)]
+            entry.host = self._block_file(entry)
+            self._add(entry)
+            return entry.key
 
     def _block_file(self, entry: Prefix) -> tuple[dict, dict]:
         layers = [LayerCache.restore(self.bits, None, 0, len(entry.tokens), k, v) for k, v in entry.layers]

@@ -88,6 +88,15 @@ def test_busy_agents_are_never_evicted(tmp_path):
     assert p.tier("a") == "hot" and p.tier("b") == "warm"
 
 
+def test_memory_only_pool_evicts_to_cold(tmp_path):
+    p = rpool(tmp_path, budget_bytes=int(1.5 * pool_mod.own_bytes(random_cache(1))), persist=False)
+    for seed, name in enumerate("ab"):
+        p.checkout(name)
+        p.checkin(name, random_cache(seed))
+    assert p.tier("a") == "cold" and p.tier("b") == "hot" and p.stats.evictions == 1
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
 def test_default_budget_is_a_fraction_of_available_memory():
     assert pool_mod.default_budget() == int(pool_mod.available_memory() * pool_mod.BUDGET_FRACTION) > 0
 
@@ -291,8 +300,8 @@ def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, runner):
     logits = {}
     for i, name in enumerate(["a", "b", "c", "d"]):
         _, reuse, logits[name] = turn(p, runner, name, SYSTEM + tokens(20 + i, seed=100 + i))
-        assert reuse == (512 if name in "cd" else 0)  # c and d attach the prefix instead of prefilling it
-    assert p.stats.prefix_hits == 2
+        assert reuse == (0 if name == "a" else 512)  # b turns a's blocks into a prefix; b, c, d skip them
+    assert p.stats.prefix_hits == 3
     for name in "abcd":
         first = [layer.segments[0] for layer in p.hot[name].layers]
         assert all(isinstance(s, SharedSegment) and s.length == 512 for s in first)
