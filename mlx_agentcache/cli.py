@@ -152,6 +152,54 @@ def say(
         typer.echo("")
 
 
+@app.command()
+def run(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML: agents, system prompts, rounds or a script (see examples/).")],
+    model: Model = "smollm2-135m",
+    cache_dir: CacheDir = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens generated per turn [default: the workflow's, else 256].")] = None,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    kv_bits: KvBits = 4,
+    cache_budget: Budget = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Start the workflow's agents with empty histories.")] = False,
+    json_out: Json = False,
+):
+    """Run a multi-agent workflow: each turn streams as 'name: text', then TTFT and tier."""
+    from . import workflow as wfm
+
+    try:
+        wf = wfm.load(workflow)
+    except wfm.WorkflowError as e:
+        _fail(str(e), 2)
+    rt = _runtime(model, cache_dir, max_tokens or wf.max_tokens or 256, seed, temperature, kv_bits, cache_budget)
+    if reset:
+        for name in wf.agents:
+            _agent(rt, name).reset()
+
+    def start(i, agent, message):
+        if not json_out:
+            typer.secho(f"{agent}: ", bold=True, nl=False)
+
+    def text(piece):
+        if not json_out:
+            typer.echo(piece, nl=False)
+
+    def end(r):
+        s = r.stats
+        if not json_out:
+            how = f"{s.tier}, prefetched" if s.prefetched else s.tier
+            typer.secho(f"\n  [{r.agent}: {how} | ttft {s.ttft_ms:.0f} ms | load {s.load_ms:.0f} ms | prefilled {s.prefilled_tokens} | "
+                        f"generated {s.generated_tokens} ({s.decode_tokens_per_s:.1f} tok/s)]", dim=True)
+
+    try:
+        results = wfm.run(rt, wf, max_tokens, start, text, end)
+    finally:
+        rt.close()
+    if json_out:
+        typer.echo(json.dumps({"workflow": wf.name, "turns": [{"agent": r.agent, "message": r.message, "reply": r.reply, **r.stats.as_dict()} for r in results]}))
+
+
 def _cache_dir(cache_dir: Path | None) -> Path:
     from .runtime import default_home
 

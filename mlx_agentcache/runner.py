@@ -120,8 +120,11 @@ class ModelRunner:
         h = self._body(inputs, cache=caches)
         return self._head(h) if logits else h
 
-    def prefill(self, tokens: list[int], cache: AgentCache, chunk: int = PREFILL_CHUNK) -> mx.array:
-        """Append `tokens` to `cache`; return float32 logits (vocab,) after the last one."""
+    def prefill(self, tokens: list[int], cache: AgentCache, chunk: int = PREFILL_CHUNK, logits: bool = True) -> mx.array | None:
+        """Append `tokens` to `cache`; return float32 logits (vocab,) after the last one.
+
+        logits=False skips the vocabulary head: the scheduler prefills a long
+        prompt in slices and needs logits after the last slice only."""
         if not tokens:
             raise ValueError("prefill needs at least one token")
         h = None
@@ -130,6 +133,8 @@ class ModelRunner:
             h = self._forward(mx.array(part)[None], cache.layers, logits=False)
             cache.tokens.extend(part)
             mx.eval([(s.keys, s.values) for layer in cache.layers for s in layer.segments[-1:]])
+        if not logits:
+            return None
         last = h[:, -1:, :]
         out = self._head(last) if self._body is not None else last
         return out[0, -1].astype(mx.float32)

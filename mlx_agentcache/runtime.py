@@ -6,10 +6,14 @@
     print(reply.text, reply.stats.ttft_ms, reply.stats.tier)
     for piece in planner.stream("Shorter, please."):
         print(piece, end="")
+    h = rt.submit("critic", "Review the plan.")   # returns at once; turns batch
+    print(h.wait(), h.stats.ttft_ms)
 
 Each turn renders the conversation with the model's chat template, reuses
 the longest cached token prefix (hot in memory or restored from disk), and
-prefills only what is new.
+prefills only what is new. Every turn runs on the runtime's Scheduler
+(scheduler.py), which batches concurrent agents' decoding and reloads warm
+caches in the background.
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import mlx.core as mx
-
 from . import cachefile
+from .kvcache import AgentCache
 from .pool import NAME_RE, BlockPool, validate_agent_name
 from .runner import ModelRunner
+from .scheduler import MAX_BATCH, Handle, Scheduler, Turn, TurnStats
+
+__all__ = ["Runtime", "Agent", "Reply", "TurnStats", "Handle"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -37,25 +42,6 @@ def default_home() -> Path:
 
 def _warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class TurnStats:
-    """What one turn cost and where its context came from."""
-
-    ttft_ms: float = 0.0
-    total_ms: float = 0.0
-    restored_tokens: int = 0
-    prefilled_tokens: int = 0
-    generated_tokens: int = 0
-    cache_tokens: int = 0
-    cache_bytes: int = 0
-    tier: str = "cold"
-    decode_tokens_per_s: float = 0.0
-    saved: bool = True
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -89,15 +75,6 @@ class Agent:
             msgs = msgs + [{"role": "user", "content": text}]
         return list(self.runtime.runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=generation, tokenize=True))
 
-    def _prepare(self, cache, prompt: list[int], stats: "TurnStats") -> list[int]:
-        """Reuse what the cache (or a shared prefix) already holds; return the tokens left to prefill."""
-        self.runtime.pool.adopt_prefix(cache, prompt)
-        reuse = cache.reusable_prefix(prompt)
-        cache.trim_to(reuse)
-        stats.restored_tokens = reuse
-        stats.prefilled_tokens = len(prompt) - reuse
-        return prompt[reuse:]
-
     def extend(self, text: str | None = None, messages: list[dict] | None = None, role: str = "user") -> "TurnStats":
         """Append context for a later phase without generating (tool output, documents,
         another agent's notes). The cache grows by the new tokens only; the next
@@ -117,19 +94,16 @@ class Agent:
         return self._sync()
 
     def _sync(self) -> "TurnStats":
-        rt = self.runtime
-        t0 = time.perf_counter()
-        prompt = self.prompt_tokens(None, generation=False)
-        cache, tier = rt.pool.checkout(self.name)
-        stats = TurnStats(tier=tier)
+        """Prefill the history into the cache without generating (a turn of 0 tokens)."""
+        h = self.runtime.scheduler.submit(
+            Turn(self.name, lambda: self.prompt_tokens(None, generation=False), max_tokens=0, finish=lambda h, cache: self._checkin(cache, h.stats))
+        )
         try:
-            if prompt:
-                rt.runner.prefill(self._prepare(cache, prompt, stats), cache)
+            h.wait()
         finally:
-            self._checkin(cache, stats)
-            stats.total_ms = stats.ttft_ms = (time.perf_counter() - t0) * 1000
-            self.last_stats = stats
-        return stats
+            h.stats.ttft_ms = h.stats.total_ms
+            self.last_stats = h.stats
+        return h.stats
 
     def _checkin(self, cache, stats: "TurnStats") -> None:
         rt = self.runtime
@@ -143,8 +117,11 @@ class Agent:
         stats.cache_bytes = cache.nbytes
 
     def chat(self, text: str, **options) -> Reply:
-        pieces = list(self.stream(text, **options))
-        return Reply("".join(pieces), self.last_stats)
+        h = self.submit(text, **options)
+        try:
+            return Reply(h.wait(), h.stats)
+        finally:
+            self.last_stats = h.stats
 
     def stream(
         self,
@@ -153,47 +130,41 @@ class Agent:
         temperature: float | None = None,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Yield the reply in text pieces; `last_stats` is set when it ends."""
-        rt = self.runtime
-        max_tokens = rt.max_tokens if max_tokens is None else max_tokens
-        temperature = rt.temperature if temperature is None else temperature
-        key = mx.random.key(rt.seed if seed is None else seed)
-        t0 = time.perf_counter()
-        prompt = self.prompt_tokens(text)
-        cache, tier = rt.pool.checkout(self.name)
-        stats = TurnStats(tier=tier)
-        out_tokens: list[int] = []
-        detok = rt.runner.tokenizer.detokenizer
-        detok.reset()
+        """Yield the reply in text pieces; `last_stats` is set when it ends.
+        Closing the generator early cancels the turn (what was generated is kept)."""
+        h = self.submit(text, max_tokens, temperature, seed)
         try:
-            logits = rt.runner.prefill(self._prepare(cache, prompt, stats), cache)
-            for i in range(max_tokens):
-                key, sub = mx.random.split(key)
-                tok = rt.runner.sample(logits, temperature, sub)
-                if i == 0:
-                    stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                    t_first = time.perf_counter()
-                if tok in rt.runner.eos_ids:
-                    break
-                out_tokens.append(tok)
-                detok.add_token(tok)
-                if detok.last_segment:
-                    yield detok.last_segment
-                if i + 1 < max_tokens:
-                    logits = rt.runner.decode([tok], [cache])[0]
-            detok.finalize()
-            if detok.last_segment:
-                yield detok.last_segment
+            yield from h
         finally:
-            reply = rt.runner.tokenizer.decode(out_tokens)
-            if out_tokens:
-                stats.decode_tokens_per_s = (len(out_tokens) - 1) / max(time.perf_counter() - t_first, 1e-9)
-            stats.generated_tokens = len(out_tokens)
-            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-            self._save_history()
-            self._checkin(cache, stats)
-            stats.total_ms = (time.perf_counter() - t0) * 1000
-            self.last_stats = stats
+            if not h.done:
+                h.cancel(wait=True)
+            self.last_stats = h.stats
+
+    def submit(
+        self,
+        text: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> Handle:
+        """Queue one turn on the runtime's scheduler and return its handle at once.
+        The prompt is rendered when the turn starts, after this agent's earlier turns."""
+        rt = self.runtime
+        turn = Turn(
+            self.name,
+            lambda: self.prompt_tokens(text),
+            rt.max_tokens if max_tokens is None else max_tokens,
+            rt.temperature if temperature is None else temperature,
+            rt.seed if seed is None else seed,
+            finish=lambda h, cache: self._finish_turn(text, h, cache),
+        )
+        return rt.scheduler.submit(turn)
+
+    def _finish_turn(self, text: str, h: Handle, cache: AgentCache) -> None:
+        """End of a turn (on the engine thread): record it in the history, return the cache."""
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": h.text}]
+        self._save_history()
+        self._checkin(cache, h.stats)
 
     def _save_history(self) -> None:
         data = json.dumps({"name": self.name, "system": self.system, "messages": self.messages}, indent=1)
@@ -223,6 +194,7 @@ class Runtime:
         budget_bytes: int | None = None,
         home: str | Path | None = None,
         runner: ModelRunner | None = None,
+        max_batch: int = MAX_BATCH,
     ):
         """`runner`: an already loaded model to use instead of loading `model`."""
         self.home = Path(home) if home else default_home()
@@ -235,6 +207,7 @@ class Runtime:
         self.seed = seed
         self.pool = BlockPool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn, model=model)
         self._agents: dict[str, Agent] = {}
+        self.scheduler = Scheduler(self.runner, self.pool, max_batch)
 
     def agent(self, name: str, system: str | None = None) -> Agent:
         if name not in self._agents:
@@ -243,11 +216,21 @@ class Runtime:
             self._agents[name].system = system
         return self._agents[name]
 
+    def submit(self, agent: str, text: str, **options) -> Handle:
+        """One turn for `agent` (created if new); turns of different agents run batched."""
+        return self.agent(agent).submit(text, **options)
+
+    def prefetch(self, agent: str) -> bool:
+        """Hint that `agent` speaks next: start reading its cache from disk now."""
+        return self.scheduler.prefetch(agent)
+
     def flush(self) -> dict[str, str]:
         """Wait until every finished turn is on disk; returns {agent: error} for failed saves."""
         return self.pool.flush()
 
     def close(self) -> None:
+        """Finish queued turns, then pending saves."""
+        self.scheduler.close()
         self.pool.close()
 
     def __enter__(self) -> "Runtime":

@@ -1,0 +1,503 @@
+"""Batched multi-agent scheduler: many agents' turns on one model at once.
+
+One engine thread owns all model compute. Each loop it admits queued turns,
+runs one prefill chunk of a newcomer, and one batched decode step over every
+running agent (`ModelRunner.decode` stacks the agents' Q4 caches without
+padding). A newcomer's prefill is cut into chunks that alternate with decode
+steps, so agents already streaming keep streaming.
+
+An agent whose cache is on disk (warm) is read by a loader thread: file read,
+CRC checks and building the arrays all release the GIL, so the read hides
+behind the batch's decode steps; the agent joins the batch when its blocks
+are in memory. `prefetch(name)` starts that read before the turn is even
+submitted (the caller knows who speaks next).
+
+Each turn streams into its own unbounded queue: a slow reader never stalls
+the engine or the other agents. Sampling uses one key per turn, split once
+per token exactly as a lone turn does, so a batched agent samples the same
+tokens it would alone (greedy and seeded). See docs/scheduler.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from .kvcache import AgentCache
+
+MAX_BATCH = 8
+PREFILL_CHUNK = 256  # tokens per prefill slice between two decode steps
+MAX_PREFETCH = 2  # prefetched caches kept waiting for their turn
+_END = object()
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """MLX gives each thread its own stream; one still alive at exit aborts the
+    process, so engine threads stop (cancelling their turns) before that."""
+    for s in list(_LIVE):
+        s.close(cancel=True)
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost and where its context came from."""
+
+    ttft_ms: float = 0.0  # submit to first token: queueing, loading and prefill included
+    total_ms: float = 0.0
+    restored_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    cache_tokens: int = 0
+    cache_bytes: int = 0
+    tier: str = "cold"
+    decode_tokens_per_s: float = 0.0
+    saved: bool = True
+    queue_ms: float = 0.0  # submit to admission into the batch (includes a reload)
+    load_ms: float = 0.0  # reading the cache file, if the agent was warm
+    prefetched: bool = False  # the reload had started before the turn was submitted
+    cancelled: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Turn:
+    """What to run: `prompt` is rendered when the turn is admitted, after the
+    agent's previous turn finished, so it sees that turn's reply.
+
+    `finish(handle, cache)` returns the cache to the pool (and saves history);
+    the default checks it into the pool.
+    """
+
+    agent: str
+    prompt: list[int] | Callable[[], list[int]]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    finish: Callable[["Handle", AgentCache], None] | None = None
+
+
+class Handle:
+    """A submitted turn: iterate for text pieces; `stats`, `text`, `cancel()`."""
+
+    def __init__(self, turn: Turn):
+        self.turn = turn
+        self.agent = turn.agent
+        self.status = "queued"  # queued, loading, prefill, decode, done, cancelled, failed
+        self.stats = TurnStats()
+        self.tokens: list[int] = []
+        self.text = ""
+        self.error: BaseException | None = None
+        self.token_times: list[float] = []
+        self.t_submit = time.perf_counter()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancel = False
+        self._admitted = False
+        self._wake: Callable[[], None] = lambda: None
+        # engine-side state
+        self.cache: AgentCache | None = None
+        self.prompt: list[int] = []
+        self._todo: list[int] = []
+        self._key = None
+        self._next = 0
+        self._detok = None
+        self._t_first = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the turn ended; returns the reply text (raises its error)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"turn of agent '{self.agent}' still running")
+        if self.error is not None:
+            raise self.error
+        return self.text
+
+    def cancel(self, wait: bool = False) -> None:
+        """Stop the turn: a queued or loading turn never runs; a running one ends
+        now with what it generated, and its cache goes back to the pool."""
+        self._cancel = True
+        self._wake()
+        if wait:
+            self._done.wait()
+
+
+class _Loader:
+    """One thread reading warm agents' cache files through the pool."""
+
+    def __init__(self, pool, done: Callable[[str, AgentCache, str, float, float], None]):
+        self.pool = pool
+        self.done = done
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="agentcache-loader", daemon=True)
+        self.thread.start()
+
+    def submit(self, name: str | None) -> None:
+        self.jobs.put(name)
+
+    def _run(self) -> None:
+        while (name := self.jobs.get()) is not None:
+            t0 = time.perf_counter()
+            try:
+                cache, tier = self.pool.checkout(name)
+            except Exception as e:  # the turn fails, the loader goes on
+                cache, tier = None, repr(e)
+            self.done(name, cache, tier, t0, time.perf_counter())
+        mx.clear_streams()
+
+
+class Scheduler:
+    """Runs turns of many agents on one runner and pool (see module doc).
+
+    overlap=False reads warm caches on the engine thread (everything waits):
+    the baseline the benchmark compares against.
+    """
+
+    def __init__(self, runner, pool, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK, overlap: bool = True):
+        self.runner = runner
+        self.pool = pool
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.overlap = overlap
+        self.timeline: deque[tuple] = deque(maxlen=200_000)  # (kind, agents, t0, t1)
+        self._cv = threading.Condition()
+        self._pending: deque[Handle] = deque()
+        self._waiting: dict[str, Handle] = {}  # agent -> turn waiting for its load
+        self._inflight: set[str] = set()  # loads under way
+        self._ready: OrderedDict[str, tuple] = OrderedDict()  # agent -> (cache, tier, load_ms, prefetched)
+        self._prefetched: set[str] = set()
+        self._busy: set[str] = set()  # agents with a turn admitted
+        self._prefill: deque[Handle] = deque()
+        self._running: list[Handle] = []
+        self._closed = False
+        self._loader = _Loader(pool, self._loaded) if overlap else None
+        self._thread = threading.Thread(target=self._run, name="agentcache-engine", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    # -- API -----------------------------------------------------------------
+    def submit(self, turn: Turn) -> Handle:
+        h = Handle(turn)
+        h._wake = self._notify
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            self._pending.append(h)
+            self._cv.notify_all()
+        return h
+
+    def prefetch(self, name: str) -> bool:
+        """Start reading a warm agent's cache now; True if a read was started."""
+        if self._loader is None:
+            return False
+        with self._cv:
+            if name in self._inflight or name in self._ready or name in self._busy or self.pool.tier(name) != "warm":
+                return False
+            self._inflight.add(name)
+            self._prefetched.add(name)
+        self._loader.submit(name)
+        return True
+
+    def close(self, cancel: bool = False) -> None:
+        """Finish (or cancel) queued and running turns, give back prefetched caches, stop the threads."""
+        with self._cv:
+            self._closed = True
+            if cancel:
+                for h in [*self._pending, *self._waiting.values(), *self._prefill, *self._running]:
+                    h._cancel = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._loader is not None:
+            self._loader.submit(None)
+            self._loader.thread.join()
+        for name in list(self._ready):
+            self.pool.forget(name)  # unchanged since it was read: its file is current
+        self._ready.clear()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not (self._pending or self._waiting or self._prefill or self._running)
+
+    # -- engine --------------------------------------------------------------
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _loaded(self, name, cache, tier, t0, t1) -> None:
+        self.timeline.append(("load", (name,), t0, t1))
+        with self._cv:
+            self._inflight.discard(name)
+            self._ready[name] = (cache, tier, (t1 - t0) * 1000, name in self._prefetched)
+            self._prefetched.discard(name)
+            while len(self._ready) > MAX_PREFETCH + len(self._waiting):
+                old = next((n for n in self._ready if n not in self._waiting), None)
+                if old is None:
+                    break
+                stale = self._ready.pop(old)
+                if stale[0] is not None:
+                    self.pool.forget(old)
+            self._cv.notify_all()
+
+    def _work(self) -> bool:
+        if self._prefill or self._running or any(h._cancel for h in self._waiting.values()):
+            return True
+        if any(n in self._ready for n in self._waiting):
+            return True
+        return any(h.agent not in self._busy or h._cancel for h in self._pending) and self._slots() > 0
+
+    def _slots(self) -> int:
+        return self.max_batch - len(self._running) - len(self._prefill) - len(self._waiting)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            mx.synchronize()
+            mx.clear_streams()  # this thread's MLX stream must not outlive it
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._work() or (self._closed and self.idle_locked()))
+                if self._closed and self.idle_locked():
+                    return
+                admit, claimed = self._admit_locked()
+            for h in admit:
+                self._guard([h], self._start, h)
+            for h, got in claimed:
+                self._guard([h], self._begin, h, *got)
+            self._drop_cancelled()
+            if self._prefill:
+                self._guard([self._prefill[0]], self._prefill_step, self._prefill[0])
+            if self._running:
+                self._guard(self._running, self._decode_step)
+
+    def _guard(self, turns: list[Handle], step, *args) -> None:
+        """Run one engine step; if it raises, only the turns in it fail."""
+        try:
+            step(*args)
+        except Exception as e:
+            for h in list(turns):
+                if h in self._prefill:
+                    self._prefill.remove(h)
+                if h in self._running:
+                    self._running.remove(h)
+                if not h.done:
+                    self._fail(h, e)
+
+    def idle_locked(self) -> bool:
+        return not (self._pending or self._waiting or self._prefill or self._running)
+
+    def _admit_locked(self) -> tuple[list[Handle], list]:
+        """Under the lock: turns to start now, and waiting turns whose cache arrived."""
+        admit, keep = [], deque()
+        for h in self._pending:
+            if h._cancel:
+                self._end(h, "cancelled")
+            elif h.agent in self._busy or len(admit) >= self._slots():
+                keep.append(h)
+            else:
+                self._busy.add(h.agent)
+                h._admitted = True
+                admit.append(h)
+        self._pending = keep
+        claimed = []
+        for name in [n for n in self._waiting if n in self._ready]:
+            claimed.append((self._waiting.pop(name), self._ready.pop(name)))
+        return admit, claimed
+
+    def _start(self, h: Handle) -> None:
+        """Admitted: take its cache now (hot, cold, prefetched) or start reading it (warm)."""
+        with self._cv:
+            got = self._ready.pop(h.agent, None)
+            if got is None and h.agent in self._inflight:
+                self._waiting[h.agent] = h
+                h.status = "loading"
+                return
+        if got is not None:
+            return self._begin(h, *got)
+        if self._loader is not None and self.pool.tier(h.agent) == "warm":
+            with self._cv:
+                self._inflight.add(h.agent)
+                self._waiting[h.agent] = h
+            h.status = "loading"
+            self._loader.submit(h.agent)
+            return
+        t0 = time.perf_counter()
+        cache, tier = self.pool.checkout(h.agent)
+        t1 = time.perf_counter()
+        if tier == "warm":
+            self.timeline.append(("load", (h.agent,), t0, t1))
+        self._begin(h, cache, tier, (t1 - t0) * 1000 if tier == "warm" else 0.0, False)
+
+    def _begin(self, h: Handle, cache, tier: str, load_ms: float, prefetched: bool) -> None:
+        """The cache is here: reuse its longest matching prefix, queue the rest for prefill."""
+        if cache is None:
+            return self._fail(h, RuntimeError(f"could not load agent '{h.agent}': {tier}"))
+        h.cache = cache
+        h.stats.tier, h.stats.load_ms, h.stats.prefetched = tier, load_ms, prefetched
+        h.stats.queue_ms = (time.perf_counter() - h.t_submit) * 1000
+        if h._cancel:
+            return self._end(h, "cancelled")
+        try:
+            prompt = h.turn.prompt() if callable(h.turn.prompt) else list(h.turn.prompt)
+            reuse = self._reuse(cache, prompt)
+        except Exception as e:
+            return self._fail(h, e)
+        h.prompt, h._todo = prompt, prompt[reuse:]
+        h.stats.restored_tokens, h.stats.prefilled_tokens = reuse, len(h._todo)
+        h._key = mx.random.key(h.turn.seed)
+        h._detok = self.runner.tokenizer.detokenizer
+        h._detok.reset()
+        if not h._todo:  # nothing to read (an empty history)
+            return self._end(h, "done")
+        h.status = "prefill"
+        self._prefill.append(h)
+
+    def _reuse(self, cache: AgentCache, prompt: list[int]) -> int:
+        """Keep what the cache (or a shared prefix) already holds of `prompt`; returns its length."""
+        if prompt:
+            self.pool.adopt_prefix(cache, prompt)
+        reuse = cache.reusable_prefix(prompt)
+        cache.trim_to(reuse)
+        return reuse
+
+    def _prefill_step(self, h: Handle) -> None:
+        part, h._todo = h._todo[: self.prefill_chunk], h._todo[self.prefill_chunk :]
+        t0 = time.perf_counter()
+        logits = self.runner.prefill(part, h.cache, self.prefill_chunk, logits=not h._todo)
+        self.timeline.append(("prefill", (h.agent,), t0, time.perf_counter()))
+        if h._todo:
+            return
+        self._prefill.popleft()
+        h.status = "decode"
+        if h.turn.max_tokens <= 0:
+            return self._end(h, "done")
+        if self._emit(h, logits):
+            self._running.append(h)
+
+    def _decode_step(self) -> None:
+        batch = self._running
+        t0 = time.perf_counter()
+        logits = self.runner.decode([h._next for h in batch], [h.cache for h in batch])
+        greedy = [h.turn.temperature <= 0 for h in batch]
+        picks = mx.argmax(logits, axis=-1).tolist() if any(greedy) else None
+        self.timeline.append(("decode", tuple(h.agent for h in batch), t0, time.perf_counter()))
+        self._running = [h for i, h in enumerate(batch) if self._emit(h, logits[i], picks[i] if greedy[i] else None)]
+
+    def _emit(self, h: Handle, logits: mx.array, pick: int | None = None) -> bool:
+        """Sample one token; stream it. False when the turn ended."""
+        if pick is not None:
+            tok = pick
+        elif h.turn.temperature <= 0:
+            tok = int(mx.argmax(logits).item())
+        else:
+            h._key, sub = mx.random.split(h._key)
+            tok = self.runner.sample(logits, h.turn.temperature, sub)
+        now = time.perf_counter()
+        if h._t_first == 0.0:
+            h._t_first = now
+            h.stats.ttft_ms = (now - h.t_submit) * 1000
+        if tok in self.runner.eos_ids:
+            self._end(h, "done")
+            return False
+        h.tokens.append(tok)
+        h.token_times.append(now)
+        h._detok.add_token(tok)
+        piece = h._detok.last_segment  # reading it consumes it
+        if piece:
+            h._queue.put(piece)
+        if len(h.tokens) >= h.turn.max_tokens:
+            self._end(h, "done")
+            return False
+        if h._cancel:
+            self._end(h, "cancelled")
+            return False
+        h._next = tok
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for h in [h for h in self._prefill if h._cancel]:
+            self._prefill.remove(h)
+            self._end(h, "cancelled")
+        for h in [h for h in self._running if h._cancel]:
+            self._running.remove(h)
+            self._end(h, "cancelled")
+        with self._cv:
+            gone = [h for h in self._waiting.values() if h._cancel]
+            for h in gone:
+                del self._waiting[h.agent]
+        for h in gone:  # its read goes on; the cache is handed back when it arrives
+            self._prefetched.add(h.agent)
+            self._end(h, "cancelled")
+
+    def _end(self, h: Handle, status: str) -> None:
+        """Finish a turn: flush text, stats, return the cache to the pool, close the stream."""
+        if h._detok is not None:
+            h._detok.finalize()
+            piece = h._detok.last_segment
+            if piece:
+                h._queue.put(piece)
+        s = h.stats
+        now = time.perf_counter()
+        s.generated_tokens = len(h.tokens)
+        s.cancelled = status == "cancelled"
+        if len(h.tokens) > 1:
+            s.decode_tokens_per_s = (len(h.tokens) - 1) / max(h.token_times[-1] - h._t_first, 1e-9)
+        h.text = self.runner.tokenizer.decode(h.tokens) if h.tokens else ""
+        try:
+            if h.cache is not None:
+                if h.turn.finish is not None:
+                    h.turn.finish(h, h.cache)
+                else:
+                    self.pool.checkin(h.agent, h.cache)
+                s.cache_tokens, s.cache_bytes = h.cache.offset, h.cache.nbytes
+        except Exception as e:
+            h.error = e
+            status = "failed"
+        s.total_ms = (now - h.t_submit) * 1000
+        self._close(h, status)
+
+    def _fail(self, h: Handle, e: BaseException) -> None:
+        h.error = e
+        if h.cache is not None:  # back to the context it started from, then to the pool
+            try:
+                h.cache.trim_to(h.stats.restored_tokens)
+                self.pool.checkin(h.agent, h.cache)
+            except Exception:
+                self.pool.forget(h.agent)  # the file on disk is the last good state
+        self._close(h, "failed")
+
+    def _close(self, h: Handle, status: str) -> None:
+        h.status = status
+        h.cache = None
+        with self._cv:
+            if h._admitted:
+                self._busy.discard(h.agent)
+            self._cv.notify_all()
+        h._queue.put(_END)
+        h._done.set()
