@@ -33,6 +33,7 @@ import os
 import struct
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -207,12 +208,7 @@ def read_tensors(path: Path, formats: tuple[str, ...] = (FORMAT,), check: Callab
     _check_header(header, meta, path.name, size, data_start, formats)
     if check is not None:
         check(meta)
-    try:
-        crcs = json.loads(meta["crc32"])
-        if not isinstance(crcs, dict) or set(crcs) != set(header):
-            raise ValueError
-    except (KeyError, ValueError):
-        raise CacheFileError(f"{path.name}: checksum list does not match the tensors") from None
+    crcs = _crcs(path, header, meta)
     out = {}
     for tname, e in header.items():
         a, b = e["data_offsets"]
@@ -221,6 +217,66 @@ def read_tensors(path: Path, formats: tuple[str, ...] = (FORMAT,), check: Callab
             raise CacheFileError(f"{path.name}: checksum mismatch in {tname}")
         out[tname] = raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
     return out, meta
+
+
+_MX_DTYPES = {"U32": mx.uint32, "F16": mx.float16, "I32": mx.int32, "F32": mx.float32, "U8": mx.uint8}
+_empty = getattr(mx, "empty", mx.zeros)
+
+
+def read_arrays(path: Path, formats: tuple[str, ...] = (FORMAT,), check: Callable[[dict], None] | None = None) -> tuple[dict[str, mx.array], dict]:
+    """Read a file straight into MLX memory and verify it: ({name: array}, metadata).
+
+    Every tensor is read with `readinto` into a freshly allocated MLX buffer
+    and checksummed there: its bytes are copied once, from the kernel into
+    the array, and nothing is used before every check passed. The file is
+    opened once, so a concurrent atomic replace cannot mix two versions.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            buf = head + f.read(min(n, MAX_HEADER_BYTES, max(size - 8, 0)))
+            header, meta, data_start = _parse_header(buf, path.name, size)
+            _check_header(header, meta, path.name, size, data_start, formats)
+            if check is not None:
+                check(meta)
+            crcs = _crcs(path, header, meta)
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            arrays = {name: _empty(tuple(e["shape"]), _MX_DTYPES[e["dtype"]]) for name, e in entries}
+            mx.eval(list(arrays.values()))
+            with ThreadPoolExecutor(1) as checker:  # checksums overlap the next reads (both release the GIL)
+                sums = []
+                for name, e in entries:
+                    a, b = e["data_offsets"]
+                    if b == a:
+                        continue
+                    view = np.array(arrays[name], copy=False).reshape(-1).view(np.uint8)
+                    f.seek(data_start + a)
+                    got = 0
+                    while got < b - a:
+                        k = f.readinto(view[got:])
+                        if not k:
+                            raise CacheFileError(f"{path.name}: truncated while reading {name}")
+                        got += k
+                    sums.append((name, checker.submit(_crc, view)))
+                for name, crc in sums:
+                    if crc.result() != crcs[name]:
+                        raise CacheFileError(f"{path.name}: checksum mismatch in {name}")
+    except OSError as e:
+        raise CacheFileError(f"{path.name}: cannot read ({e.strerror or e})") from None
+    return arrays, meta
+
+
+def _crcs(path: Path, header: dict, meta: dict) -> dict:
+    try:
+        crcs = json.loads(meta["crc32"])
+        if not isinstance(crcs, dict) or set(crcs) != set(header):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise CacheFileError(f"{path.name}: checksum list does not match the tensors") from None
+    return crcs
 
 
 # -- agent caches ------------------------------------------------------------
@@ -313,13 +369,16 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
         if meta.get("fingerprint") != fingerprint:
             raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
 
-    arrays, meta = read_tensors(path, (FORMAT,), same_model)
+    arrays, meta = read_arrays(path, (FORMAT,), same_model)
     try:
         spans = json.loads(meta["layers"])
         bits = int(meta["kv_bits"])
         extra = json.loads(meta.get("extra", "{}"))
         prefix = json.loads(meta.get("prefix", "null"))
-        tokens = arrays.pop("tokens").tolist()
+        tokens = arrays.pop("tokens")
+        if tokens.ndim != 1 or tokens.dtype != mx.int32:
+            raise ValueError("token ids must be one int32 vector")
+        tokens = tokens.tolist()
         rotated = {"plain": False, "hadamard": True}[meta.get("kv_keys", "plain")]
         if bits not in (4, 8, 16) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
             raise ValueError("unsupported quantization")
@@ -354,8 +413,6 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             v = v if s["values"] else None
             if k:
                 _check_layer(path, i, k, v, bits)
-            k = tuple(mx.array(x) for x in k)
-            v = None if v is None else tuple(mx.array(x) for x in v)
             layers.append(_restore_layer(path, i, bits, window, s, k, v, None if shared is None else shared[i], rotated))
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
@@ -380,7 +437,7 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int]) -> li
         if not ok:
             raise CacheFileError(f"{path.name}: prefix block does not hold these tokens")
 
-    arrays, meta = read_tensors(path, (BLOCK_FORMAT,), same)
+    arrays, meta = read_arrays(path, (BLOCK_FORMAT,), same)
     n = len(json.loads(meta["tokens"]))
     parts = 1 if bits == 16 else 3
     out = []
@@ -391,7 +448,7 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int]) -> li
             _check_layer(path, i, k, v, bits)
             if k[0].shape[-2] != n:
                 raise ValueError(f"layer {i} holds {k[0].shape[-2]} tokens, expected {n}")
-            out.append((tuple(mx.array(x) for x in k), None if v is None else tuple(mx.array(x) for x in v)))
+            out.append((k, v))
     except (KeyError, ValueError, TypeError) as e:
         raise CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
     return out
@@ -419,13 +476,12 @@ def _check_layer(path: Path, i: int, k: tuple, v: tuple | None, bits: int) -> No
     for t in (k, v or None):
         if t is None:
             continue
+        dt = [str(x.dtype).rsplit(".", 1)[-1] for x in t]  # numpy or MLX arrays
         if bits == 16:
-            ok = len(t) == 1 and t[0].dtype == np.float16
+            ok = dt == ["float16"]
         else:
             ok = (
-                len(t) == 3
-                and t[0].dtype == np.uint32
-                and t[1].dtype == t[2].dtype == np.float16
+                dt == ["uint32", "float16", "float16"]
                 and t[1].shape == t[2].shape
                 and t[1].shape[-1] * GROUP_SIZE == t[0].shape[-1] * 32 // bits
             )

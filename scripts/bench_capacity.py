@@ -1,0 +1,364 @@
+"""How many agents fit in memory, and what persistence and shared prefixes buy.
+
+    python scripts/bench_capacity.py [--home DIR] [--rounds 2] [--max-tokens 2]
+
+On SmolLM2-135M (real weights), this measures:
+
+1. bytes per token of real Q4 and fp16 agent caches (prefilled, then nbytes);
+2. how many agents fit at 1K/4K/8K context in the budget scaled from the
+   published 10.2 GB of a 24 GB M4 Pro to this machine's memory: fp16, Q4,
+   and Q4 with a 2K-token system prompt shared by all agents (counts are
+   extrapolated from the measured bytes per token, in 256-token blocks);
+3. a 10-agent workflow whose agents share a ~2K-token system prompt: memory
+   and disk bytes with shared prefix blocks vs one copy per agent (real run);
+4. restore throughput of a warm agent vs a plain sequential read of the same
+   bytes, with a cold page cache when this process may drop it (root on
+   Linux), and with a warm one;
+5. a 10-agent round robin with room for 3 hot agents: persistence (evicted
+   agents restore from disk) vs re-prefill on eviction (real runs).
+
+Writes bench_results/capacity.json and bench_results/capacity.md.
+"""
+
+import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx.core)
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_agentcache.kvcache import AgentCache, LayerCache, encode
+from mlx_agentcache.pool import BlockPool
+from mlx_agentcache.q4 import BLOCK_TOKENS
+from mlx_agentcache.runner import ModelRunner
+from mlx_agentcache.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (ROOT / "tests" / "data" / "python_reference.txt").read_text()
+REFERENCE = {"budget_gb": 10.2, "memory_gb": 24, "machine": "M4 Pro, 24 GB"}
+CONTEXTS = (1024, 4096, 8192)
+SHARED_PROMPT = 2048
+
+
+def load_runner(model: str, home: Path) -> ModelRunner:
+    try:
+        return ModelRunner.load(model, home)
+    except ImportError:  # a model store without load_model: mlx-lm's loader, made fast for this backend
+        from mlx_lm.utils import load
+
+        from mlx_agentcache.model_store import resolve_model
+
+        path = resolve_model(model, home)
+        m, tok, cfg = load(str(path), return_config=True)
+        try:
+            from mlx_agentcache.model_loader import prepare_for_backend
+
+            m = prepare_for_backend(m)
+        except ImportError:
+            pass
+        return ModelRunner(m, tok, cfg, path)
+
+
+def mem_total() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def blocks(n: int) -> int:
+    return -(-n // BLOCK_TOKENS) * BLOCK_TOKENS
+
+
+# -- 1, 2: bytes per token and capacity ---------------------------------------
+
+
+def bytes_per_token(runner: ModelRunner, n: int = 256) -> dict:
+    ids = runner.tokenizer.encode(TEXT)[:n]
+    out = {}
+    for name, bits in (("q4", 4), ("fp16", 16)):
+        cache = runner.new_cache(bits=bits)
+        runner.prefill(ids, cache)
+        out[name] = cache.nbytes / n
+    return out
+
+
+def capacity(bpt: dict, budget: int) -> list[dict]:
+    rows = []
+    for ctx in CONTEXTS:
+        shared = min(SHARED_PROMPT, ctx // 2)
+        row = {"context": ctx, "shared_prompt_tokens": shared}
+        for name, b in bpt.items():
+            per_agent = blocks(ctx) * b
+            prefix = shared * b
+            row[f"{name}_bytes_per_agent"] = int(per_agent)
+            row[f"{name}_agents"] = int(budget // per_agent)
+            row[f"{name}_shared_agents"] = int((budget - prefix) // (per_agent - prefix))
+        rows.append(row)
+    return rows
+
+
+# -- 3: shared system prompt ---------------------------------------------------
+
+
+def shared_prompt_workflow(runner: ModelRunner, max_tokens: int, agents: int = 10, prompt_tokens: int = SHARED_PROMPT) -> dict:
+    ids = runner.tokenizer.encode(TEXT)
+    system = runner.tokenizer.decode(ids[2000 : 2000 + prompt_tokens + 40])
+    system_tokens = len(runner.tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=True))
+    with tempfile.TemporaryDirectory() as d:
+        rt = Runtime(cache_dir=d, runner=runner, max_tokens=max_tokens, budget_bytes=float("inf"))
+        turns = []
+        for i in range(agents):
+            r = rt.agent(f"worker{i}", system=system).chat(f"Task {i}: name one function you would test first.")
+            turns.append({"agent": i, "ttft_ms": round(r.stats.ttft_ms), "prefilled": r.stats.prefilled_tokens, "reused": r.stats.restored_tokens, "cache_tokens": r.stats.cache_tokens})
+        rt.flush()
+        s = rt.pool.summary()
+        caches = list(rt.pool.hot.values())
+        prefix = caches[0].layers[0].segments[0].length
+        bpt = caches[0].nbytes / caches[0].offset
+        alone = sum(blocks(c.offset) * bpt for c in caches)  # each agent with its own copy
+        files = sorted(Path(d).glob("*.safetensors"))
+        block_files = sorted((Path(d) / "blocks").glob("*.safetensors"))
+        disk_shared = sum(p.stat().st_size for p in files + block_files)
+        disk_alone = sum(p.stat().st_size for p in files) + len(files) * prefix * bpt
+        rt.close()
+    return {
+        "agents": agents,
+        "system_prompt_tokens": system_tokens,
+        "shared_prefix_tokens": prefix,
+        "memory_bytes_shared": s["hot_bytes"],
+        "memory_bytes_one_copy_each": int(alone),
+        "memory_bytes_saved": int(alone - s["hot_bytes"]),
+        "disk_bytes_shared": disk_shared,
+        "disk_bytes_one_copy_each": int(disk_alone),
+        "disk_bytes_saved": int(disk_alone - disk_shared),
+        "prefix_block_files": len(block_files),
+        "turns": turns,
+    }
+
+
+# -- 4: restore throughput -------------------------------------------------------
+
+
+def drop_page_cache() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def synthetic_cache(layers: int, heads: int, dim: int, n: int) -> AgentCache:
+    """A cache with SmolLM2's exact layout and random contents (restore speed does not depend on values)."""
+    out = []
+    for i in range(layers):
+        k, v = mx.random.normal((2, heads, n, dim), key=mx.random.key(i))
+        layer = LayerCache(4)
+        layer.append(encode(k, 4), encode(v, 4))
+        out.append(layer)
+    mx.eval([s.keys + s.values for layer in out for s in layer.segments])
+    return AgentCache(out, list(range(n)))
+
+
+def read_file(path: Path) -> float:
+    buf = bytearray(4 << 20)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
+
+
+def restore_throughput(runner: ModelRunner, n: int = 8192, repeats: int = 3) -> dict:
+    cfg = runner.config
+    heads = cfg["num_key_value_heads"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    layers = len(runner.windows)
+
+    def new_cache():
+        return AgentCache([LayerCache(4) for _ in range(layers)])
+
+    out = {"tokens": n, "layout": f"{layers} layers x {heads} KV heads x {dim} dims, Q4"}
+    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+        pool = BlockPool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
+        pool.save("big", synthetic_cache(layers, heads, dim, n))
+        path = pool.path("big")
+        size = path.stat().st_size
+        out["file_bytes"] = size
+        for label, cold in (("cold", True), ("warm", False)):
+            if cold and not drop_page_cache():
+                out["cold"] = None
+                continue
+            restore, read = [], []
+            for _ in range(repeats):
+                cold and drop_page_cache()
+                p = BlockPool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
+                t = time.perf_counter()
+                cache, tier = p.checkout("big")
+                mx.eval([s.keys + s.values for layer in cache.layers for s in layer.segments])
+                restore.append(time.perf_counter() - t)
+                assert tier == "warm"
+                del cache
+                cold and drop_page_cache()
+                read.append(read_file(path))
+            r, s = size / min(restore) / 1e6, size / min(read) / 1e6
+            out[label] = {"restore_MBps": round(r), "sequential_read_MBps": round(s), "ratio": round(r / s, 3)}
+    return out
+
+
+# -- 5: round robin under a small budget -----------------------------------------
+
+
+def round_robin(runner: ModelRunner, q4_bytes_per_token: float, persist: bool, rounds: int, max_tokens: int, agents: int, ctx_tokens: int) -> dict:
+    ids = runner.tokenizer.encode(TEXT)
+    systems = [f"You are agent {i}. Notes:\n" + runner.tokenizer.decode(ids[i * ctx_tokens : (i + 1) * ctx_tokens]) for i in range(agents)]
+    per_agent = blocks(ctx_tokens + 64) * q4_bytes_per_token
+    with tempfile.TemporaryDirectory() as d:
+        rt = Runtime(cache_dir=d, runner=runner, max_tokens=max_tokens, budget_bytes=int(3.5 * per_agent))
+        if not persist:
+            rt.pool = BlockPool(d, runner.fingerprint, runner.new_cache, int(3.5 * per_agent), warn=print, persist=False)
+        per_round, tiers = [], {}
+        t_all = time.perf_counter()
+        for r in range(rounds):
+            t = time.perf_counter()
+            ttfts = []
+            for i in range(agents):
+                reply = rt.agent(f"a{i}", system=systems[i]).chat(f"Round {r}: one word?")
+                tiers[reply.stats.tier] = tiers.get(reply.stats.tier, 0) + 1
+                ttfts.append(reply.stats.ttft_ms)
+            per_round.append({"seconds": round(time.perf_counter() - t, 2), "mean_ttft_ms": round(sum(ttfts) / len(ttfts))})
+        total = time.perf_counter() - t_all
+        summary = rt.pool.summary()
+        rt.close()
+    return {"persist": persist, "total_seconds": round(total, 2), "rounds": per_round, "tiers": tiers, "evictions": summary["evictions"], "bytes_written": summary["bytes_written"], "bytes_read": summary["bytes_read"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--home", type=Path, default=None)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    ap.add_argument("--quick", action="store_true", help="Small sizes, to check the script (results are not comparable).")
+    args = ap.parse_args()
+    q = args.quick
+    from mlx_agentcache.runtime import default_home
+
+    runner = load_runner(args.model, args.home or default_home())
+    res = {"model": args.model, "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {mem_total() / 2**30:.1f} GiB", "mlx": mx.__version__, "device": str(mx.default_device())}
+    budget = int(mem_total() * REFERENCE["budget_gb"] / REFERENCE["memory_gb"])
+    res["budget"] = {"bytes": budget, "rule": f"{REFERENCE['budget_gb']} GB of {REFERENCE['memory_gb']} GB ({REFERENCE['machine']}) scaled to this machine's memory"}
+
+    t = time.perf_counter()
+    bpt = bytes_per_token(runner, 32 if q else 256)
+    res["bytes_per_token"] = {k: round(v, 1) for k, v in bpt.items()}
+    res["capacity"] = capacity(bpt, budget)
+    print("bytes/token", res["bytes_per_token"], f"({time.perf_counter() - t:.0f} s)", flush=True)
+
+    res["restore"] = restore_throughput(runner, 1024 if q else 8192)
+    print("restore", res["restore"], flush=True)
+
+    res["shared_prompt_workflow"] = shared_prompt_workflow(runner, args.max_tokens, 3 if q else 10, 256 if q else SHARED_PROMPT)
+    print("shared prompt", {k: v for k, v in res["shared_prompt_workflow"].items() if k != "turns"}, flush=True)
+
+    agents, ctx = (4, 60) if q else (10, 300)
+    res["round_robin"] = {
+        "agents": agents, "hot_room": 3, "context_tokens": ctx, "max_tokens": args.max_tokens,
+        "persistence": round_robin(runner, bpt["q4"], True, args.rounds, args.max_tokens, agents, ctx),
+        "re_prefill": round_robin(runner, bpt["q4"], False, args.rounds, args.max_tokens, agents, ctx),
+    }
+    print("round robin", res["round_robin"], flush=True)
+
+    c4 = next(r for r in res["capacity"] if r["context"] == 4096)
+    ratio = res["restore"]["cold"] or res["restore"]["warm"]
+    res["headline"] = {
+        "q4_vs_fp16_agents_4k": round(c4["q4_agents"] / c4["fp16_agents"], 2),
+        "restore_vs_disk_bandwidth": ratio["ratio"],
+        "restore_page_cache": "cold" if res["restore"]["cold"] else "warm",
+    }
+    res["quick"] = q
+    args.out.mkdir(exist_ok=True)
+    (args.out / "capacity.json").write_text(json.dumps(res, indent=1))
+    (args.out / "capacity.md").write_text(report(res))
+    print(json.dumps(res["headline"]))
+
+
+def report(r: dict) -> str:
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    lines = [
+        "# Capacity: agents per memory budget, persistence, shared prefixes",
+        "",
+        f"Model {r['model']}; {r['machine']}; MLX {r['mlx']} ({r['device']}). Produced by `scripts/bench_capacity.py`.",
+        "",
+        f"**Headline:** at 4K context, Q4 caches fit **{r['headline']['q4_vs_fp16_agents_4k']}x** as many agents as fp16; "
+        f"restoring a warm agent runs at **{r['headline']['restore_vs_disk_bandwidth']}x** the disk's sequential read bandwidth "
+        f"({r['headline']['restore_page_cache']} page cache).",
+        "",
+        "## Bytes per token (measured on real SmolLM2 caches, all 30 layers)",
+        "",
+        f"Q4: {r['bytes_per_token']['q4']} B/token; fp16: {r['bytes_per_token']['fp16']} B/token "
+        f"({r['bytes_per_token']['fp16'] / r['bytes_per_token']['q4']:.2f}x).",
+        "",
+        f"## Agents that fit in {r['budget']['bytes'] / 1e9:.2f} GB",
+        "",
+        f"Budget: {r['budget']['rule']}. Per-agent bytes are measured bytes/token times the context rounded up to 256-token blocks; "
+        "'shared' keeps one copy of a common system prompt (2K tokens, or half the context at 1K) for all agents. Model weights are outside the budget.",
+        "",
+        "| context | fp16 agents | Q4 agents | Q4 vs fp16 | fp16 + shared | Q4 + shared |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in r["capacity"]:
+        lines.append(f"| {c['context']} | {c['fp16_agents']:,} | {c['q4_agents']:,} | {c['q4_agents'] / c['fp16_agents']:.2f}x | {c['fp16_shared_agents']:,} | {c['q4_shared_agents']:,} |")
+    s = r["shared_prompt_workflow"]
+    lines += [
+        "",
+        f"## {s['agents']} agents with a shared {s['system_prompt_tokens']}-token system prompt (real run)",
+        "",
+        f"{s['shared_prefix_tokens']} leading tokens (whole 256-token blocks) are stored once, in memory and in one block file.",
+        "",
+        "| | one copy per agent | shared prefix | saved |",
+        "|---|---:|---:|---:|",
+        f"| memory | {mib(s['memory_bytes_one_copy_each'])} | {mib(s['memory_bytes_shared'])} | {mib(s['memory_bytes_saved'])} |",
+        f"| disk | {mib(s['disk_bytes_one_copy_each'])} | {mib(s['disk_bytes_shared'])} | {mib(s['disk_bytes_saved'])} |",
+        "",
+        "Prefill per agent (the first computes the prompt; the others attach the shared blocks): "
+        + ", ".join(f"{t['prefilled']}" for t in s["turns"])
+        + " tokens; TTFT " + ", ".join(f"{t['ttft_ms'] / 1000:.1f}" for t in s["turns"]) + " s.",
+        "",
+        "## Restore vs disk bandwidth",
+        "",
+        f"One agent file of {mib(r['restore']['file_bytes'])} ({r['restore']['tokens']} tokens, {r['restore']['layout']}, random contents). "
+        "Restore = open, memory-map, check every CRC, copy into MLX arrays; read = `readinto` of the same file in 4 MiB chunks. Best of 3.",
+        "",
+        "| page cache | restore MB/s | sequential read MB/s | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for label in ("cold", "warm"):
+        x = r["restore"].get(label)
+        lines.append(f"| {label} | {x['restore_MBps']:,} | {x['sequential_read_MBps']:,} | {x['ratio']} |" if x else f"| {label} | n/a (cannot drop caches) | | |")
+    rr = r["round_robin"]
+    lines += [
+        "",
+        f"## Round robin: {rr['agents']} agents, room for {rr['hot_room']} hot, ~{rr['context_tokens']}-token contexts, {rr['max_tokens']} tokens per reply",
+        "",
+        "| | total s | per round s | mean TTFT per round ms | tiers | evictions |",
+        "|---|---:|---|---|---|---:|",
+    ]
+    for label in ("persistence", "re_prefill"):
+        x = rr[label]
+        lines.append(
+            f"| {label.replace('_', '-')} | {x['total_seconds']} | {', '.join(str(p['seconds']) for p in x['rounds'])} | "
+            f"{', '.join(str(p['mean_ttft_ms']) for p in x['rounds'])} | {x['tiers']} | {x['evictions']} |"
+        )
+    lines += ["", "The first round is cold in both runs; later rounds restore evicted agents from disk (persistence) or prefill them again (re-prefill).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
