@@ -201,11 +201,11 @@ class Runtime:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.home
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.runner = runner or ModelRunner.load(model, self.home, kv_bits=kv_bits)
-        self.model_name = model
+        self.model_name = model if runner is None else (runner.path.name if runner.path else "custom")
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
-        self.pool = BlockPool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn, model=model)
+        self.pool = BlockPool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn, model=self.model_name)
         self._agents: dict[str, Agent] = {}
         self.scheduler = Scheduler(self.runner, self.pool, max_batch)
 
