@@ -112,10 +112,22 @@ def _from_gguf(fetch: Callable[[Path], Path]) -> Callable[[Path, Path], None]:
     return build
 
 
-# name -> build(out_dir, home). "deepseek-v2-tiny-random" is registered by its own module.
+def _tiny_random(name: str) -> Callable[[Path, Path], None]:
+    def build(out_dir: Path, home: Path) -> None:
+        from .tiny_models import build as build_tiny
+
+        _say(f"building {name} (random weights, for tests and benchmarks)")
+        build_tiny(name, out_dir)
+
+    return build
+
+
+# name -> build(out_dir, home).
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "smollm2-135m": _from_gguf(smollm2_gguf),
     "gemma3-270m": _from_gguf(gemma3_gguf),
+    "deepseek-v2-tiny-random": _tiny_random("deepseek-v2-tiny-random"),
+    "llama3-tiny-random": _tiny_random("llama3-tiny-random"),
 }
 GGUF_SOURCES: dict[str, Callable[[Path], Path]] = {
     "smollm2-135m": smollm2_gguf,
