@@ -46,6 +46,15 @@ def _route_attention(model: nn.Module) -> None:
         mod.scaled_dot_product_attention = sdpa
 
 
+def _materialize(model: nn.Module) -> None:
+    """Evaluate arrays a model builds lazily outside its parameters (RoPE frequency tables).
+
+    Turns run on the scheduler's thread, and MLX cannot evaluate a graph that
+    was built on another thread's stream.
+    """
+    mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
+
+
 def fingerprint(model_path: Path) -> str:
     """Identity of a model folder: config plus every weight file's name, size and header."""
     h = hashlib.sha256((Path(model_path) / "config.json").read_bytes())
@@ -73,6 +82,7 @@ class ModelRunner:
         if self.mla_mode:  # the cache layout differs per mode: files must not mix
             self.fingerprint = hashlib.sha256(f"{self.fingerprint}:mla={self.mla_mode}".encode()).hexdigest()[:32]
         _route_attention(model)
+        _materialize(model)
         body = getattr(model, "model", None)
         self._body = body if body is not None and hasattr(body, "embed_tokens") else None
 
