@@ -384,5 +384,41 @@ def doctor(json_out: Json = False):
             typer.echo(f"{k:<12} {v}")
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Measure what a quantized KV cache costs in quality.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    file: Annotated[Path, typer.Argument(help="UTF-8 text to score.", exists=True, dir_okay=False)],
+    model: Model = "smollm2-135m",
+    kv: Annotated[str, typer.Option("--kv", help="KV cache: fp16, q8, q4, or q4k (Q4 with Hadamard-rotated keys).")] = "q4",
+    context: Annotated[int, typer.Option("--context", help="Window length in tokens; each window starts from an empty cache.")] = 2048,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N tokens of FILE.")] = None,
+    json_out: Json = False,
+):
+    """Perplexity of FILE with the KV cache in mode --kv (later tokens attend to quantized earlier ones)."""
+    from . import quality
+    from .kvcache import KV_MODES
+    from .runner import ModelRunner
+    from .runtime import default_home
+
+    if kv not in KV_MODES:
+        _fail(f"--kv must be one of {', '.join(KV_MODES)}", 2)
+    if context < 2:
+        _fail("--context must be at least 2", 2)
+    try:
+        runner = ModelRunner.load(model, default_home(), kv_bits=kv)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    tokens = runner.tokenizer.encode(file.read_text(encoding="utf-8"))[:limit]
+    if len(tokens) < 2:
+        _fail(f"{file} holds fewer than 2 tokens", 2)
+    r = {"model": model, "kv": kv, "file": str(file), **quality.perplexity(runner, tokens, kv, context)}
+    if json_out:
+        typer.echo(json.dumps(r))
+    else:
+        typer.echo(f"ppl {r['ppl']:.4f} | {r['tokens']} tokens scored, context {context}, kv {kv} | {r['seconds']:.1f} s")
+
 if __name__ == "__main__":
     app()
