@@ -414,11 +414,15 @@ def eval_ppl(
     tokens = runner.tokenizer.encode(file.read_text(encoding="utf-8"))[:limit]
     if len(tokens) < 2:
         _fail(f"{file} holds fewer than 2 tokens", 2)
-    r = {"model": model, "kv": kv, "file": str(file), **quality.perplexity(runner, tokens, kv, context)}
+    try:
+        r = {"model": model, "kv": kv, "file": str(file), **quality.perplexity(runner, tokens, kv, context)}
+    except ValueError as e:  # e.g. q4k on a latent (MLA) cache
+        _fail(str(e), 2)
     if json_out:
         typer.echo(json.dumps(r))
     else:
         typer.echo(f"ppl {r['ppl']:.4f} | {r['tokens']} tokens scored, context {context}, kv {kv} | {r['seconds']:.1f} s")
+
 
 if __name__ == "__main__":
     app()
