@@ -246,7 +246,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     ap.add_argument("--quick", action="store_true", help="Small sizes, to check the script (results are not comparable).")
+    ap.add_argument("--report", type=Path, help="Only rewrite capacity.md from this capacity.json.")
     args = ap.parse_args()
+    if args.report:
+        (args.out / "capacity.md").write_text(report(json.loads(args.report.read_text())))
+        return
     q = args.quick
     from mlx_agentcache.runtime import default_home
 
@@ -283,6 +287,7 @@ def main() -> None:
         "restore_page_cache": "cold" if res["restore"]["cold"] else "warm",
     }
     res["quick"] = q
+    res.setdefault("load_average", [round(x, 1) for x in os.getloadavg()])
     args.out.mkdir(exist_ok=True)
     (args.out / "capacity.json").write_text(json.dumps(res, indent=1))
     (args.out / "capacity.md").write_text(report(res))
@@ -294,7 +299,9 @@ def report(r: dict) -> str:
     lines = [
         "# Capacity: agents per memory budget, persistence, shared prefixes",
         "",
-        f"Model {r['model']}; {r['machine']}; MLX {r['mlx']} ({r['device']}). Produced by `scripts/bench_capacity.py`.",
+        f"Model {r['model']}; {r['machine']}; MLX {r['mlx']} ({r['device']}). Produced by `scripts/bench_capacity.py`. "
+        f"The machine was shared with other jobs (load average {r.get('load_average')} on {os.cpu_count()} cores): "
+        "byte counts are exact, timings are noisy and CPU-bound parts are slower than on an idle machine.",
         "",
         f"**Headline:** at 4K context, Q4 caches fit **{r['headline']['q4_vs_fp16_agents_4k']}x** as many agents as fp16; "
         f"restoring a warm agent runs at **{r['headline']['restore_vs_disk_bandwidth']}x** the disk's sequential read bandwidth "
@@ -334,7 +341,8 @@ def report(r: dict) -> str:
         "## Restore vs disk bandwidth",
         "",
         f"One agent file of {mib(r['restore']['file_bytes'])} ({r['restore']['tokens']} tokens, {r['restore']['layout']}, random contents). "
-        "Restore = open, memory-map, check every CRC, copy into MLX arrays; read = `readinto` of the same file in 4 MiB chunks. Best of 3.",
+        "Restore = open, check the header, read every tensor into a fresh MLX buffer and check its CRC (pool checkout of a warm agent); "
+        "read = `readinto` of the same file in 4 MiB chunks. Best of 3; cold = page cache dropped before each.",
         "",
         "| page cache | restore MB/s | sequential read MB/s | ratio |",
         "|---|---:|---:|---:|",
