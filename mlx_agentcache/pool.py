@@ -467,31 +467,19 @@ class BlockPool:
         self.flush()
 
     def gc_prefixes(self) -> list[Path]:
-        """Delete prefix block files no agent file (in any process) or hot cache uses."""
+        """Delete prefix block files that no agent file (of any process) and no
+        hot cache here uses; see catalog.gc_plan. Returns the removed paths."""
+        from . import catalog
+
         if self.prefixes is None:
             return []
-        blocks = self.prefixes.dir
-        if not blocks.exists():
-            return []
-        removed = []
-        with FileLock(self.prefixes.lock_path(), timeout=self.lock_timeout):
-            used = set()
-            for p in self.dir.glob("*" + cachefile.SUFFIX):
-                try:
-                    _, meta, _ = cachefile.read_header(p, (cachefile.FORMAT,))
-                    ref = json.loads(meta.get("prefix", "null"))
-                except (cachefile.CacheFileError, ValueError):
-                    continue
-                if isinstance(ref, dict):
-                    used.add(str(ref.get("hash")))
-            with self._lock:
-                used |= {p[0] for p in map(prefix_of, self.hot.values()) if p}
-                used |= self.prefixes.unwritten()
-            for p in blocks.glob("*" + cachefile.SUFFIX):
-                if p.stem not in used:
-                    p.unlink()
-                    self.prefixes.forget(p.stem)
-                    removed.append(p)
+        with self._lock:
+            keep = {p[0] for p in map(prefix_of, self.hot.values()) if p} | self.prefixes.unwritten()
+        plan = [(p, why) for p, why in catalog.gc_plan(self.dir, set()) if p.parent == self.prefixes.dir and p.stem not in keep]
+        catalog.gc_apply(self.dir, plan)
+        removed = [p for p, _ in plan if not p.exists()]
+        for p in removed:
+            self.prefixes.forget(p.stem)
         return removed
 
     # -- listing -------------------------------------------------------------
