@@ -282,3 +282,20 @@ def test_tiny_models_run_on_a_worker_thread(tiny_home, request):
         worker.start()
         worker.join()
         assert out["logits"].shape == (tiny_models.VOCAB,)
+
+
+def test_mla_absorbs_a_quantized_kv_b_proj(request, tiny_home):
+    """Real checkpoints ship kv_b_proj as QuantizedLinear: it is dequantized once for the absorbed matrices."""
+    import mlx.nn as nn
+    from mlx_lm.utils import load
+
+    path = model_path("deepseek-v2-tiny-random", request, tiny_home)
+    ids = list(range(40, 120))
+    outs = []
+    for mode in mla.MODES:
+        model, tokenizer, config = load(str(path), return_config=True)
+        nn.quantize(model, group_size=64, bits=4)
+        runner = ModelRunner(model, tokenizer, config, path, mla_mode=mode)
+        assert isinstance(model.model.layers[0].self_attn.kv_b_proj, nn.QuantizedLinear)
+        outs.append(runner.prefill(ids, runner.new_cache(bits=16)))
+    assert mx.abs(outs[0] - outs[1]).max().item() < MLA_LOGIT_TOL
