@@ -8,7 +8,8 @@ and the tokenizer files. Supported architectures: `llama` and `gemma3`.
 Each tensor keeps the precision llama.cpp gave it. Most GGUF blocks are an
 affine grid over 32 values (Q4_1 is `d*q + m`, Q8_0 is `d*q` = `d*(q+128) -
 128*d`, a Q4_K sub-block is `d*sc*q - dmin*m`), which is exactly an MLX
-affine group of 32 with 4, 5 or 8 bits, so those are repacked bit for bit.
+affine group of 32 with 4, 5 or 8 bits, so those are repacked bit for bit
+(Q4_K up to the float16 rounding of its combined scales).
 Requantizing them all to 4 bits instead was measured to break Gemma 3 270M
 (logits correlation with llama.cpp 0.95, top-1 agreement 20/31 tokens, versus
 0.999 and 30/31 when precision is kept). Other block types (Q6_K, ...) and
