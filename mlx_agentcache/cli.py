@@ -194,6 +194,8 @@ def run(
 
     try:
         results = wfm.run(rt, wf, max_tokens, start, text, end)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
     finally:
         rt.close()
     if json_out:

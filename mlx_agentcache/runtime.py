@@ -176,6 +176,7 @@ class Agent:
     def reset(self) -> None:
         """Forget the conversation and the cache."""
         self.messages = []
+        self.runtime.scheduler.discard(self.name)
         self.runtime.pool.remove(self.name)
         self._history_path.unlink(missing_ok=True)
 

@@ -221,6 +221,11 @@ class Scheduler:
         self._loader.submit(name)
         return True
 
+    def discard(self, name: str) -> None:
+        """Forget a prefetched cache of `name` (its agent was reset or removed)."""
+        with self._cv:
+            self._ready.pop(name, None)
+
     def close(self, cancel: bool = False) -> None:
         """Finish (or cancel) queued and running turns, give back prefetched caches, stop the threads."""
         with self._cv:
@@ -249,18 +254,18 @@ class Scheduler:
 
     def _loaded(self, name, cache, tier, t0, t1) -> None:
         self.timeline.append(("load", (name,), t0, t1))
+        stale = []
         with self._cv:
             self._inflight.discard(name)
             self._ready[name] = (cache, tier, (t1 - t0) * 1000, name in self._prefetched)
             self._prefetched.discard(name)
-            while len(self._ready) > MAX_PREFETCH + len(self._waiting):
-                old = next((n for n in self._ready if n not in self._waiting), None)
-                if old is None:
-                    break
-                stale = self._ready.pop(old)
-                if stale[0] is not None:
-                    self.pool.forget(old)
+            unclaimed = [n for n in self._ready if n not in self._waiting]
+            stale = unclaimed[: max(len(unclaimed) - MAX_PREFETCH, 0)]  # oldest first
+            for n in stale:
+                self._ready.pop(n)
             self._cv.notify_all()
+        for n in stale:
+            self.pool.forget(n)  # read but never used: its file is current
 
     def _work(self) -> bool:
         if self._prefill or self._running or any(h._cancel for h in self._waiting.values()):
