@@ -77,7 +77,8 @@ def markdown(data: dict) -> str:
     lines = [
         "# Decode speed: Q4 vs fp16 KV cache",
         "",
-        f"`{data['command']}` on {data['machine']} (MLX {data['mlx']}, CPU). Model {data['model']}, batch 1, greedy.",
+        f"`{data['command']}` on {data['machine']} (MLX {data['mlx']}, CPU, OPENBLAS_NUM_THREADS={data['openblas_threads']}).",
+        f"Model {data['model']}, batch 1, greedy.",
         "Median over the steps; the modes take turns token by token. time vs fp16 > 1 means slower.",
         "The machine was shared with other jobs: compare the modes within a row, not across runs.",
         "",
@@ -113,6 +114,7 @@ def main() -> None:
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
         "mlx": mx.__version__,
         "model": args.model,
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
