@@ -87,6 +87,20 @@ def test_reload_runs_inside_another_agents_decode(sched, runner):
     assert any(t0 < load[1] and t1 > load[0] for kind, who, t0, t1 in sched.timeline if kind == "decode" and "talker" in who)
 
 
+def test_newcomer_prefill_is_sliced_between_decode_steps(sched, runner):
+    talker = sched.submit(Turn("talker", chat(runner, "Count from one to forty, in words, separated by commas."), max_tokens=40))
+    while len(talker.tokens) < 2:
+        time.sleep(0.01)
+    newcomer = sched.submit(Turn("newcomer", chat(runner, TEXT[:1500]), max_tokens=2))
+    newcomer.wait()
+    talker.wait()
+    assert newcomer.stats.prefilled_tokens > 3 * sched.prefill_chunk
+    slices = [(t0, t1) for kind, who, t0, t1 in sched.timeline if kind == "prefill" and who == ("newcomer",)]
+    assert len(slices) >= 4
+    between = [t0 for kind, who, t0, _ in sched.timeline if kind == "decode" and "talker" in who and slices[0][1] <= t0 < slices[-1][0]]
+    assert len(between) >= len(slices) - 1, "the talker decodes between the newcomer's prefill slices"
+
+
 def test_prefetch_reads_before_the_turn_arrives(sched, runner):
     prompt = chat(runner, TEXT[:800])
     make_warm(sched, "next", prompt)
