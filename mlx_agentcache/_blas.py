@@ -8,6 +8,11 @@ system has none, we reuse the libgfortran that the MLX wheel itself bundles
 (under a mangled soname) by writing a copy whose soname reads
 `libgfortran.so.5` into the user's cache directory.
 
+OpenBLAS threads busy-wait; when they share cores with our own I/O threads
+(background reloads and saves) or another process, a 2-core machine ran
+prefill 6x and decode 14x slower. We leave one core free by default
+(OPENBLAS_NUM_THREADS = cores - 1); an explicit setting wins.
+
 Set AGENTCACHE_BLAS=reference to keep MLX's own BLAS (for comparisons).
 """
 
@@ -73,6 +78,7 @@ def load_optimized_blas() -> str:
     if lib is None:
         STATE["blas"] = "reference (cmeel-openblas not installed)"
         return STATE["blas"]
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
     try:
         ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
     except OSError:
@@ -83,6 +89,6 @@ def load_optimized_blas() -> str:
         except OSError as e:
             STATE["blas"] = f"reference (OpenBLAS failed to load: {e})"
             return STATE["blas"]
-    STATE["blas"] = "OpenBLAS"
+    STATE["blas"] = f"OpenBLAS ({os.environ['OPENBLAS_NUM_THREADS']} threads)"
     STATE["detail"] = lib
     return STATE["blas"]

@@ -40,7 +40,7 @@ from mlx_agentcache.runtime import default_home
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "python_reference.txt"
 MESSAGE = "\nQuestion: in two sentences, what is the main point of the text above?\n"
-THREADS = os.cpu_count() or 1
+THREADS = int(os.environ.get("OPENBLAS_NUM_THREADS", os.cpu_count() or 1))  # same count for llama.cpp
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -118,6 +118,13 @@ def mlx_lm_peer(runner: ModelRunner, ctx: list[int], msg: list[int], repeats: in
     return {"warm_ttft_ms": timed(warm, repeats), "cache_file_bytes": path.stat().st_size}
 
 
+def last_logits(llm):
+    """llama.cpp keeps only the last position's logits unless logits_all is set."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+
 def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, workdir: Path) -> dict | None:
     try:
         from llama_cpp import Llama, LlamaState
@@ -144,12 +151,12 @@ def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, wor
         blob = path.read_bytes()
         llm.load_state(LlamaState(state.input_ids, state.scores, state.n_tokens, blob, len(blob), state.seed))
         llm.eval(msg)
-        int(llm.scores[llm.n_tokens - 1].argmax())
+        last_logits(llm).argmax()
 
     def cold():
         llm.reset()
         llm.eval(text_ctx + msg)
-        int(llm.scores[llm.n_tokens - 1].argmax())
+        last_logits(llm).argmax()
 
     out = {
         "prefill_ms": prefill_ms,
