@@ -117,12 +117,14 @@ def markdown(data: dict) -> str:
         "fp16 generates greedily; each mode is forced along the same tokens. agree = share of steps whose greedy",
         "choice equals fp16's; first diff = the step where it first differs, i.e. how long free-running output stays identical.",
         "",
-        "| model | mode | agree | first diff per prompt |",
-        "|---|---|---|---|",
+        "| model | prompts x tokens, generated | mode | agree | first diff per prompt |",
+        "|---|---|---|---|---|",
     ]
     for name, res in data["models"].items():
+        gs = res["greedy_settings"]
         for m, g in res["greedy"].items():
-            lines.append(f"| {name} | {m} | {g['agree']:.4f} | {', '.join(map(str, g['first_diff']))} |")
+            setup = f"{gs['prompts']} x {gs['prompt_tokens']}, {gs['gen']}"
+            lines.append(f"| {name} | {setup} | {m} | {g['agree']:.4f} | {', '.join(map(str, g['first_diff']))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,16 +153,7 @@ def main() -> None:
     data = {
         "machine": f"{platform.system()} {platform.machine()}, {__import__('os').cpu_count()} cores",
         "mlx": mx.__version__,
-        "settings": {
-            "full": args.full,
-            "tokens_desc": "the whole text" if args.full else f"first {args.tokens} tokens",
-            "contexts": args.contexts,
-            "chunk": args.chunk,
-            "prompts": args.prompts,
-            "prompt_tokens": args.prompt_tokens,
-            "gen": args.gen,
-            "modes": MODES,
-        },
+        "settings": {"chunk": args.chunk, "modes": MODES},  # per model: "command", "greedy_settings"
         "headline": headline(models),
         "reference": REFERENCE,
         "models": models,
