@@ -23,7 +23,8 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where age
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens generated per turn.")]
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 means greedy.")]
-KvBits = Annotated[int, typer.Option("--kv-bits", help="KV cache precision: 4 (default), 8 or 16.")]
+Kv = Annotated[str, typer.Option("--kv", "--kv-bits", help="KV cache: q4 (default), q4k (Q4 with Hadamard-rotated keys), q8 or fp16; 4, 8, 16 also accepted.")]
+Mla = Annotated[str, typer.Option("--mla", help="DeepSeek-V2 only: cache the compressed latent (default) or mlx-lm's full per-head K/V.")]
 Budget = Annotated[Optional[str], typer.Option("--cache-budget", help="Memory for hot caches, e.g. 2GiB [default: 40% of available memory].")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
@@ -41,11 +42,14 @@ def parse_size(text: str | None) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
-def _runtime(model, cache_dir, max_tokens, seed, temperature, kv_bits=4, budget=None):
+def _runtime(model, cache_dir, max_tokens, seed, temperature, kv="q4", budget=None, mla="latent"):
+    from .kvcache import kv_mode
     from .runtime import Runtime
 
     try:
-        return Runtime(model=model, cache_dir=cache_dir, kv_bits=kv_bits, max_tokens=max_tokens, temperature=temperature, seed=seed, budget_bytes=parse_size(budget))
+        kv_mode(kv)  # a bad --kv is a usage error before the model loads
+        return Runtime(model=model, cache_dir=cache_dir, kv_bits=kv, mla_mode=mla, max_tokens=max_tokens, temperature=temperature,
+                       seed=seed, budget_bytes=parse_size(budget))
     except (FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2)
@@ -75,11 +79,12 @@ def chat(
     max_tokens: MaxTokens = 256,
     seed: Seed = 0,
     temperature: Temperature = 0.0,
-    kv_bits: KvBits = 4,
+    kv: Kv = "q4",
+    mla: Mla = "latent",
     cache_budget: Budget = None,
 ):
     """Talk to several named agents: '@name text' picks one, /agents, /stats, /quit."""
-    rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv_bits, cache_budget)
+    rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv, cache_budget, mla)
     agents = {n: _agent(rt, n, system) for n in agent}
     current = agent[0]
     typer.echo(f"agents: {', '.join('@' + n for n in agents)} | model {model} | cache {rt.cache_dir}")
@@ -137,11 +142,12 @@ def say(
     max_tokens: MaxTokens = 256,
     seed: Seed = 0,
     temperature: Temperature = 0.0,
-    kv_bits: KvBits = 4,
+    kv: Kv = "q4",
+    mla: Mla = "latent",
     json_out: Json = False,
 ):
     """One turn for one agent; prints the reply (or JSON with --json)."""
-    rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv_bits)
+    rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv, mla=mla)
     a = _agent(rt, agent, system)
     if json_out:
         r = a.chat(text)
@@ -160,7 +166,8 @@ def run(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens generated per turn [default: the workflow's, else 256].")] = None,
     seed: Seed = 0,
     temperature: Temperature = 0.0,
-    kv_bits: KvBits = 4,
+    kv: Kv = "q4",
+    mla: Mla = "latent",
     cache_budget: Budget = None,
     reset: Annotated[bool, typer.Option("--reset", help="Start the workflow's agents with empty histories.")] = False,
     json_out: Json = False,
@@ -172,7 +179,7 @@ def run(
         wf = wfm.load(workflow)
     except wfm.WorkflowError as e:
         _fail(str(e), 2)
-    rt = _runtime(model, cache_dir, max_tokens or wf.max_tokens or 256, seed, temperature, kv_bits, cache_budget)
+    rt = _runtime(model, cache_dir, max_tokens or wf.max_tokens or 256, seed, temperature, kv, cache_budget, mla)
     if reset:
         for name in wf.agents:
             _agent(rt, name).reset()

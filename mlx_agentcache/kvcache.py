@@ -7,7 +7,10 @@ with other agents (a common system prompt) and are never modified: trimming
 into a shared segment copies what is kept (copy-on-write).
 
 Attention over the segments is computed here (`LayerCache.attend`), reading
-the quantized codes directly with `mx.quantized_matmul`. mlx-lm's attention
+the quantized codes directly with `mx.quantized_matmul`; on an Apple GPU a
+decode step runs the fused Q4 attention kernel of kernels/ over the block
+buffer in place. (On the CPU backend, prefill dequantizes one layer's
+blocks and uses BLAS, which is faster there.) mlx-lm's attention
 modules call `scaled_dot_product_attention(..., cache=cache)`; the runner
 routes that call to `attend` for our caches, so mlx-lm's model definitions
 are used unchanged.
@@ -43,6 +46,8 @@ def kv_mode(mode: int | str) -> tuple[int, bool]:
         if mode not in KV_MODES:
             raise ValueError(f"kv mode must be one of {', '.join(KV_MODES)}, got {mode!r}")
         return KV_MODES[mode]
+    if int(mode) not in KV_BITS:
+        raise ValueError(f"kv bits must be one of {KV_BITS} (or a mode: {', '.join(KV_MODES)}), got {mode}")
     return int(mode), False
 
 
@@ -81,13 +86,13 @@ def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-EXPAND_MIN_ROWS = 8  # decode steps (fewer query rows) keep quantized_matmul on CPU too
+EXPAND_MIN_QUERIES = 8  # decode steps (fewer query positions) keep quantized_matmul on CPU too
 
 
-def _expand(x: mx.array) -> bool:
+def _expand(n_queries: int) -> bool:
     """Dequantize for BLAS on CPU only for prefill: a decode step would expand the whole
     cache to read it once, which made Q4 decode ~1.2x slower than fp16 (bench_decode)."""
-    return x.shape[-2] >= EXPAND_MIN_ROWS and _on_cpu()
+    return n_queries >= EXPAND_MIN_QUERIES and _on_cpu()
 
 
 def _expanded(t: tuple, bits: int, dtype) -> mx.array:
@@ -98,14 +103,14 @@ def _expanded(t: tuple, bits: int, dtype) -> mx.array:
     return mx.dequantize(packed, scales.astype(dtype), biases.astype(dtype), group_size=GROUP_SIZE, bits=bits)
 
 
-def _scores(q: mx.array, k: tuple, bits: int) -> mx.array:
-    if bits == 16 or _expand(q):
+def _scores(q: mx.array, k: tuple, bits: int, expand: bool) -> mx.array:
+    if bits == 16 or expand:
         return q @ _expanded(k, bits, q.dtype).swapaxes(-1, -2)
     return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=bits)
 
 
-def _mix(p: mx.array, v: tuple, bits: int) -> mx.array:
-    if bits == 16 or _expand(p):
+def _mix(p: mx.array, v: tuple, bits: int, expand: bool) -> mx.array:
+    if bits == 16 or expand:
         return p @ _expanded(v, bits, p.dtype)
     return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=bits)
 
@@ -294,25 +299,43 @@ class LayerCache:
             if values_from_keys is not None:
                 raise ValueError("rotated keys cannot serve as values (latent caches use q4, not q4k)")
             queries = rotate(queries)
+        if self._fused_decode_applies(L, values_from_keys):
+            s = self.segments[0]
+            kq, vq = (q4.Q4(*(x[None] for x in t)) for t in (s.keys, s.values))
+            return q4.decode_attention(queries, kq, vq, scale, mx.array([s.length], dtype=mx.int32))
         views = [s.view() for s in self.segments]
         Hkv = views[0][0][0].shape[0]
         rep = Hq // Hkv
-        q = (queries * scale).reshape(B, Hkv, rep, L, D)
-        scores = [_scores(q, tuple(x[None, :, None] for x in k), self.bits) for k, _ in views]
+        # The query heads sharing a kv head become rows of one matrix product per kv head.
+        q = (queries * scale).reshape(B, Hkv, rep * L, D)
+        expand = _expand(L)
+        scores = [_scores(q, tuple(x[None] for x in k), self.bits, expand) for k, _ in views]
         s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
-        mask = self._mask(L, s.shape[-1])
+        T = s.shape[-1]
+        mask = self._mask(L, T)
         if mask is not None:
-            s = mx.where(mask, s, mx.finfo(s.dtype).min)
+            s = mx.where(mask, s.reshape(B, Hkv, rep, L, T), mx.finfo(s.dtype).min).reshape(B, Hkv, rep * L, T)
         p = mx.softmax(s, axis=-1, precise=True)
         out, a = None, 0
         for k, v in views:
             t = _tokens(k)
             pv = p[..., a : a + t]
             v = v if values_from_keys is None else values_from_keys(k)
-            o = _mix(pv, tuple(x[None, :, None] for x in v), self.bits)
+            o = _mix(pv, tuple(x[None] for x in v), self.bits, expand)
             out = o if out is None else out + o
             a += t
         return out.reshape(B, Hq, L, -1)
+
+    def _fused_decode_applies(self, L: int, values_from_keys) -> bool:
+        """A decode step on an Apple GPU reads the Q4 blocks in place with the fused kernel.
+
+        It takes one contiguous segment (the whole buffer, spare capacity
+        included, limited by a length: no copy) and no mask; shared-prefix
+        segments, latent caches and window layers past their window take the
+        general path.
+        """
+        return (L == 1 and self.bits == 4 and values_from_keys is None and len(self.segments) == 1
+                and self._mask(1, self.stored) is None and q4.fused_decode_available())
 
     def _mask(self, L: int, T: int) -> mx.array | None:
         """Causal (and window) mask for the L newest queries over T stored keys."""
@@ -371,15 +394,21 @@ class AgentCache:
     def nblocks(self) -> int:
         return sum(-(-layer.stored // BLOCK_TOKENS) for layer in self.layers)
 
-    def reusable_prefix(self, tokens: list[int]) -> int:
-        """Longest common prefix with `tokens` that every layer can be trimmed back to."""
+    def common_prefix(self, tokens: list[int]) -> int:
         n = 0
         for a, b in zip(self.tokens, tokens):
             if a != b:
                 break
             n += 1
-        n = min(n, len(tokens) - 1)  # always prefill at least one token to get logits
-        if not all(layer.can_trim_to(n) for layer in self.layers):
+        return n
+
+    def can_trim_to(self, n: int) -> bool:
+        return all(layer.can_trim_to(n) for layer in self.layers)
+
+    def reusable_prefix(self, tokens: list[int]) -> int:
+        """Longest common prefix with `tokens` that every layer can be trimmed back to."""
+        n = min(self.common_prefix(tokens), len(tokens) - 1)  # always prefill at least one token to get logits
+        if not self.can_trim_to(n):
             return 0  # a window layer no longer holds what position n would need
         return max(n, 0)
 

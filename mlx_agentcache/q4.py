@@ -104,10 +104,15 @@ def decode_attention_q4(queries: mx.array, kq: Q4, vq: Q4, scale: float,
     return o.reshape(b, h, l, -1).astype(queries.dtype)
 
 
+def fused_decode_available() -> bool:
+    """Whether `decode_attention` runs the fused Metal kernel (else the MLX-ops reference)."""
+    return _metal()
+
+
 def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
                      lengths: mx.array | None = None) -> mx.array:
     """Decode-step attention (L = 1) over Q4 caches: the fused kernel on an Apple GPU."""
-    if queries.shape[2] == 1 and _metal():
+    if queries.shape[2] == 1 and fused_decode_available():
         from . import metal_kernels
 
         return metal_kernels.decode_attention(queries, kq, vq, scale, lengths)

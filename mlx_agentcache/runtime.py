@@ -164,7 +164,26 @@ class Agent:
         """End of a turn (on the engine thread): record it in the history, return the cache."""
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": h.text}]
         self._save_history()
+        h.stats.aligned_tokens = self._align(cache)
         self._checkin(cache, h.stats)
+
+    def _align(self, cache: AgentCache) -> int:
+        """End the cache on the rendered history, which the next prompt starts with.
+
+        The sampled reply and its rendering can differ at the end (the template
+        closes the turn, trims whitespace, or the text re-tokenizes otherwise).
+        Fixing that now, while sliding-window layers still hold their slack in
+        memory, means a cache restored from disk (which keeps only `window`
+        tokens of such a layer and so cannot be cut back) is reused whole.
+        Returns the tokens prefilled to get there."""
+        tokens = self.prompt_tokens(None, generation=False)
+        n = cache.common_prefix(tokens)
+        if n == cache.offset == len(tokens) or not cache.can_trim_to(n):
+            return 0
+        cache.trim_to(n)
+        if n < len(tokens):
+            self.runtime.runner.prefill(tokens[n:], cache, logits=False)
+        return len(tokens) - n
 
     def _save_history(self) -> None:
         data = json.dumps({"name": self.name, "system": self.system, "messages": self.messages}, indent=1)
@@ -188,7 +207,8 @@ class Runtime:
         self,
         model: str = DEFAULT_MODEL,
         cache_dir: str | Path | None = None,
-        kv_bits: int = 4,
+        kv_bits: int | str = 4,
+        mla_mode: str = "latent",
         max_tokens: int = 256,
         temperature: float = 0.0,
         seed: int = 0,
@@ -197,11 +217,13 @@ class Runtime:
         runner: ModelRunner | None = None,
         max_batch: int = MAX_BATCH,
     ):
-        """`runner`: an already loaded model to use instead of loading `model`."""
+        """`kv_bits`: 4, 8, 16 or a mode name of kvcache.KV_MODES ("q4k");
+        `mla_mode`: DeepSeek-V2's cache, "latent" or "full" (see mla.py);
+        `runner`: an already loaded model to use instead of loading `model`."""
         self.home = Path(home) if home else default_home()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.home
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.runner = runner or ModelRunner.load(model, self.home, kv_bits=kv_bits)
+        self.runner = runner or ModelRunner.load(model, self.home, kv_bits=kv_bits, mla_mode=mla_mode)
         self.model_name = model if runner is None else (runner.path.name if runner.path else "custom")
         self.max_tokens = max_tokens
         self.temperature = temperature

@@ -66,6 +66,7 @@ class TurnStats:
     load_ms: float = 0.0  # reading the cache file, if the agent was warm
     prefetched: bool = False  # the reload had started before the turn was submitted
     cancelled: bool = False
+    aligned_tokens: int = 0  # prefilled after the reply so the cache ends on the rendered history
 
     def as_dict(self) -> dict:
         return asdict(self)

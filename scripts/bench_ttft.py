@@ -1,9 +1,11 @@
 """Time to first token: cold (full prefill) vs warm (restore from disk) vs hot.
 
 For each model and context length, an agent holds `ctx` tokens of context
-and receives a short new message. We time, median of --repeats runs:
+and receives a short new message. We time, median of --repeats runs
+(--long-repeats beyond 4K tokens):
 
-  cold   full prefill of context + message, then the first token
+  cold   full prefill of context + message, then the first token; the
+         prefill rate is (context + message tokens) / cold time
   warm   read our Q4 cache file from disk (page cache dropped for the file),
          prefill the message, first token
   hot    cache already in memory: prefill the message, first token
@@ -12,7 +14,12 @@ Peers in the same run, same machine, same thread count:
   mlx-lm    its own prompt cache (fp KVCache) saved with save_prompt_cache,
             restored with load_prompt_cache
   llama.cpp llama-cpp-python on the same GGUF (when installed and the model
-            has one): prefill rate, and state save/load through a file
+            has one): cold time and prefill rate measured the same way, and
+            state save/load through a file
+
+Contexts: 512 to 4K; Gemma 3 up to 8K, and 16K and 32K with --long (slow on
+a CPU). DeepSeek-V2 is the random tiny model: its times show the cache path,
+not a real model's speed.
 
 Writes bench_results/ttft_<model>.json (+ .md) per model, each with a
 top-level `headline`.
@@ -67,10 +74,6 @@ def ours(runner: ModelRunner, ctx: list[int], msg: list[int], repeats: int, work
         cache = runner.new_cache()
         runner.prefill(ctx + msg, cache).argmax().item()
 
-    def prefill_only():
-        cache = runner.new_cache()
-        mx.eval(runner.prefill(ctx, cache))
-
     base = runner.new_cache()
     runner.prefill(ctx, base)
     path = workdir / "agent.safetensors"
@@ -86,14 +89,12 @@ def ours(runner: ModelRunner, ctx: list[int], msg: list[int], repeats: int, work
         runner.prefill(msg, base).argmax().item()
         base.trim_to(len(ctx))
 
-    cold()  # warm up kernels and allocator once
-    prefill_ms = timed(prefill_only, repeats)
+    cold_ms = timed(cold, repeats)
     return {
-        "cold_ttft_ms": timed(cold, repeats),
+        "cold_ttft_ms": cold_ms,
         "warm_ttft_ms": timed(warm, repeats),
         "hot_ttft_ms": timed(hot, repeats),
-        "prefill_ms": prefill_ms,
-        "prefill_tok_s": len(ctx) / prefill_ms * 1000,
+        "prefill_tok_s": (len(ctx) + len(msg)) / cold_ms * 1000,
         "cache_file_bytes": file_bytes,
         "cache_bytes_per_token": file_bytes / len(ctx),
     }
@@ -133,12 +134,14 @@ def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, wor
     llm = Llama(model_path=str(gguf), n_ctx=len(ctx) + len(msg) + 16, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
     text_ctx = ctx  # same token ids: both sides use the GGUF's vocabulary
 
-    def prefill():
+    def cold():
         llm.reset()
-        llm.eval(text_ctx)
+        llm.eval(text_ctx + msg)
+        last_logits(llm).argmax()
 
-    prefill()
-    prefill_ms = timed(prefill, repeats)
+    cold_ms = timed(cold, repeats)
+    llm.reset()
+    llm.eval(text_ctx)
     state = llm.save_state()
     path = workdir / "llama_state.bin"
     with open(path, "wb") as f:
@@ -153,15 +156,9 @@ def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, wor
         llm.eval(msg)
         last_logits(llm).argmax()
 
-    def cold():
-        llm.reset()
-        llm.eval(text_ctx + msg)
-        last_logits(llm).argmax()
-
     out = {
-        "prefill_ms": prefill_ms,
-        "prefill_tok_s": len(ctx) / prefill_ms * 1000,
-        "cold_ttft_ms": timed(cold, repeats),
+        "prefill_tok_s": (len(ctx) + len(msg)) / cold_ms * 1000,
+        "cold_ttft_ms": cold_ms,
         "warm_ttft_ms": timed(warm, repeats),
         "state_file_bytes": path.stat().st_size,
     }
@@ -169,20 +166,29 @@ def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, wor
     return out
 
 
-def bench_model(name: str, contexts: list[int], repeats: int, home: Path) -> dict:
+def contexts_for(name: str, long: bool) -> list[int]:
+    if name.startswith("gemma3"):
+        return [512, 1024, 2048, 4096, 8192] + ([16384, 32768] if long else [])
+    return [512, 1024, 2048, 4096]
+
+
+def bench_model(name: str, contexts: list[int], repeats: int, long_repeats: int, home: Path) -> dict:
     runner = ModelRunner.load(name, home)
     ids = runner.tokenizer.encode(TEXT.read_text())
     msg = runner.tokenizer.encode(MESSAGE, add_special_tokens=False)
     gguf = gguf_file(name, home)
+    runner.prefill(ids[:512], runner.new_cache())  # warm up kernels and allocator once
     rows = {}
     for n in contexts:
         if n > len(ids):
             ids = (ids * (n // len(ids) + 1))
         ctx = ids[:n]
+        r = repeats if n <= 4096 else long_repeats
         with tempfile.TemporaryDirectory(dir=home) as d:
-            row = {"ours": ours(runner, ctx, msg, repeats, Path(d))}
-            row["mlx_lm"] = mlx_lm_peer(runner, ctx, msg, repeats, Path(d))
-            row["llama_cpp"] = llama_cpp_peer(gguf, ctx, msg, repeats, Path(d)) if gguf else None
+            row = {"ours": ours(runner, ctx, msg, r, Path(d))}
+            row["mlx_lm"] = mlx_lm_peer(runner, ctx, msg, r, Path(d))
+            row["llama_cpp"] = llama_cpp_peer(gguf, ctx, msg, r, Path(d)) if gguf else None
+        row["repeats"] = r
         o = row["ours"]
         row["speedup_warm"] = o["cold_ttft_ms"] / o["warm_ttft_ms"]
         row["speedup_hot"] = o["cold_ttft_ms"] / o["hot_ttft_ms"]
@@ -227,22 +233,26 @@ def markdown(res: dict) -> str:
             f"{f(l.get('cold_ttft_ms'))} | {f(l.get('warm_ttft_ms'))} | {f(o['prefill_tok_s'])} | {f(l.get('prefill_tok_s'))} | "
             f"{f(r.get('prefill_ratio_vs_llamacpp'), '{:.2f}')} | {o['cache_file_bytes'] / 1024:.0f} | {m['cache_file_bytes'] / 1024:.0f} | {f(l.get('state_file_bytes') and l['state_file_bytes'] / 1024)} |"
         )
-    lines += ["", "Median of repeated runs; warm reads drop the file from the page cache first (posix_fadvise DONTNEED).", ""]
+    lines += ["", "Median of repeated runs (3 up to 4K tokens, else 2 unless set otherwise: see `repeats` in the JSON); warm reads drop",
+              "the file from the page cache first (posix_fadvise DONTNEED). Prefill tok/s = (context + message tokens) / cold time.", ""]
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="smollm2-135m", help="comma separated")
-    ap.add_argument("--contexts", default="512,1024,2048,4096")
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m,deepseek-v2-tiny-random", help="comma separated")
+    ap.add_argument("--contexts", default=None, help="comma separated [default: 512-4K; Gemma 3 512-8K]")
+    ap.add_argument("--long", action="store_true", help="Gemma 3 also at 16K and 32K tokens (slow on a CPU)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long-repeats", type=int, default=2, help="repeats beyond 4K tokens")
     ap.add_argument("--out", default=str(ROOT / "bench_results"))
     args = ap.parse_args()
     home = default_home()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        res = bench_model(name, [int(c) for c in args.contexts.split(",")], args.repeats, home)
+        contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else contexts_for(name, args.long)
+        res = bench_model(name, contexts, args.repeats, args.long_repeats, home)
         res["machine"] = machine()
         stem = "ttft_" + name.split("-")[0].replace("/", "_")
         (out / f"{stem}.json").write_text(json.dumps(res, indent=2))

@@ -301,3 +301,34 @@ def test_mla_absorbs_a_quantized_kv_b_proj(request, tiny_home):
         assert isinstance(model.model.layers[0].self_attn.kv_b_proj, nn.QuantizedLinear)
         outs.append(runner.prefill(ids, runner.new_cache(bits=16)))
     assert mx.abs(outs[0] - outs[1]).max().item() < MLA_LOGIT_TOL
+
+
+# -- Gemma 3 agents across restarts --------------------------------------------
+
+
+@pytest.mark.slow
+def test_gemma_agent_restored_from_disk_reuses_its_whole_history(gemma3_path, model_home, tmp_path):
+    """A restored sliding layer holds only `window` tokens and cannot be cut back, so every
+    turn ends with the cache on the rendered history; after a restart all of it is reused."""
+    from mlx_agentcache.runtime import Runtime
+
+    def runtime():
+        return Runtime(model=str(gemma3_path), home=model_home, cache_dir=tmp_path, max_tokens=6)
+
+    rt = runtime()
+    a = rt.agent("reader", system="You answer in one short sentence.")
+    first = a.chat(TEXT[:5000] + "\n\nWhat is this text about?")
+    history = a.prompt_tokens(None, generation=False)
+    assert len(history) > 1100 and first.stats.aligned_tokens >= 1  # at least the end-of-turn marker
+    rt.flush()
+    saved, _ = cachefile.load(rt.pool.path("reader"), rt.runner.fingerprint, rt.runner.new_cache().layers)
+    assert saved.tokens == history
+    assert any(layer.window and layer.start > 0 for layer in saved.layers)
+
+    b = runtime().agent("reader")
+    question = "Name one topic it covers."
+    full = b.prompt_tokens(question)
+    second = b.chat(question)
+    assert second.stats.tier == "warm"
+    assert second.stats.restored_tokens == len(history)
+    assert second.stats.prefilled_tokens == len(full) - len(history)

@@ -253,3 +253,63 @@ def test_decode_attention_q4_empty_sequence_is_zero():
     kq, vq = q4_cache(rng, 2, 1, 64, 64), q4_cache(rng, 2, 1, 64, 64)
     out = q4.decode_attention_q4(mx.ones((2, 2, 1, 64)), kq, vq, 0.125, mx.array([0, 64]))
     assert not np.any(np_(out[0])) and np.all(np.isfinite(np_(out)))
+
+
+# --- the fused kernel inside LayerCache.attend ----------------------------
+
+
+def harness_decode(harness, tg=64):
+    """metal_kernels.decode_attention's contract, computed by the kernel source through the harness."""
+
+    def run(queries, kq, vq, scale, lengths):
+        b, h, _, d = queries.shape
+        _, n_kv, n, _ = kq.packed.shape
+        dv = vq.packed.shape[-1] * 8
+        inputs = {"queries": np_(queries).astype(np.float32), "lengths": np_(lengths).astype(np.int32),
+                  "scale": np.array([scale], np.float32)}
+        for p, c in (("k_", kq), ("v_", vq)):
+            inputs.update({p + name: np_(a) for name, a in zip(Q4_OUT, c)})
+        defines = ["-DDEC_T=float", f"-DDEC_D={d}", f"-DDEC_DV={dv}", f"-DDEC_R={h // n_kv}", f"-DDEC_TG={tg}"]
+        calls.append((tuple(kq.packed.shape), np_(lengths).tolist()))
+        out = harness.run("decode", [b, n_kv, n], inputs, {"out": np.float32}, defines)["out"]
+        return mx.array(out.reshape(b, h, 1, dv))
+
+    calls = []
+    run.calls = calls
+    return run
+
+
+@pytest.mark.parametrize("mode", ["q4", "q4k"])
+def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mode):
+    """On an Apple GPU a Q4 decode step reads the cache buffer in place (capacity rows past the
+    length included) through the fused kernel; here the kernel source runs through the harness
+    and must give what the general path gives."""
+    from mlx_agentcache import metal_kernels
+    from mlx_agentcache.kvcache import LayerCache
+
+    rng = np.random.default_rng(11)
+    n_kv, rep, d, n = 2, 3, 64, 300
+    cache = LayerCache(mode)
+    cache.update_and_fetch(mx.array(rng.standard_normal((1, n_kv, n, d)).astype(np.float32) * 2),
+                           mx.array(rng.standard_normal((1, n_kv, n, d)).astype(np.float32)))
+    query = mx.array(rng.standard_normal((1, n_kv * rep, 1, d)).astype(np.float32))
+    want = np_(cache.attend(query, d**-0.5))
+
+    kernel = harness_decode(harness)
+    monkeypatch.setattr(q4, "fused_decode_available", lambda: True)
+    monkeypatch.setattr(metal_kernels, "decode_attention", kernel)
+    got = np_(cache.attend(query, d**-0.5))
+    assert kernel.calls == [((1, n_kv, 512, d // 8), [n])]  # two blocks of capacity, no copy
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < DECODE_TOL
+
+    # prefill rows, a second (shared) segment and a sliding window past its width take the general path
+    cache.attend(mx.concatenate([query] * 2, axis=2), d**-0.5)
+    shared = LayerCache(mode)
+    shared.segments, shared.offset = [cache.segments[0]], n
+    shared.segments[0].shared = True
+    shared.update_and_fetch(*(mx.array(rng.standard_normal((1, n_kv, 1, d)).astype(np.float32)),) * 2)
+    shared.attend(query, d**-0.5)
+    window = LayerCache(mode, window=128)
+    window.update_and_fetch(*(mx.array(rng.standard_normal((1, n_kv, 200, d)).astype(np.float32)),) * 2)
+    window.attend(query, d**-0.5)
+    assert len(kernel.calls) == 1

@@ -180,6 +180,16 @@ def test_cli_say_json_resumes_across_processes(model_home, tmp_path):
     assert [a["name"] for a in listing] == ["critic"] and listing[0]["tokens"] > 0
 
 
+def test_cli_kv_mode_q4k_is_saved_and_bad_modes_refused(model_home, tmp_path):
+    cli("say", "--agent", "rot", "--kv", "q4k", "--max-tokens", "4", "--json", "Hi.", env_home=model_home, cache_dir=tmp_path)
+    _, meta = cachefile.read_tensors(tmp_path / "rot.safetensors")
+    assert meta["kv_keys"] == "hadamard" and meta["kv_bits"] == "4"
+    env = {**os.environ, "AGENTCACHE_HOME": str(model_home)}
+    p = subprocess.run([sys.executable, "-m", "mlx_agentcache.cli", "say", "--kv", "q3", "hi", "--cache-dir", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 2 and "q4k" in p.stderr
+
+
 def test_cli_rejects_hostile_name(model_home, tmp_path):
     env = {**os.environ, "AGENTCACHE_HOME": str(model_home)}
     p = subprocess.run(
