@@ -10,7 +10,7 @@ Attention over the segments is computed here (`LayerCache.attend`), reading
 the quantized codes directly with `mx.quantized_matmul`; on an Apple GPU a
 decode step runs the fused Q4 attention kernel of kernels/ over the block
 buffer in place. (On the CPU backend, prefill dequantizes one layer's
-blocks and uses BLAS, which is faster there.) mlx-lm's attention
+blocks for BLAS and takes the softmax in NumPy: both much faster there.) mlx-lm's attention
 modules call `scaled_dot_product_attention(..., cache=cache)`; the runner
 routes that call to `attend` for our caches, so mlx-lm's model definitions
 are used unchanged.

@@ -80,7 +80,7 @@ def markdown(data: dict) -> str:
         f"`{data['command']}` on {data['machine']} (MLX {data['mlx']}, CPU, OPENBLAS_NUM_THREADS={data['openblas_threads']}).",
         f"Model {data['model']}, batch 1, greedy.",
         "Median over the steps; the modes take turns token by token. time vs fp16 > 1 means slower.",
-        "The machine was shared with other jobs: compare the modes within a row, not across runs.",
+        "Timings on a shared or virtual machine are noisy: compare the modes within a row, not across runs.",
         "",
         "| context | mode | ms/token | tokens/s | time vs fp16 | KV cache |",
         "|---|---|---|---|---|---|",
