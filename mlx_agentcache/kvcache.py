@@ -115,7 +115,7 @@ def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
             s = mx.where(mask, s, mx.finfo(s.dtype).min)
         return mx.softmax(s, axis=-1, precise=True)
     x = np.asarray(s)  # evaluates s; no copy
-    e = x.copy() if mask is None else np.where(np.asarray(mask), x, -np.inf).astype(np.float32)
+    e = x.copy() if mask is None else np.where(np.asarray(mask), x, np.float32(-np.inf))
     e -= e.max(axis=-1, keepdims=True)  # every row has an allowed key: its own position
     np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)

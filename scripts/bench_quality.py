@@ -8,8 +8,8 @@ the first C tokens of every window, exactly as windows of C tokens would be. The
 decoding from a few fixed prompts: fp16 generates, the other modes are forced
 along the same tokens, and we count how often their greedy choice agrees.
 
-    python scripts/bench_quality.py                 # 16K tokens: two 8K windows
-    python scripts/bench_quality.py --tokens 8192   # one 8K window (the committed results: shared 2-core CPU)
+    python scripts/bench_quality.py                 # 16K tokens: two 8K windows (the committed results)
+    python scripts/bench_quality.py --tokens 8192   # one 8K window
     python scripts/bench_quality.py --full          # the whole text (~35-39K tokens)
 
 Writes bench_results/quality.json and quality.md.
