@@ -168,6 +168,14 @@ DECODE_CASES = [
 ]
 
 
+def decode_inputs(queries: np.ndarray, kq: q4.Q4, vq: q4.Q4, scale: float, lengths) -> dict:
+    """The harness's decode inputs, named as in kernels/README.md."""
+    inputs = {"queries": queries, "lengths": np.array(lengths, np.int32), "scale": np.array([scale], np.float32)}
+    for p, c in (("k_", kq), ("v_", vq)):
+        inputs.update({p + name: np_(a) for name, a in zip(Q4_OUT, c)})
+    return inputs
+
+
 def q4_cache(rng, b, n_kv, n, d, magnitude=1.0):
     x = rng.standard_normal((b, n_kv, n, d)) * magnitude
     return q4.quantize(mx.array(x.astype(np.float32)))
@@ -181,10 +189,7 @@ def test_decode_attention_matches_reference(harness, case):
     queries = rng.standard_normal((b, n_kv * r, 1, d)).astype(dtype)
     kq, vq = q4_cache(rng, b, n_kv, n, d, 2.0), q4_cache(rng, b, n_kv, n, dv)
     scale = d**-0.5
-    inputs = {"queries": queries, "lengths": np.array(lengths, np.int32),
-              "scale": np.array([scale], np.float32)}
-    for p, c in (("k_", kq), ("v_", vq)):
-        inputs.update({p + name: np_(a) for name, a in zip(Q4_OUT, c)})
+    inputs = decode_inputs(queries, kq, vq, scale, lengths)
     defines = [f"-DDEC_T={t}", f"-DDEC_D={d}", f"-DDEC_DV={dv}", f"-DDEC_R={r}", f"-DDEC_TG={tg}"]
     got = harness.run("decode", [b, n_kv, n], inputs, {"out": dtype}, defines)["out"]
     want = np_(q4.decode_attention_q4(mx.array(queries), kq, vq, scale,
@@ -265,10 +270,7 @@ def harness_decode(harness, tg=64):
         b, h, _, d = queries.shape
         _, n_kv, n, _ = kq.packed.shape
         dv = vq.packed.shape[-1] * 8
-        inputs = {"queries": np_(queries).astype(np.float32), "lengths": np_(lengths).astype(np.int32),
-                  "scale": np.array([scale], np.float32)}
-        for p, c in (("k_", kq), ("v_", vq)):
-            inputs.update({p + name: np_(a) for name, a in zip(Q4_OUT, c)})
+        inputs = decode_inputs(np_(queries).astype(np.float32), kq, vq, scale, np_(lengths))
         defines = ["-DDEC_T=float", f"-DDEC_D={d}", f"-DDEC_DV={dv}", f"-DDEC_R={h // n_kv}", f"-DDEC_TG={tg}"]
         calls.append((tuple(kq.packed.shape), np_(lengths).tolist()))
         out = harness.run("decode", [b, n_kv, n], inputs, {"out": np.float32}, defines)["out"]
