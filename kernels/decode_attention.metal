@@ -1,141 +1,213 @@
-// Body of mx.fast.metal_kernel "q4_decode_attention" (header: q4_common.h):
-// one new query token per sequence attends over a Q4 key/value cache, reading
-// the packed codes directly; no full-precision copy of the cache is made.
+// Body of mx.fast.metal_kernel "q4_decode_attention", pass 1 of 2
+// (header: q4_common.h). One new query token per sequence attends over a Q4
+// key/value cache, reading the packed codes directly; pass 2
+// (decode_combine.metal) merges the partial results of the sequence splits.
 //
-// Template: T (query/output dtype), D and DV (key/value head dims, multiples
-//           of 64), R (query heads per kv head, GQA), TG (threads per group).
+// Template: T (query/output dtype), D and DV (key/value head dims: 64, 128,
+//           256 or 512), R (query heads per kv head, GQA), RT (query heads
+//           per threadgroup, <= R), NSG (SIMD groups per threadgroup).
 // Inputs:   queries (B, n_kv*R, 1, D) T; query head h uses kv head h / R.
 //           k_packed (B, n_kv, N, D/8) uint32, k_scales/k_biases
 //           (B, n_kv, N, D/64) float16; v_* the same with DV.
 //           lengths (B,) int32: tokens [0, lengths[b]) of sequence b count.
 //           scale (1,) float32; n_tokens (1,) int32 = N, the cache row count.
-// Output:   out (B, n_kv*R, 1, DV) T; zeros for a sequence of length 0.
-// Grid (n_kv*TG, B, 1), threadgroup (TG, 1, 1): one threadgroup per
-// (kv head, sequence), so its R query heads share every key and value read.
-// Tokens are taken TG at a time: each thread scores one token for all R
-// heads, then R threads update the running max and sum (online softmax),
-// then every thread accumulates its own (head, value dim) outputs.
+// Outputs:  partial (B, n_kv*R, S, DV) float32: sum_i exp(s_i - M) v_i over
+//           the split's tokens; maxes and sums (B, n_kv*R, S) float32: M and
+//           sum_i exp(s_i - M). An empty split gives 0, NO_SCORE and 0.
+//           No infinities are used (NO_SCORE stands for "no token"), so a
+//           fast-math compilation that assumes finite values keeps this exact.
+// Grid (n_kv * ceil(R/RT) * 32*NSG, B, S), threadgroup (32*NSG, 1, 1): one
+// threadgroup per (kv head, tile of RT query heads, sequence, split S of the
+// sequence's tokens). The RT heads share every key and value read.
+//
+// Structure (that of MLX's sdpa_vector, for packed codes and GQA tiles):
+// each SIMD group takes KT tokens at a time, KL lanes per key row, every lane
+// loading whole uint32 words (8 codes); the dot products are reduced with
+// simd_shuffle_xor inside the KL lanes. Each SIMD group keeps its own online
+// softmax state (max and denominator per head, uniform over its lanes) and
+// accumulates its tokens' values into per-lane registers (VL lanes per value
+// row, whole words again). At the end, lanes holding the same value words are
+// summed, then the NSG SIMD groups are merged through threadgroup memory.
 
-const uint t = thread_position_in_threadgroup.x;
-const uint h = threadgroup_position_in_grid.x;
+constexpr int KW = D / 8, VW = DV / 8;       // uint32 words per key / value row
+constexpr int KG = D / 64, VG = DV / 64;     // groups (scale, bias) per row
+constexpr int KWL = KW > 32 ? KW / 32 : 1;   // key words per lane
+constexpr int VWL = VW > 32 ? VW / 32 : 1;   // value words per lane
+constexpr int KL = KW / KWL;                 // lanes per key row
+constexpr int VL = VW / VWL;                 // lanes per value row
+constexpr int KT = 32 / KL;                  // key rows per SIMD-group step
+constexpr int VT = 32 / VL;                  // value rows per pass over the lanes
+constexpr int TILES = (R + RT - 1) / RT;
+constexpr int NT = 32 * NSG;                 // threads per threadgroup
+constexpr float NO_SCORE = -1e30f;           // below any real score; exp(NO_SCORE - s) == 0
+
+const uint lane = thread_index_in_simdgroup;
+const uint sg = simdgroup_index_in_threadgroup;
+const uint tid = sg * 32 + lane;
+const uint tile = threadgroup_position_in_grid.x % TILES;
+const uint h = threadgroup_position_in_grid.x / TILES;
+const uint n_kv = threadgroups_per_grid.x / TILES;
 const uint b = threadgroup_position_in_grid.y;
-const uint n_kv = threadgroups_per_grid.x;
+const uint split = threadgroup_position_in_grid.z;
+const uint n_split = threadgroups_per_grid.z;
 const int N = n_tokens[0];
 const int len = metal::min(int(lengths[b]), N);
+const int per_split = (len + int(n_split) - 1) / int(n_split);
+const int start = metal::min(len, int(split) * per_split);
+const int end = metal::min(len, start + per_split);
 const size_t row0 = (size_t(b) * n_kv + h) * size_t(N);  // first cache row
-const size_t head0 = (size_t(b) * n_kv + h) * R;          // first query head
-constexpr int KW = D / 8, KG = D / 64, VW = DV / 8, VG = DV / 64;
-constexpr int NO = (R * DV + TG - 1) / TG;  // outputs per thread
+const int r0 = int(tile) * RT;                            // first query head of the tile
+const size_t head0 = (size_t(b) * n_kv + h) * R + r0;
 
-threadgroup float q_s[R * D];      // scaled queries
-threadgroup float qsum_s[R * KG];  // their sum per key group (bias term)
-threadgroup float p_s[R * TG];     // chunk scores, then probabilities
-threadgroup float m_s[R];          // running max per head
-threadgroup float l_s[R];          // running softmax denominator
-threadgroup float c_s[R];          // rescale factor of the current chunk
-
-for (int i = t; i < R * D; i += TG) {
-  q_s[i] = scale[0] * static_cast<float>(queries[head0 * D + i]);
-}
-if (int(t) < R) {
-  m_s[t] = -INFINITY;
-  l_s[t] = 0.0f;
-}
-threadgroup_barrier(mem_flags::mem_threadgroup);
-for (int i = t; i < R * KG; i += TG) {
-  float s = 0.0f;
-  for (int j = 0; j < 64; j++) {
-    s += q_s[i * 64 + j];
+// This lane's words of a key row (all in one group: KWL divides 8) and its
+// share of every query of the tile, pre-scaled, with their sum (bias term).
+const int kw0 = int(lane % KL) * KWL;
+const int vw0 = int(lane % VL) * VWL;
+float q[RT][8 * KWL];
+float qsum[RT];
+for (int r = 0; r < RT; r++) {
+  qsum[r] = 0.0f;
+  for (int e = 0; e < 8 * KWL; e++) {
+    float x = r0 + r < R ? scale[0] * static_cast<float>(queries[(head0 + r) * D + kw0 * 8 + e]) : 0.0f;
+    q[r][e] = x;
+    qsum[r] += x;
   }
-  qsum_s[i] = s;
 }
-float acc[NO];
-for (int k = 0; k < NO; k++) {
-  acc[k] = 0.0f;
+
+float m[RT], l[RT], acc[RT][8 * VWL];
+for (int r = 0; r < RT; r++) {
+  m[r] = NO_SCORE;
+  l[r] = 0.0f;
+  for (int e = 0; e < 8 * VWL; e++) {
+    acc[r][e] = 0.0f;
+  }
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);
 
-for (int c0 = 0; c0 < len; c0 += TG) {
-  const int cn = metal::min(TG, len - c0);
-
-  // 1. Scores of token c0 + t: sum_j q_j (s q_j' + b) = s (q . codes) + b sum(q).
-  if (int(t) < cn) {
-    const size_t row = row0 + c0 + t;
-    float sc[R];
-    for (int r = 0; r < R; r++) {
-      sc[r] = 0.0f;
-    }
-    for (int g = 0; g < KG; g++) {
-      float dot[R];
-      for (int r = 0; r < R; r++) {
-        dot[r] = 0.0f;
+// The bounds are the same for the 32 lanes of a SIMD group, so every
+// SIMD-group function below is reached by all of them.
+for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
+  // 1. Scores of token t0 + lane / KL: s (q . codes) + b sum(q) per group.
+  const int tok = t0 + int(lane) / KL;
+  const bool valid = tok < end;
+  float s[RT];
+  for (int r = 0; r < RT; r++) {
+    s[r] = 0.0f;
+  }
+  if (valid) {
+    const size_t row = row0 + tok;
+    const float ks = static_cast<float>(k_scales[row * KG + kw0 / 8]);
+    const float kb = static_cast<float>(k_biases[row * KG + kw0 / 8]);
+    for (int i = 0; i < KWL; i++) {
+      const uint32_t word = k_packed[row * KW + kw0 + i];
+      for (int j = 0; j < 8; j++) {
+        const float c = float((word >> (4 * j)) & 15u);
+        for (int r = 0; r < RT; r++) {
+          s[r] += q[r][i * 8 + j] * c;
+        }
       }
-      for (int w = 0; w < 8; w++) {
-        uint32_t word = k_packed[row * KW + g * 8 + w];
-        for (int j = 0; j < 8; j++) {
-          float q = float((word >> (4 * j)) & 15u);
-          for (int r = 0; r < R; r++) {
-            dot[r] += q_s[r * D + g * 64 + w * 8 + j] * q;
+    }
+    for (int r = 0; r < RT; r++) {
+      s[r] = ks * s[r] + kb * qsum[r];
+    }
+  }
+  for (int r = 0; r < RT; r++) {
+    for (int off = KL / 2; off > 0; off /= 2) {
+      s[r] += simd_shuffle_xor(s[r], ushort(off));
+    }
+  }
+
+  // 2. Online softmax of the SIMD group: new max over its KT tokens, the
+  //    rescale of what it has so far, the tokens' weights (0 past the end).
+  float p[RT];
+  for (int r = 0; r < RT; r++) {
+    const float sv = valid ? s[r] : NO_SCORE;
+    const float m_new = metal::max(m[r], simd_max(sv));  // finite: token t0 is valid
+    const float factor = metal::exp(m[r] - m_new);
+    p[r] = metal::exp(sv - m_new);
+    l[r] = l[r] * factor + simd_sum(lane % KL == 0 ? p[r] : 0.0f);
+    m[r] = m_new;
+    for (int e = 0; e < 8 * VWL; e++) {
+      acc[r][e] *= factor;
+    }
+  }
+
+  // 3. Values: VT of the KT tokens per pass, VL lanes each, weights taken
+  //    from the first lane of the token's key row.
+  for (int j0 = 0; j0 < KT; j0 += VT) {
+    const int j = j0 + int(lane) / VL;
+    const int vtok = t0 + j;
+    float pv[RT];
+    for (int r = 0; r < RT; r++) {
+      pv[r] = simd_shuffle(p[r], ushort(metal::min(j, KT - 1) * KL));
+    }
+    if (j < KT && vtok < end) {
+      const size_t row = row0 + vtok;
+      const float vs = static_cast<float>(v_scales[row * VG + vw0 / 8]);
+      const float vb = static_cast<float>(v_biases[row * VG + vw0 / 8]);
+      for (int i = 0; i < VWL; i++) {
+        const uint32_t word = v_packed[row * VW + vw0 + i];
+        for (int e = 0; e < 8; e++) {
+          const float v = vs * float((word >> (4 * e)) & 15u) + vb;
+          for (int r = 0; r < RT; r++) {
+            acc[r][i * 8 + e] += pv[r] * v;
           }
         }
       }
-      float ks = static_cast<float>(k_scales[row * KG + g]);
-      float kb = static_cast<float>(k_biases[row * KG + g]);
-      for (int r = 0; r < R; r++) {
-        sc[r] += ks * dot[r] + kb * qsum_s[r * KG + g];
-      }
-    }
-    for (int r = 0; r < R; r++) {
-      p_s[r * TG + t] = sc[r];
     }
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  // 2. Per head: new running max, rescale factor, probabilities of the chunk.
-  if (int(t) < R) {
-    float m_old = m_s[t];
-    float m = m_old;
-    for (int i = 0; i < cn; i++) {
-      m = metal::max(m, p_s[t * TG + i]);
-    }
-    float corr = metal::exp(m_old - m);
-    float l = l_s[t] * corr;
-    for (int i = 0; i < cn; i++) {
-      float p = metal::exp(p_s[t * TG + i] - m);
-      p_s[t * TG + i] = p;
-      l += p;
-    }
-    m_s[t] = m;
-    l_s[t] = l;
-    c_s[t] = corr;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  // 3. Each thread rescales its outputs and adds this chunk's values.
-  for (int k = 0; k < NO; k++) {
-    const int o = t + k * TG;
-    if (o < R * DV) {
-      const int r = o / DV;
-      const int d = o % DV;
-      float a = acc[k] * c_s[r];
-      for (int i = 0; i < cn; i++) {
-        const size_t row = row0 + c0 + i;
-        uint32_t q = (v_packed[row * VW + d / 8] >> (4 * (d % 8))) & 15u;
-        float vs = static_cast<float>(v_scales[row * VG + d / 64]);
-        float vb = static_cast<float>(v_biases[row * VG + d / 64]);
-        a += p_s[r * TG + i] * (vs * float(q) + vb);
-      }
-      acc[k] = a;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-for (int k = 0; k < NO; k++) {
-  const int o = t + k * TG;
-  if (o < R * DV) {
-    const int r = o / DV;
-    const float l = l_s[r];
-    out[(head0 + r) * DV + o % DV] = static_cast<T>(l > 0.0f ? acc[k] / l : 0.0f);
+// 4. Sum the lanes that hold the same value words (one per token slot).
+for (int r = 0; r < RT; r++) {
+  for (int e = 0; e < 8 * VWL; e++) {
+    for (int off = VL; off < 32; off *= 2) {
+      acc[r][e] += simd_shuffle_xor(acc[r][e], ushort(off));
+    }
   }
+}
+
+// 5. Merge the SIMD groups: common max, rescaled sums, one row at a time.
+threadgroup float m_s[NSG * RT];
+threadgroup float l_s[NSG * RT];
+threadgroup float o_s[NSG * DV];
+if (lane == 0) {
+  for (int r = 0; r < RT; r++) {
+    m_s[sg * RT + r] = m[r];
+    l_s[sg * RT + r] = l[r];
+  }
+}
+for (int r = 0; r < RT; r++) {
+  if (int(lane) < VL) {
+    for (int e = 0; e < 8 * VWL; e++) {
+      o_s[sg * DV + vw0 * 8 + e] = acc[r][e];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float M = NO_SCORE;
+  for (int g = 0; g < NSG; g++) {
+    M = metal::max(M, m_s[g * RT + r]);
+  }
+  float w[NSG];  // a SIMD group without tokens has m = NO_SCORE, l = 0 and zero sums
+  for (int g = 0; g < NSG; g++) {
+    w[g] = metal::exp(m_s[g * RT + r] - M);
+  }
+  const size_t part = (head0 + r) * n_split + split;
+  if (r0 + r < R) {
+    for (int d = tid; d < DV; d += NT) {
+      float o = 0.0f;
+      for (int g = 0; g < NSG; g++) {
+        o += w[g] * o_s[g * DV + d];
+      }
+      partial[part * DV + d] = o;
+    }
+    if (tid == 0) {
+      float L = 0.0f;
+      for (int g = 0; g < NSG; g++) {
+        L += w[g] * l_s[g * RT + r];
+      }
+      maxes[part] = M;
+      sums[part] = L;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }

@@ -45,13 +45,3 @@ inline void q4_quantize_group(
     packed[size_t(g) * 8 + w] = word;
   }
 }
-
-// One dequantized value: scale * q rounded to fp16, plus bias rounded to fp16,
-// the two roundings mx.dequantize makes on fp16 operands. The product is exact
-// in float32 and float32 holds a sum of two fp16 values closely enough that
-// rounding it to fp16 is the correctly rounded fp16 sum, so no fp16
-// arithmetic (and no fused multiply-add) is needed to get identical bits.
-inline float16_t q4_dequantize_value(uint32_t q, float16_t scale, float16_t bias) {
-  float16_t p = static_cast<float16_t>(static_cast<float>(scale) * float(q));
-  return static_cast<float16_t>(static_cast<float>(p) + static_cast<float>(bias));
-}

@@ -1,6 +1,6 @@
 """mlx-agentcache: many named agents, each with a persistent 4-bit KV cache."""
 
-from ._blas import load_optimized_blas
+from .blas import load_optimized_blas
 
 load_optimized_blas()  # must run before anything imports mlx.core
 

@@ -1,10 +1,11 @@
-"""The cache directory as files: list, inspect, remove, export, import, clean up.
+"""The cache directory as the user sees it: list, inspect, remove, export, import, clean up.
 
-Everything here reads headers and checksums only and never loads a model, so
-`agentcache agents ...` answers at once and can manage caches of models that
-are not installed. A "cache card" is one self-contained agent file (shared
-prefix blocks inlined, conversation history in its metadata) that can be
-imported under another name, on another machine with the same model.
+Every read-side view lives here, on top of store/: nothing loads a model or
+a cache into memory, so `agentcache agents ...` answers at once and can
+manage caches of models that are not installed. A "cache card" is one
+self-contained agent file (shared prefix blocks inlined, conversation
+history in its metadata) that can be imported under another name, on
+another machine with the same model.
 """
 
 from __future__ import annotations
@@ -14,73 +15,57 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from filelock import FileLock
+from .store import codec, container, history
+from .store.container import CacheFileError
+from .store.layout import CARD_SUFFIX, Layout, validate_agent_name
 
-from . import cachefile
-from .pool import NAME_RE, TMP_RE, _alive, lock_path, validate_agent_name
+__all__ = ["CARD_SUFFIX", "names", "describe", "listing", "remove", "export_card", "import_card", "installed_fingerprints", "gc_plan", "gc_apply"]
 
-CARD_SUFFIX = ".card" + cachefile.SUFFIX
-
-
-def _history(cache_dir: Path, name: str) -> dict | None:
-    p = cache_dir / f"{name}.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
+LOCK_TIMEOUT_S = 30.0
 
 
-def _peek(path: Path) -> dict | None:
-    """Metadata of a safetensors file without any check (None if unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > cachefile.MAX_HEADER_BYTES:
-                return None
-            meta = json.loads(f.read(n)).get("__metadata__")
-        return meta if isinstance(meta, dict) else None
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def names(cache_dir: Path) -> list[str]:
     """Agents with a cache file or a history in `cache_dir`."""
-    found = {p.name[: -len(cachefile.SUFFIX)] for p in cache_dir.glob("*" + cachefile.SUFFIX)}
-    found |= {p.stem for p in cache_dir.glob("*.json")}
-    return sorted(n for n in found if NAME_RE.match(n) and ".." not in n and not n.endswith(".card"))
+    return Layout(cache_dir).names()
 
 
 def describe(cache_dir: Path, name: str, verify: bool = False) -> dict:
     """One agent as stored: tier (warm: cache file, cold: history only), tokens,
     bytes, shared prefix, model, last use; `verify` also checks every checksum."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / (name + cachefile.SUFFIX)
-    hist = _history(cache_dir, name)
-    info = {"name": name, "tier": "cold", "tokens": 0, "bytes": 0, "shared_bytes": 0, "model": None, "last_used": None, "messages": len(hist.get("messages", [])) if hist else 0}
-    if not path.exists():
-        return info
-    st = path.stat()
-    info.update(bytes=st.st_size, last_used=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)))
+    layout = Layout(cache_dir)
+    path = layout.agent_file(name)
+    hist = history.read(layout.history_file(name))
+    messages = hist.get("messages") if hist else None
+    info = {"name": name, "tier": "cold", "tokens": 0, "bytes": 0, "shared_bytes": 0, "model": None, "last_used": None,
+            "messages": len(messages) if isinstance(messages, list) else 0}
     try:
-        _, meta, _ = cachefile.read_header(path, (cachefile.FORMAT,))
-        if verify:
-            cachefile.read_tensors(path)
-        ref = json.loads(meta.get("prefix", "null"))
+        st = path.stat()
+    except FileNotFoundError:
+        return info
+    info.update(bytes=st.st_size, file_bytes=st.st_size, last_used=_when(st.st_mtime))
+    try:
+        _, meta, _ = container.read_header(path, (codec.FORMAT,))
+        if verify:  # every checksum, and the structure (spans, shapes, dtypes, finite scales)
+            codec.load(path, meta.get("fingerprint", ""))
+        ref = codec.prefix_ref(meta)
         info.update(tier="warm", tokens=int(meta["n_tokens"]), model=meta.get("model") or None, fingerprint=meta.get("fingerprint"), kv_bits=int(meta["kv_bits"]))
         if ref:
-            block = cache_dir / "blocks" / f"{ref['hash']}{cachefile.SUFFIX}"
+            block = layout.block_file(ref["hash"])
             info["shared_prefix"] = {"hash": ref["hash"], "tokens": ref["tokens"], "present": block.exists()}
             if block.exists():
-                _, bmeta, _ = cachefile.read_header(block, (cachefile.BLOCK_FORMAT,))
-                info["shared_bytes"] = block.stat().st_size * ref["tokens"] // max(len(json.loads(bmeta["tokens"])), 1)
+                _, bmeta, _ = container.read_header(block, (codec.BLOCK_FORMAT,))
+                info["shared_bytes"] = block.stat().st_size * ref["tokens"] // max(len(codec.block_tokens(bmeta)), 1)
                 if verify:
-                    cachefile.read_tensors(block, (cachefile.BLOCK_FORMAT,))
+                    container.read_tensors(block, (codec.BLOCK_FORMAT,))
         if verify:
             info["layers"] = len(json.loads(meta["layers"]))
-            info["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(meta["saved_at"])))
+            info["saved_at"] = _when(int(meta["saved_at"]))
             info["status"] = "ok"
-    except (cachefile.CacheFileError, KeyError, ValueError, TypeError) as e:
+    except (CacheFileError, OSError, KeyError, ValueError, TypeError) as e:
         info.update(tier="invalid", error=str(e))
     return info
 
@@ -91,11 +76,11 @@ def listing(cache_dir: Path) -> list[dict]:
 
 def remove(cache_dir: Path, name: str, history: bool = True) -> list[Path]:
     """Delete an agent's cache file (and history), under its lock. Returns removed paths."""
-    cache_dir = Path(cache_dir)
+    layout = Layout(cache_dir)
     validate_agent_name(name)
     removed = []
-    with FileLock(lock_path(cache_dir, name), timeout=30):
-        for p in [cache_dir / (name + cachefile.SUFFIX)] + ([cache_dir / f"{name}.json"] if history else []):
+    with layout.agent_lock(name, LOCK_TIMEOUT_S):
+        for p in [layout.agent_file(name)] + ([layout.history_file(name)] if history else []):
             if p.exists():
                 p.unlink()
                 removed.append(p)
@@ -107,61 +92,71 @@ def remove(cache_dir: Path, name: str, history: bool = True) -> list[Path]:
 
 def export_card(cache_dir: Path, name: str, out: Path) -> Path:
     """Write one self-contained, checked file holding the agent's cache and history."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / (validate_agent_name(name) + cachefile.SUFFIX)
+    layout = Layout(cache_dir)
+    path = layout.agent_file(name)
     if not path.exists():
-        raise FileNotFoundError(f"agent '{name}' has no cache file in {cache_dir}")
-    arrays, meta = cachefile.read_tensors(path)
-    spans = json.loads(meta["layers"])
-    ref = json.loads(meta.get("prefix", "null"))
+        raise FileNotFoundError(f"agent '{name}' has no cache file in {layout.dir}")
+    arrays, meta = container.read_tensors(path, (codec.FORMAT,))
+    ref = codec.prefix_ref(meta)
     tensors = dict(arrays)
-    if ref:  # inline the shared prefix: the card must not depend on blocks/
-        block = cache_dir / "blocks" / f"{ref['hash']}{cachefile.SUFFIX}"
+    if ref:  # inline the shared prefix: the card must not depend on the blocks folder
+        block = layout.block_file(ref["hash"])
         if not block.exists():
-            raise cachefile.CacheFileError(f"{path.name}: shared prefix {ref['hash']} is missing")
-        battrs, bmeta = cachefile.read_tensors(block, (cachefile.BLOCK_FORMAT,))
+            raise CacheFileError(f"{path.name}: shared prefix {ref['hash']} is missing")
+        battrs, bmeta = container.read_tensors(block, (codec.BLOCK_FORMAT,))
         n = int(ref["tokens"])
-        if json.loads(bmeta["tokens"])[:n] != arrays["tokens"][:n].tolist():
-            raise cachefile.CacheFileError(f"{block.name}: prefix block does not hold this agent's tokens")
-        for i, s in enumerate(spans):
-            for part in ("k", "v"):
-                for j in range(3):
-                    key = f"layers.{i}.{part}.{j}"
-                    if key in battrs:
-                        head = battrs[key][..., :n, :]
-                        tensors[key] = np.concatenate([head, arrays[key]], axis=-2) if key in arrays else np.ascontiguousarray(head)
-            s["start"] = 0
-    card = {"name": name, "history": _history(cache_dir, name), "exported_at": int(time.time())}
-    keep = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "group_size", "block_tokens", "n_tokens", "extra")
-    new_meta = {k: meta[k] for k in keep if k in meta}
-    new_meta.update(layers=json.dumps(spans), prefix="null", card=json.dumps(card))
+        if codec.block_tokens(bmeta)[:n] != arrays["tokens"][:n].tolist():
+            raise CacheFileError(f"{block.name}: prefix block does not hold this agent's tokens")
+        tensors, meta = codec.inline_prefix(arrays, meta, battrs, n)
+    card = {"name": name, "history": history.read(layout.history_file(name)), "exported_at": int(time.time())}
+    new_meta = {k: meta[k] for k in codec.CARD_KEYS if k in meta}
+    new_meta.update(layers=meta["layers"], prefix="null", card=json.dumps(card))
     out = Path(out)
-    cachefile.write_tensors(out, tensors, new_meta)
+    container.write_tensors(out, tensors, new_meta)
     return out
 
 
-def import_card(cache_dir: Path, card: Path, name: str | None = None, force: bool = False) -> str:
-    """Check a card completely, then install it as agent `name` (default: its original name)."""
-    cache_dir = Path(cache_dir)
+def import_card(cache_dir: Path, card: Path, name: str | None = None, force: bool = False, model: tuple[str, list] | None = None) -> str:
+    """Check a card completely, then install it as agent `name` (default: its original name).
+
+    Every checksum, the history and the cache's structure (spans, shapes,
+    dtypes, finite scales) are checked before anything is written; with
+    `model` = (fingerprint, a new cache's layers) the card must also be that
+    model's, in that KV mode, with the shapes each of its layers stores."""
+    layout = Layout(cache_dir)
     card = Path(card)
-    arrays, meta = cachefile.read_tensors(card)
+    arrays, meta = container.read_tensors(card, (codec.FORMAT,))
+    fingerprint, expect = model if model is not None else (meta.get("fingerprint", ""), None)
+    codec.load(card, fingerprint, expect)
     try:
         info = json.loads(meta["card"])
         original = info["name"]
-    except (KeyError, ValueError, TypeError):
-        raise cachefile.CacheFileError(f"{card.name}: not a cache card (no card metadata)") from None
-    name = validate_agent_name(name or original)
-    path = cache_dir / (name + cachefile.SUFFIX)
-    hist_path = cache_dir / f"{name}.json"
+    except (KeyError, ValueError, TypeError, RecursionError):
+        raise CacheFileError(f"{card.name}: not a cache card (no card metadata)") from None
+    if not isinstance(info, dict) or not isinstance(original, str):
+        raise CacheFileError(f"{card.name}: not a cache card (malformed card metadata)")
+    try:
+        saved = info.get("history")
+        card_history = history.check({"messages": [], "system": None} if saved is None else saved, f"{card.name}: history")
+    except history.HistoryError as e:
+        raise CacheFileError(str(e)) from None
+    name = validate_agent_name(original if name is None else name)
+    path, hist_path = layout.agent_file(name), layout.history_file(name)
     if not force and (path.exists() or hist_path.exists()):
-        raise FileExistsError(f"agent '{name}' already exists in {cache_dir} (use --force to replace it, or --name)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+        raise FileExistsError(f"agent '{name}' already exists in {layout.dir} (use --force to replace it, or --name)")
+    layout.dir.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in meta.items() if k != "card"}
-    history = dict(info.get("history") or {"messages": [], "system": None})
-    history["name"] = name
-    with FileLock(lock_path(cache_dir, name), timeout=30):
-        cachefile.write_tensors(path, arrays, meta)
-        cachefile.atomic_write(hist_path, [json.dumps(history, indent=1).encode()])
+    hist = {"name": name, "system": card_history["system"], "messages": card_history["messages"]}
+    with layout.agent_lock(name, LOCK_TIMEOUT_S):
+        container.write_tensors(path, arrays, meta)
+        try:
+            history.write_dict(hist_path, hist)
+        except OSError:  # no cache without its history: the agent would continue another conversation
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
     return name
 
 
@@ -170,14 +165,15 @@ def import_card(cache_dir: Path, card: Path, name: str | None = None, force: boo
 
 def installed_fingerprints(home: Path) -> set[str]:
     """Fingerprints of the model folders under `<home>/models` (every cache layout of each)."""
-    from .runner import fingerprint
+    from .models.model_store import installed_models
+    from .models.runner import fingerprint
 
     out = set()
-    for cfg in Path(home).glob("models/*/config.json"):
-        fp = fingerprint(cfg.parent)
+    for folder in installed_models(Path(home)):
+        fp = fingerprint(folder)
         out.add(fp)
         try:
-            if json.loads(cfg.read_text()).get("model_type") == "deepseek_v2":  # runner.py mixes the MLA mode in
+            if json.loads((folder / "config.json").read_text()).get("model_type") == "deepseek_v2":  # the runner mixes the MLA mode in
                 out |= {hashlib.sha256(f"{fp}:mla={m}".encode()).hexdigest()[:32] for m in ("latent", "full")}
         except ValueError:
             pass
@@ -188,40 +184,34 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
     """Files that can go, with the reason: caches of models not installed (only if
     some model is installed), older formats, damaged files set aside, prefix
     blocks nothing refers to, temporary files of crashed saves. Histories stay."""
-    cache_dir = Path(cache_dir)
+    layout = Layout(cache_dir)
     plan, used = [], set()
-    for p in sorted(cache_dir.glob("*" + cachefile.SUFFIX)):
-        meta = _peek(p)
-        if meta is None or meta.get("format") != cachefile.FORMAT:
+    for p in layout.agent_files():
+        meta = container.peek_meta(p)
+        if meta is None or meta.get("format") != codec.FORMAT:
             continue  # not ours, or damaged: it is moved aside when an agent tries to use it
-        if meta.get("version") != str(cachefile.VERSION):
+        if meta.get("version") != str(container.VERSION):
             plan.append((p, f"older cache format (version {meta.get('version')})"))
         elif known_fingerprints and meta.get("fingerprint") not in known_fingerprints:
             plan.append((p, f"model not installed ({meta.get('model') or meta.get('fingerprint')})"))
         else:
-            try:
-                ref = json.loads(meta.get("prefix", "null"))
-            except ValueError:
-                ref = None
-            if isinstance(ref, dict):
+            ref = codec.prefix_ref(meta)
+            if ref:
                 used.add(str(ref.get("hash")))
-    for p in sorted((cache_dir / "blocks").glob("*" + cachefile.SUFFIX)):
-        if p.stem not in used:
+    for p in layout.block_files():
+        if layout.block_key(p) not in used:
             plan.append((p, "shared prefix block no agent uses"))
-    for p in sorted(cache_dir.glob("*" + cachefile.SUFFIX + ".bad-*")):
+    for p in layout.set_aside_files():
         plan.append((p, "damaged cache file set aside"))
-    for d in (cache_dir, cache_dir / "blocks"):
-        for p in sorted(d.glob(".*.tmp*")):
-            m = TMP_RE.match(p.name)
-            if m and not _alive(int(m.group(1))):
-                plan.append((p, "temporary file of an interrupted save"))
+    for p in layout.stale_tmp_files():
+        plan.append((p, "temporary file of an interrupted save"))
     return plan
 
 
 def gc_apply(cache_dir: Path, plan: list[tuple[Path, str]]) -> int:
     """Delete planned files; prefix blocks last, rechecked under the blocks lock
     (the lock every save that refers to a block holds). Returns bytes freed."""
-    blocks = Path(cache_dir) / "blocks"
+    layout = Layout(cache_dir)
 
     def rm(p: Path) -> int:
         try:
@@ -231,10 +221,10 @@ def gc_apply(cache_dir: Path, plan: list[tuple[Path, str]]) -> int:
         except FileNotFoundError:
             return 0
 
-    freed = sum(rm(p) for p, _ in plan if p.parent != blocks)
-    planned = [p for p, _ in plan if p.parent == blocks]
+    freed = sum(rm(p) for p, _ in plan if not layout.is_block_file(p))
+    planned = [p for p, _ in plan if layout.is_block_file(p)]
     if planned:
-        with FileLock(str(blocks / ".lock"), timeout=30):
-            unused = {p for p, _ in gc_plan(cache_dir, set()) if p.parent == blocks}
+        with layout.blocks_lock(LOCK_TIMEOUT_S):
+            unused = {p for p, _ in gc_plan(cache_dir, set()) if layout.is_block_file(p)}
             freed += sum(rm(p) for p in planned if p in unused)
     return freed

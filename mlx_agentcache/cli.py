@@ -14,6 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import limits
+from .config import DEFAULT_MODEL
+from .turnlock import TurnBusyError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 agents_app = typer.Typer(no_args_is_help=True, help="List and manage agent caches.")
 app.add_typer(agents_app, name="agents")
@@ -27,19 +31,12 @@ Kv = Annotated[str, typer.Option("--kv", "--kv-bits", help="KV cache: q4 (defaul
 Mla = Annotated[str, typer.Option("--mla", help="DeepSeek-V2 only: cache the compressed latent (default) or mlx-lm's full per-head K/V.")]
 Budget = Annotated[Optional[str], typer.Option("--cache-budget", help="Memory for hot caches, e.g. 2GiB [default: 40% of available memory].")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+EXIT_NOT_SAVED = 3  # the turn ran, but its history or cache is not on disk (README: Limits and exit codes)
 
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
-
-
-def parse_size(text: str | None) -> int | None:
-    """'2GiB', '512MB', '1e9' -> bytes."""
-    if not text:
-        return None
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", text.lower())
-    if not m:
-        raise typer.BadParameter(f"not a size: {text!r} (try 2GiB or 512MB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+def parse_size(text: str | None, option: str = "--cache-budget") -> int | None:
+    """'2GiB', '512MiB', '1e9' -> bytes; limits.LimitError (a ValueError) naming `option` if not a finite positive size."""
+    return limits.parse_size(text, option)
 
 
 def _runtime(model, cache_dir, max_tokens, seed, temperature, kv="q4", budget=None, mla="latent"):
@@ -53,6 +50,30 @@ def _runtime(model, cache_dir, max_tokens, seed, temperature, kv="q4", budget=No
     except (FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2)
+    except OSError as e:  # e.g. a cache directory under a read-only parent
+        _fail(f"cannot use {e.filename}: {e.strerror}" if e.filename else str(e))
+
+
+def _save_error(rt, name: str, stats) -> str | None:
+    """Why the agent's last turn is not durably on disk (history or cache), once the
+    background saves are done; None when both landed."""
+    rt.histories.wait(name)
+    errors = [rt.histories.errors(name).get(name), rt.pool.flush(name).get(name)]
+    if stats is not None and not stats.saved:
+        errors.append("its cache could not be saved")
+    errors = [re.sub(r"^\[Errno \d+\] ", "", e) for e in errors if e]
+    return "; ".join(dict.fromkeys(errors)) or None
+
+
+def _check_names(names: list[str]) -> None:
+    """Agent names are checked before the model loads, like every other value."""
+    from .store.layout import validate_agent_name
+
+    for name in names:
+        try:
+            validate_agent_name(name)
+        except ValueError as e:
+            _fail(str(e), 2)
 
 
 def _agent(rt, name, system=None):
@@ -74,7 +95,7 @@ def _stats_line(s) -> str:
 def chat(
     agent: Annotated[list[str], typer.Option("--agent", "-a", help="An agent name; repeat for several.")] = ["assistant"],
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt for new agents.")] = None,
-    model: Model = "smollm2-135m",
+    model: Model = DEFAULT_MODEL,
     cache_dir: CacheDir = None,
     max_tokens: MaxTokens = 256,
     seed: Seed = 0,
@@ -84,6 +105,7 @@ def chat(
     cache_budget: Budget = None,
 ):
     """Talk to several named agents: '@name text' picks one, /agents, /stats, /quit."""
+    _check_names(agent)
     rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv, cache_budget, mla)
     agents = {n: _agent(rt, n, system) for n in agent}
     current = agent[0]
@@ -120,13 +142,23 @@ def chat(
         if line.startswith("@"):
             name, _, line = line[1:].partition(" ")
             if name not in agents:
-                agents[name] = _agent(rt, name, system)
+                try:
+                    agents[name] = rt.agent(name, system=system)
+                except ValueError as e:  # a bad name ends this line, not the session
+                    typer.secho(f"error: {e}", fg="red", err=True)
+                    continue
             current = name
             if not line.strip():
                 continue
         a = agents[current]
-        typer.echo(f"{current}: ", nl=False)
-        for piece in a.stream(line):
+        try:
+            pieces = a.stream(line)
+            first = next(pieces, "")
+        except (limits.LimitError, TurnBusyError) as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            continue
+        typer.echo(f"{current}: {first}", nl=False)
+        for piece in pieces:
             typer.echo(piece, nl=False)
         typer.echo("")
         last = a.last_stats
@@ -137,7 +169,7 @@ def say(
     text: Annotated[str, typer.Argument(help="What to say.")],
     agent: Annotated[str, typer.Option("--agent", "-a")] = "assistant",
     system: Annotated[Optional[str], typer.Option("--system")] = None,
-    model: Model = "smollm2-135m",
+    model: Model = DEFAULT_MODEL,
     cache_dir: CacheDir = None,
     max_tokens: MaxTokens = 256,
     seed: Seed = 0,
@@ -147,25 +179,35 @@ def say(
     json_out: Json = False,
 ):
     """One turn for one agent; prints the reply (or JSON with --json)."""
+    _check_names([agent])
     rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv, mla=mla)
     a = _agent(rt, agent, system)
+    try:
+        if json_out:
+            r = a.chat(text)
+        else:
+            for piece in a.stream(text):
+                typer.echo(piece, nl=False)
+            typer.echo("")
+    except limits.LimitError as e:  # e.g. a prompt longer than the model's context
+        _fail(str(e), 2)
+    except TurnBusyError as e:  # another process kept this agent in a turn past the wait
+        _fail(str(e), 1)
+    error = _save_error(rt, agent, a.last_stats)
     if json_out:
-        r = a.chat(text)
-        typer.echo(json.dumps({"agent": agent, "reply": r.text, **r.stats.as_dict()}))
-    else:
-        for piece in a.stream(text):
-            typer.echo(piece, nl=False)
-        typer.echo("")
+        typer.echo(json.dumps({"agent": agent, "reply": r.text, **r.stats.as_dict(), "saved": error is None, "save_error": error}))
+    if error:
+        _fail(f"the turn of agent '{agent}' was not saved to disk ({error})", EXIT_NOT_SAVED)
 
 
 @app.command()
 def run(
     workflow: Annotated[Path, typer.Argument(help="Workflow YAML: agents, system prompts, rounds or a script (see examples/).")],
-    model: Model = "smollm2-135m",
+    model: Model = DEFAULT_MODEL,
     cache_dir: CacheDir = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens generated per turn [default: the workflow's, else 256].")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens generated per turn, 1 or more [default: the workflow's, else 256].")] = None,
     seed: Seed = 0,
-    temperature: Temperature = 0.0,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 means greedy [default: the workflow's, else 0].")] = None,
     kv: Kv = "q4",
     mla: Mla = "latent",
     cache_budget: Budget = None,
@@ -179,7 +221,8 @@ def run(
         wf = wfm.load(workflow)
     except wfm.WorkflowError as e:
         _fail(str(e), 2)
-    rt = _runtime(model, cache_dir, max_tokens or wf.max_tokens or 256, seed, temperature, kv, cache_budget, mla)
+    rt = _runtime(model, cache_dir, max_tokens if max_tokens is not None else wf.max_tokens or 256, seed,
+                  temperature if temperature is not None else wf.temperature or 0.0, kv, cache_budget, mla)
     if reset:
         for name in wf.agents:
             _agent(rt, name).reset()
@@ -200,17 +243,61 @@ def run(
                         f"generated {s.generated_tokens} ({s.decode_tokens_per_s:.1f} tok/s)]", dim=True)
 
     try:
-        results = wfm.run(rt, wf, max_tokens, start, text, end)
+        results = wfm.run(rt, wf, max_tokens, start, text, end, temperature)
     except (ValueError, OSError) as e:
-        _fail(str(e))
+        _fail(str(e), 2 if isinstance(e, (limits.LimitError, wfm.WorkflowError)) else 1)
     finally:
         rt.close()
     if json_out:
         typer.echo(json.dumps({"workflow": wf.name, "turns": [{"agent": r.agent, "message": r.message, "reply": r.reply, **r.stats.as_dict()} for r in results]}))
+    failed = sorted({*rt.histories.errors(), *rt.pool.flush()})
+    if failed:
+        reasons = "; ".join(_save_error(rt, n, None) or "not saved" for n in failed)
+        _fail(f"not saved: {', '.join(failed)} ({reasons}): their last turns are not in their files on disk", EXIT_NOT_SAVED)
+
+
+@app.command()
+def serve(
+    model: Model = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback exposes your agents to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    cache_dir: CacheDir = None,
+    cache_budget: Budget = None,
+    kv: Kv = "q4",
+    mla: Mla = "latent",
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="AGENTCACHE_API_KEY", help="Require this key on every route but /health.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens generated when a request does not say.")] = 256,
+    seed: Seed = 0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Used when a request does not say; 0 means greedy.")] = 0.0,
+    rate_limit: Annotated[Optional[float], typer.Option("--rate-limit", help="Requests per minute for the whole server (429 beyond).")] = None,
+    agent_rate_limit: Annotated[Optional[float], typer.Option("--agent-rate-limit", help="Requests per minute per agent (429 beyond).")] = None,
+    alias: Annotated[list[str], typer.Option("--model-alias", help="Another model name to answer to (e.g. what a client insists on sending); repeat for several.")] = [],
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest JSON request body.")] = "8MiB",
+    anon_agents: Annotated[int, typer.Option("--anon-agents", help="Anonymous conversations (no agent id) kept at most.")] = 64,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+):
+    """OpenAI- and Anthropic-compatible HTTP server; each agent keeps its cache (see docs/server.md)."""
+    from .kvcache import kv_mode
+    from .server import ServerConfig, serve as run_server
+
+    try:
+        kv_mode(kv)
+        limits.options(max_tokens, temperature, seed)
+        for name, v in (("--rate-limit", rate_limit), ("--agent-rate-limit", agent_rate_limit)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be a positive number of requests per minute")
+        if anon_agents < 1:
+            raise ValueError("--anon-agents must be at least 1")
+        config = ServerConfig(model=model, cache_dir=cache_dir, budget_bytes=parse_size(cache_budget), kv=kv, mla=mla, api_key=api_key or None,
+                              temperature=temperature, seed=seed, default_max_tokens=max_tokens, max_body_bytes=parse_size(max_body, "--max-body"),
+                              agent_rpm=agent_rate_limit, global_rpm=rate_limit, aliases=list(alias), anon_agents=anon_agents)
+    except ValueError as e:
+        _fail(str(e), 2)
+    run_server(config, host, port, log_level)
 
 
 def _cache_dir(cache_dir: Path | None) -> Path:
-    from .runtime import default_home
+    from .config import default_home
 
     return Path(cache_dir).expanduser() if cache_dir else default_home()
 
@@ -245,8 +332,8 @@ def agents_ls(
     d = _cache_dir(cache_dir)
     infos = catalog.listing(d)
     if model:  # only an installed model: listing never builds one
-        from .runtime import default_home
-        from .runner import fingerprint
+        from .config import default_home
+        from .models.runner import fingerprint
 
         found = [p for p in (Path(model), default_home() / "models" / model, d / "models" / model) if (p / "config.json").is_file()]
         fp = fingerprint(found[0]) if found else None
@@ -306,8 +393,11 @@ def agents_rm(
     if not _confirm(f"Remove the {what} of {', '.join(names)}?", yes):
         raise typer.Exit(1)
     for n in names:
-        for p in catalog.remove(d, n, history=not keep_history):
-            typer.echo(f"removed {p}")
+        try:
+            for p in catalog.remove(d, n, history=not keep_history):
+                typer.echo(f"removed {p}")
+        except OSError as e:  # a read-only directory, a lock held past its wait
+            _fail(f"could not remove agent '{n}' from {d}: {e.strerror or e}")
 
 
 @agents_app.command("export")
@@ -317,11 +407,12 @@ def agents_export(
     cache_dir: CacheDir = None,
 ):
     """Write a cache card: one checked file with the agent's cache (shared blocks inlined) and history."""
-    from . import cachefile, catalog
+    from . import catalog
+    from .store.container import CacheFileError, CacheWriteError
 
     try:
         path = catalog.export_card(_cache_dir(cache_dir), name, out or Path(name + catalog.CARD_SUFFIX))
-    except (FileNotFoundError, ValueError, cachefile.CacheFileError, cachefile.CacheWriteError) as e:
+    except (FileNotFoundError, ValueError, CacheFileError, CacheWriteError) as e:
         _fail(str(e))
     typer.echo(f"exported '{name}' to {path} ({_kib(path.stat().st_size)})")
 
@@ -334,12 +425,18 @@ def agents_import(
     cache_dir: CacheDir = None,
 ):
     """Install a cache card as an agent, after checking every byte of it."""
-    from . import cachefile, catalog
+    from . import catalog
+    from .store.container import CacheFileError, CacheWriteError
 
+    if name is not None and not name:
+        _fail("--name must not be empty (leave it out to use the card's name)", 2)
     try:
         got = catalog.import_card(_cache_dir(cache_dir), card, name, force)
-    except (FileNotFoundError, FileExistsError, ValueError, cachefile.CacheFileError, cachefile.CacheWriteError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, CacheFileError) as e:
         _fail(str(e))
+    except OSError as e:  # CacheWriteError included: a read-only or full directory; nothing is left half-imported
+        msg = re.sub(r"^\[Errno \d+\] ", "", str(e)) if isinstance(e, CacheWriteError) else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        _fail(f"could not import {card} into {_cache_dir(cache_dir)}: {msg}")
     typer.echo(f"imported {card} as agent '{got}'")
 
 
@@ -352,7 +449,7 @@ def agents_gc(
     """Remove caches of models that are not installed, older formats, unused shared
     blocks, damaged files set aside and leftovers of interrupted saves. Histories stay."""
     from . import catalog
-    from .runtime import default_home
+    from .config import default_home
 
     d = _cache_dir(cache_dir)
     known = catalog.installed_fingerprints(default_home()) | catalog.installed_fingerprints(d)
@@ -371,26 +468,35 @@ def agents_gc(
 
 @app.command()
 def doctor(json_out: Json = False):
-    """Which BLAS, MLX device and kernels this machine uses."""
-    from . import _blas
+    """The CPU and its features, the BLAS chosen and why (with a measured GFLOP/s), MLX device and kernels."""
+    from . import blas
     import mlx.core as mx
 
     import mlx_lm
 
+    choice = blas.CHOICE
+    cpu = choice.cpu or blas.read_cpuinfo()
     info = {
+        "cpu": cpu.model,
+        "arch": cpu.arch,
+        "cpu_features": cpu.features(),
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "device": str(mx.default_device()),
         "metal": bool(mx.metal.is_available()),
-        "blas": _blas.STATE["blas"],
-        "blas_library": _blas.STATE["detail"],
+        "blas": choice.summary(),
+        "blas_reason": choice.reason,
+        "blas_library": choice.library,
+        "sgemm_gflops_1024": round(blas.measure_gflops(), 1),
         "q4_kernels": "metal" if mx.metal.is_available() else "portable (mx.quantize)",
     }
     if json_out:
         typer.echo(json.dumps(info))
-    else:
-        for k, v in info.items():
-            typer.echo(f"{k:<12} {v}")
+        return
+    for k, v in info.items():
+        if k == "cpu_features":
+            v = " ".join(f"{name}={'yes' if on else 'no'}" for name, on in v.items())
+        typer.echo(f"{k:<17} {v}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure what a quantized KV cache costs in quality.")
@@ -400,7 +506,7 @@ app.add_typer(eval_app, name="eval")
 @eval_app.command("ppl")
 def eval_ppl(
     file: Annotated[Path, typer.Argument(help="UTF-8 text to score.", exists=True, dir_okay=False)],
-    model: Model = "smollm2-135m",
+    model: Model = DEFAULT_MODEL,
     kv: Annotated[str, typer.Option("--kv", help="KV cache: fp16, q8, q4, or q4k (Q4 with Hadamard-rotated keys).")] = "q4",
     context: Annotated[int, typer.Option("--context", help="Window length in tokens; each window starts from an empty cache.")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N tokens of FILE.")] = None,
@@ -409,13 +515,15 @@ def eval_ppl(
     """Perplexity of FILE with the KV cache in mode --kv (later tokens attend to quantized earlier ones)."""
     from . import quality
     from .kvcache import KV_MODES
-    from .runner import ModelRunner
-    from .runtime import default_home
+    from .models.runner import ModelRunner
+    from .config import default_home
 
     if kv not in KV_MODES:
         _fail(f"--kv must be one of {', '.join(KV_MODES)}", 2)
     if context < 2:
         _fail("--context must be at least 2", 2)
+    if limit is not None and limit < 2:  # a negative slice would silently drop the end of FILE
+        _fail(f"--limit must be at least 2, got {limit}", 2)
     try:
         runner = ModelRunner.load(model, default_home(), kv_bits=kv)
     except (FileNotFoundError, ValueError) as e:

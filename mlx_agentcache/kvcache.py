@@ -6,14 +6,9 @@ of segments. Only the last segment is writable; earlier ones may be shared
 with other agents (a common system prompt) and are never modified: trimming
 into a shared segment copies what is kept (copy-on-write).
 
-Attention over the segments is computed here (`LayerCache.attend`), reading
-the quantized codes directly with `mx.quantized_matmul`; on an Apple GPU a
-decode step runs the fused Q4 attention kernel of kernels/ over the block
-buffer in place. (On the CPU backend, prefill dequantizes one layer's
-blocks for BLAS and takes the softmax in NumPy: both much faster there.) mlx-lm's attention
-modules call `scaled_dot_product_attention(..., cache=cache)`; the runner
-routes that call to `attend` for our caches, so mlx-lm's model definitions
-are used unchanged.
+This module is storage: append, trim, windows, copy-on-write. Attention
+over the segments (`LayerCache.attend`) is computed in attention.py, which
+reads the quantized codes directly.
 
 Sliding-window layers (Gemma 3) keep at most `window` past tokens plus one
 block of slack; whole blocks are dropped from the front as the window moves.
@@ -32,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import numpy as np
 
-from . import q4
+from . import attention, q4
+from .attention import rotate
 from .q4 import BLOCK_TOKENS, GROUP_SIZE
 
 KV_BITS = (4, 8, 16)
@@ -56,17 +51,6 @@ def mode_name(bits: int, rotate_keys: bool) -> str:
     return next(n for n, m in KV_MODES.items() if m == (bits, rotate_keys))
 
 
-def rotate(x: mx.array) -> mx.array:
-    """Orthonormal Walsh-Hadamard transform of the last axis, in blocks of its largest power-of-two factor.
-
-    Applied to both queries and keys it leaves every score unchanged.
-    """
-    d = x.shape[-1]
-    p = d & -d
-    y = mx.hadamard_transform(x.reshape(*x.shape[:-1], d // p, p), scale=p**-0.5)
-    return y.reshape(x.shape)
-
-
 def encode(x: mx.array, bits: int) -> tuple:
     """Keys or values (..., T, D) -> stored form: Q4/Q8 triple or a 1-tuple of fp16."""
     if bits == 16:
@@ -74,64 +58,6 @@ def encode(x: mx.array, bits: int) -> tuple:
     if bits == 4:
         return tuple(q4.quantize(x))
     return tuple(mx.quantize(x.astype(mx.float16), group_size=GROUP_SIZE, bits=bits))
-
-
-def decode(t: tuple, bits: int, dtype=mx.float32) -> mx.array:
-    if bits == 16:
-        return t[0].astype(dtype)
-    return mx.dequantize(*t, group_size=GROUP_SIZE, bits=bits).astype(dtype)
-
-
-def _on_cpu() -> bool:
-    """MLX's CPU quantized_matmul is ~5x slower than dequantize + BLAS matmul."""
-    return mx.default_device() == mx.cpu
-
-
-EXPAND_MIN_QUERIES = 8  # decode steps (fewer query positions) keep quantized_matmul on CPU too
-
-
-def _expand(n_queries: int) -> bool:
-    """Dequantize for BLAS on CPU only for prefill: a decode step would expand the whole
-    cache to read it once, which made Q4 decode ~1.2x slower than fp16 (bench_decode)."""
-    return n_queries >= EXPAND_MIN_QUERIES and _on_cpu()
-
-
-def _expanded(t: tuple, bits: int, dtype) -> mx.array:
-    """One layer's blocks as a transient float array (the same codes, exact scale*q+bias)."""
-    if bits == 16:
-        return t[0].astype(dtype)
-    packed, scales, biases = t
-    return mx.dequantize(packed, scales.astype(dtype), biases.astype(dtype), group_size=GROUP_SIZE, bits=bits)
-
-
-def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
-    """Softmax over the last axis of scores (B, H, rows, T), `mask` (rows, T) True where allowed.
-
-    For prefill on the CPU backend this runs in NumPy: MLX's CPU `exp` and `where` are
-    scalar loops (~24 ns a value for exp, NumPy's vectorized one ~1.6 ns), and a 2K-token
-    prefill spent over half its time in them."""
-    if not (expand and s.dtype == mx.float32):
-        if mask is not None:
-            s = mx.where(mask, s, mx.finfo(s.dtype).min)
-        return mx.softmax(s, axis=-1, precise=True)
-    x = np.asarray(s)  # evaluates s; no copy
-    e = x.copy() if mask is None else np.where(np.asarray(mask), x, np.float32(-np.inf))
-    e -= e.max(axis=-1, keepdims=True)  # every row has an allowed key: its own position
-    np.exp(e, out=e)
-    e /= e.sum(axis=-1, keepdims=True)
-    return mx.array(e)
-
-
-def _scores(q: mx.array, k: tuple, bits: int, expand: bool) -> mx.array:
-    if bits == 16 or expand:
-        return q @ _expanded(k, bits, q.dtype).swapaxes(-1, -2)
-    return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=bits)
-
-
-def _mix(p: mx.array, v: tuple, bits: int, expand: bool) -> mx.array:
-    if bits == 16 or expand:
-        return p @ _expanded(v, bits, p.dtype)
-    return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=bits)
 
 
 def _tokens(t: tuple) -> int:
@@ -171,8 +97,32 @@ class Segment:
         return _nbytes(k) + (0 if v is None else _nbytes(v))
 
 
+def _dtype(x) -> str:
+    return str(x.dtype).rsplit(".", 1)[-1]  # numpy or MLX arrays
+
+
+@dataclass(frozen=True)
+class StoredShape:
+    """What a model stores per token in one layer: kv heads and, per stored
+    part (codes, scales, biases; or one fp16 tensor), its last dimension and dtype.
+    A restored file must match it (store/codec.py)."""
+
+    heads: int
+    keys: tuple[tuple[int, str], ...]
+    values: tuple[tuple[int, str], ...] | None
+
+    @classmethod
+    def of(cls, k: tuple, v: tuple | None) -> "StoredShape":
+        """The shape of stored parts (heads, tokens, dim) of keys and values."""
+        return cls(int(k[0].shape[0]), tuple((int(x.shape[-1]), _dtype(x)) for x in k),
+                   None if v is None else tuple((int(x.shape[-1]), _dtype(x)) for x in v))
+
+
 class LayerCache:
-    """One layer of one agent. Implements the cache protocol mlx-lm models use."""
+    """One layer of one agent. Implements the cache protocol mlx-lm models use.
+
+    `expect`, when the model runner sets it, is the `StoredShape` this layer
+    of the model writes: restored files are checked against it."""
 
     group_size = GROUP_SIZE
 
@@ -190,6 +140,7 @@ class LayerCache:
         self.offset = 0  # absolute position of the next token
         self.start = 0  # absolute position of the first stored token
         self.segments: list[Segment] = []
+        self.expect: StoredShape | None = None
 
     # -- mlx-lm cache protocol -------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array | None):
@@ -213,9 +164,6 @@ class LayerCache:
     def mode(self) -> str:
         return mode_name(self.bits, self.rotate_keys)
 
-    def empty(self) -> bool:
-        return self.stored == 0
-
     # -- storage ----------------------------------------------------------
     @property
     def stored(self) -> int:
@@ -225,9 +173,10 @@ class LayerCache:
         n = _tokens(k)
         last = self.segments[-1] if self.segments else None
         if last is None or last.shared:
-            last = Segment(*self._alloc(k, v, n), length=0)
+            last = Segment(*self._alloc(k, v, -(-n // BLOCK_TOKENS) * BLOCK_TOKENS), length=0)
             self.segments.append(last)
         elif last.length + n > _tokens(last.keys):
+            # to the next block boundary, not a whole block more: a restored segment holds exactly its tokens
             grow = -(-(last.length + n) // BLOCK_TOKENS) * BLOCK_TOKENS - last.length
             kk, vv = last.view()
             ek, ev = self._alloc(k, v, grow)
@@ -243,9 +192,7 @@ class LayerCache:
         self.offset += n
 
     @staticmethod
-    def _alloc(k: tuple, v: tuple | None, n: int):
-        cap = -(-n // BLOCK_TOKENS) * BLOCK_TOKENS
-
+    def _alloc(k: tuple, v: tuple | None, cap: int):
         def z(t):
             return tuple(mx.zeros((*x.shape[:-2], cap, x.shape[-1]), x.dtype) for x in t)
 
@@ -308,78 +255,14 @@ class LayerCache:
 
     # -- attention ---------------------------------------------------------
     def attend(self, queries: mx.array, scale: float, values_from_keys=None) -> mx.array:
-        """Softmax attention of (1, Hq, L, D) queries over all stored tokens.
-
-        `values_from_keys`, when given, maps stored keys to values (for caches
-        that store one latent per token, like DeepSeek's MLA).
-        """
-        B, Hq, L, D = queries.shape
-        if self.rotate_keys:
-            if values_from_keys is not None:
-                raise ValueError("rotated keys cannot serve as values (latent caches use q4, not q4k)")
-            queries = rotate(queries)
-        if self._fused_decode_applies(L, values_from_keys):
-            s = self.segments[0]
-            kq, vq = (q4.Q4(*(x[None] for x in t)) for t in (s.keys, s.values))
-            return q4.decode_attention(queries, kq, vq, scale, mx.array([s.length], dtype=mx.int32))
-        views = [s.view() for s in self.segments]
-        Hkv = views[0][0][0].shape[0]
-        rep = Hq // Hkv
-        # The query heads sharing a kv head become rows of one matrix product per kv head.
-        q = (queries * scale).reshape(B, Hkv, rep * L, D)
-        expand = _expand(L)
-        scores = [_scores(q, tuple(x[None] for x in k), self.bits, expand) for k, _ in views]
-        s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
-        T = s.shape[-1]
-        mask = self._mask(L, T)
-        if mask is not None and rep > 1:  # rows are (query head, position) pairs
-            mask = mx.broadcast_to(mask[None], (rep, L, T)).reshape(rep * L, T)
-        p = _softmax(s, mask, expand)
-        out, a = None, 0
-        for k, v in views:
-            t = _tokens(k)
-            pv = p[..., a : a + t]
-            v = v if values_from_keys is None else values_from_keys(k)
-            o = _mix(pv, tuple(x[None] for x in v), self.bits, expand)
-            out = o if out is None else out + o
-            a += t
-        return out.reshape(B, Hq, L, -1)
-
-    def _fused_decode_applies(self, L: int, values_from_keys) -> bool:
-        """A decode step on an Apple GPU reads the Q4 blocks in place with the fused kernel.
-
-        It takes one contiguous segment (the whole buffer, spare capacity
-        included, limited by a length: no copy) and no mask; shared-prefix
-        segments, latent caches and window layers past their window take the
-        general path.
-        """
-        return (L == 1 and self.bits == 4 and values_from_keys is None and len(self.segments) == 1
-                and self._mask(1, self.stored) is None and q4.fused_decode_available())
-
-    def _mask(self, L: int, T: int) -> mx.array | None:
-        """Causal (and window) mask for the L newest queries over T stored keys."""
-        q0 = self.offset - L
-        if L == 1 and (self.window is None or T <= self.window):
-            return None
-        qpos = mx.arange(q0, self.offset)[:, None]
-        kpos = mx.arange(self.start, self.start + T)[None]
-        m = kpos <= qpos
-        if self.window is not None:
-            m = m & (kpos > qpos - self.window)
-        return m
+        """Softmax attention of (1, Hq, L, D) queries over all stored tokens (attention.py)."""
+        return attention.attend(self, queries, scale, values_from_keys)
 
     # -- persistence helpers -----------------------------------------------
     def persisted_span(self) -> tuple[int, int]:
         """(first, last) absolute positions worth saving: a window layer keeps `window` tokens."""
         first = self.start if self.window is None else max(self.start, self.offset - self.window)
         return first, self.offset
-
-    def export(self) -> tuple[int, tuple, tuple | None]:
-        """Stored tokens to persist, trimmed to the window: (start, keys, values)."""
-        first, _ = self.persisted_span()
-        k, v = self.contiguous()
-        cut = first - self.start
-        return first, _slice(k, cut, _tokens(k)), (None if v is None else _slice(v, cut, _tokens(v)))
 
     @classmethod
     def restore(cls, bits: int, window: int | None, start: int, offset: int, k: tuple, v: tuple | None, rotate_keys: bool = False) -> "LayerCache":
@@ -408,10 +291,6 @@ class AgentCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
-
-    @property
-    def nblocks(self) -> int:
-        return sum(-(-layer.stored // BLOCK_TOKENS) for layer in self.layers)
 
     def common_prefix(self, tokens: list[int]) -> int:
         n = 0

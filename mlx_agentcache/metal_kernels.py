@@ -1,26 +1,27 @@
-"""Custom Metal kernels for the Q4 cache format (Apple GPUs only).
+"""Custom Metal kernels for the Q4 cache format: building, launch geometry, launching.
 
 The kernel bodies live in kernels/*.metal, next to the CPU harness that runs
-the very same files in the tests; this module only builds the
-`mx.fast.metal_kernel` objects (lazily, once) and launches them. `q4` calls
-these when `available()`; nothing here is imported on other machines.
+the very same files in the tests; this module builds the
+`mx.fast.metal_kernel` objects (lazily, once) and launches them. It never
+decides whether they are used: `q4` does that, and checks every
+configuration against the portable path the first time it appears, because
+these launches were written and tested without Apple hardware.
 
-The first use runs a small self-check against the portable path and
-disables the kernels (with a warning) if it fails, because these wrappers
-could not be executed on Apple hardware where they were written. Set
-MLX_AGENTCACHE_METAL_KERNELS=0 to never use them.
+Decode attention launches are planned by `decode_plan`, which is plain
+Python so the limits (threadgroup memory, threads per threadgroup, supported
+head dims) are tested everywhere; it returns None where the kernel must not
+run, and the portable path is used instead.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 
-from .q4 import GROUP_SIZE, Q4
+from .q4_format import GROUP_SIZE, Q4
 
 # Installed wheels carry kernels/ inside the package; a source checkout has it at the top.
 _HERE = Path(__file__).resolve().parent
@@ -29,19 +30,25 @@ KERNEL_DIR = next((d for d in (_HERE / "kernels", _HERE.parent / "kernels") if d
 _SPECS = {
     # name: (source file, input names, output names)
     "quantize": ("quantize.metal", ["x"], ["packed", "scales", "biases"]),
-    "quantize_kv": (
-        "quantize_kv.metal",
-        ["k", "v", "n_k_groups"],
-        ["k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases"],
-    ),
-    "dequantize": ("dequantize.metal", ["packed", "scales", "biases"], ["out"]),
     "decode_attention": (
         "decode_attention.metal",
         ["queries", "k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases",
          "lengths", "scale", "n_tokens"],
-        ["out"],
+        ["partial", "maxes", "sums"],
     ),
+    "decode_combine": ("decode_combine.metal", ["partial", "maxes", "sums", "n_split"], ["out"]),
 }
+
+# Apple GPUs: 32 KiB of threadgroup memory and at most 1024 threads per threadgroup
+# (a pipeline may allow fewer; the first-use check in q4 catches that).
+MAX_THREADGROUP_MEMORY = 32768
+MAX_THREADS = 1024
+SIMD_WIDTH = 32
+SIMD_GROUPS = 8          # per decode threadgroup: 256 threads
+HEAD_DIMS = (64, 128, 256, 512)  # D/8 words per row must split evenly over 32 lanes
+REGISTER_FLOATS = 64     # per-lane budget for the query slice and the accumulator of a tile
+SPLIT_TARGET_GROUPS = 128  # split long sequences until about this many threadgroups run
+MIN_SPLIT_TOKENS = 256   # but never into splits shorter than one block
 
 
 @functools.cache
@@ -77,105 +84,95 @@ def quantize(x: mx.array) -> Q4:
     return Q4(*out)
 
 
-def quantize_kv_block(k: mx.array, v: mx.array) -> tuple[Q4, Q4]:
-    """Keys and values of a block to Q4 in a single launch."""
-    k, v = k.astype(mx.float16), v.astype(mx.float16)
-    nk, nv = k.size // GROUP_SIZE, v.size // GROUP_SIZE
-    out = _kernel("quantize_kv")(
-        inputs=[k, v, mx.array([nk], dtype=mx.uint32)],
-        grid=(nk + nv, 1, 1),
-        threadgroup=(min(256, nk + nv), 1, 1),
-        output_shapes=_groups_shapes(k) + _groups_shapes(v),
-        output_dtypes=[mx.uint32, mx.float16, mx.float16] * 2,
-    )
-    return Q4(*out[:3]), Q4(*out[3:])
+class DecodePlan(NamedTuple):
+    """Template arguments and limits of one decode-attention configuration."""
+
+    dtype: str       # queries/output: float32, float16 or bfloat16
+    d: int
+    dv: int
+    r: int           # query heads per kv head
+    rows: int        # query heads per threadgroup (RT)
+    threads: int
+    threadgroup_bytes: int
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.r // self.rows)
 
 
-def dequantize(q: Q4) -> mx.array:
-    """Q4 to fp16, bit-identical to mx.dequantize."""
-    n = q.packed.size
-    return _kernel("dequantize")(
-        inputs=list(q),
-        grid=(n, 1, 1),
-        threadgroup=(min(256, n), 1, 1),
-        output_shapes=[(*q.packed.shape[:-1], q.packed.shape[-1] * 8)],
-        output_dtypes=[mx.float16],
-    )[0]
+def _words_per_lane(d: int) -> int:
+    return max(1, d // 8 // SIMD_WIDTH)
 
 
-def _threads(r: int, d: int) -> int:
-    """Threads per group: 256, halved while threadgroup memory would pass 32 KiB."""
-    tg = 256
-    while tg > 32 and 4 * r * (d + d // GROUP_SIZE + tg + 3) > 32768:
-        tg //= 2
-    return tg
+def decode_plan(dtype: mx.Dtype, d: int, dv: int, r: int, max_threads: int = MAX_THREADS,
+                max_threadgroup_memory: int = MAX_THREADGROUP_MEMORY) -> DecodePlan | None:
+    """The launch configuration for these shapes, or None where the kernel must not run.
+
+    Refused: head dims outside HEAD_DIMS, query dtypes other than float32/16
+    and bfloat16, more threads or threadgroup memory than the device allows.
+    Any R works: query heads are taken in tiles of `rows`, sized so the
+    per-lane registers stay within REGISTER_FLOATS.
+    """
+    names = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+    if dtype not in names or d not in HEAD_DIMS or dv not in HEAD_DIMS or r < 1:
+        return None
+    per_row = 8 * (_words_per_lane(d) + _words_per_lane(dv))
+    rows = max(1, min(r, REGISTER_FLOATS // per_row))
+    threads = SIMD_WIDTH * SIMD_GROUPS
+    tg_bytes = 4 * SIMD_GROUPS * (2 * rows + dv)
+    if threads > max_threads or tg_bytes > max_threadgroup_memory:
+        return None
+    return DecodePlan(names[dtype], d, dv, r, rows, threads, tg_bytes)
+
+
+def split_count(groups: int, n: int) -> int:
+    """Splits along the sequence: enough threadgroups to fill the GPU, none shorter than a block."""
+    want = -(-SPLIT_TARGET_GROUPS // max(1, groups))
+    return max(1, min(want, n // MIN_SPLIT_TOKENS))
+
+
+def device_limits() -> dict:
+    """max_threads / max_threadgroup_memory of this Metal device where MLX reports them."""
+    info = mx.metal.device_info() if mx.metal.is_available() else {}
+    return {
+        "max_threads": int(info.get("max_threads_per_threadgroup", MAX_THREADS)),
+        "max_threadgroup_memory": int(info.get("max_threadgroup_memory_length", MAX_THREADGROUP_MEMORY)),
+    }
 
 
 def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
-                     lengths: mx.array | None = None) -> mx.array:
-    """Fused attention of queries (B, H, 1, D) over Q4 caches (B, H_kv, N, .).
+                     lengths: mx.array | None = None, splits: int | None = None) -> mx.array:
+    """Fused attention of queries (B, H, 1, D) over Q4 caches (B, H_kv, N, .), two launches.
 
-    Same contract as `q4.decode_attention_q4`; output (B, H, 1, Dv) in the
-    queries' dtype.
+    Same contract as `q4_format.decode_attention_q4`; output (B, H, 1, Dv) in
+    the queries' dtype. Raises ValueError for shapes `decode_plan` refuses.
     """
     b, h, one, d = queries.shape
     _, n_kv, n, _ = kq.packed.shape
     dv = vq.packed.shape[-1] * 8
-    if one != 1 or h % n_kv or d % GROUP_SIZE or dv % GROUP_SIZE:
-        raise ValueError("need queries (B, n_kv*R, 1, D) and D, Dv multiples of 64")
-    r = h // n_kv
-    tg = _threads(r, d)
+    if one != 1 or h % n_kv:
+        raise ValueError("need queries (B, n_kv*R, 1, D)")
+    plan = decode_plan(queries.dtype, d, dv, h // n_kv, **device_limits())
+    if plan is None:
+        raise ValueError(f"no decode kernel for {queries.dtype}, D={d}, Dv={dv}, R={h // n_kv}")
+    s = splits or split_count(n_kv * plan.tiles * b, n)
     if lengths is None:
         lengths = mx.full((b,), n, dtype=mx.int32)
-    return _kernel("decode_attention")(
+    partial, maxes, sums = _kernel("decode_attention")(
         inputs=[queries, *kq, *vq, lengths.astype(mx.int32),
                 mx.array([scale], dtype=mx.float32), mx.array([n], dtype=mx.int32)],
-        template=[("T", queries.dtype), ("D", d), ("DV", dv), ("R", r), ("TG", tg)],
-        grid=(n_kv * tg, b, 1),
-        threadgroup=(tg, 1, 1),
+        template=[("T", queries.dtype), ("D", d), ("DV", dv), ("R", plan.r), ("RT", plan.rows),
+                  ("NSG", SIMD_GROUPS)],
+        grid=(n_kv * plan.tiles * plan.threads, b, s),
+        threadgroup=(plan.threads, 1, 1),
+        output_shapes=[(b, h, s, dv), (b, h, s), (b, h, s)],
+        output_dtypes=[mx.float32] * 3,
+    )
+    return _kernel("decode_combine")(
+        inputs=[partial, maxes, sums, mx.array([s], dtype=mx.int32)],
+        template=[("T", queries.dtype), ("DV", dv)],
+        grid=(dv, b * h, 1),
+        threadgroup=(min(dv, 256), 1, 1),
         output_shapes=[(b, h, 1, dv)],
         output_dtypes=[queries.dtype],
     )[0]
-
-
-def _same_bits(a: mx.array, b: mx.array) -> bool:
-    if a.dtype == mx.float16:
-        a, b = a.view(mx.uint16), b.view(mx.uint16)
-    return a.shape == b.shape and mx.array_equal(a, b).item()
-
-
-def _self_check() -> None:
-    """Compare every kernel with the portable path on a small case; raise on mismatch."""
-    from . import q4
-
-    key = mx.random.key(0)
-    kk, kv, kq = mx.random.split(key, 3)
-    k = (mx.random.normal((2, 2, 40, 128), key=kk) * 3).astype(mx.float16)
-    v = mx.random.normal((2, 2, 40, 64), key=kv).astype(mx.float16)
-    kq4, vq4 = quantize_kv_block(k, v)
-    for got, x in ((kq4, k), (vq4, v), (quantize(k), k)):
-        want = mx.quantize(x, group_size=GROUP_SIZE, bits=4, stream=mx.cpu)
-        if not all(_same_bits(a, b) for a, b in zip(got, want)):
-            raise RuntimeError("quantize kernel differs from mx.quantize")
-    want = mx.dequantize(*kq4, group_size=GROUP_SIZE, bits=4, stream=mx.cpu)
-    if not _same_bits(dequantize(kq4), want):
-        raise RuntimeError("dequantize kernel differs from mx.dequantize")
-    queries = mx.random.normal((2, 4, 1, 128), key=kq)
-    lengths = mx.array([40, 17], dtype=mx.int32)
-    got = decode_attention(queries, kq4, vq4, 0.088, lengths)
-    want = q4.decode_attention_q4(queries, kq4, vq4, 0.088, lengths)
-    if not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
-        raise RuntimeError("decode attention kernel differs from the reference")
-
-
-@functools.cache
-def available() -> bool:
-    """True on an Apple GPU once the self-check has passed."""
-    if os.environ.get("MLX_AGENTCACHE_METAL_KERNELS", "1") == "0" or not mx.metal.is_available():
-        return False
-    try:
-        _self_check()
-    except Exception as e:  # any failure: fall back to the portable path for this process
-        warnings.warn(f"Q4 Metal kernels disabled, using the portable path: {e}")
-        return False
-    return True

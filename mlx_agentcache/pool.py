@@ -1,61 +1,57 @@
-"""Which agent caches live in memory, which on disk, and how they move.
+"""Which agent caches live in memory, which on disk: residency under a budget.
 
 Tiers: hot (blocks in memory), warm (file on disk, nothing in memory),
 cold (nothing cached: the next turn prefills everything).
 
-Checkin keeps the cache hot, marks it dirty and hands a snapshot to one
-background writer thread (write-behind): the turn, and other agents'
-decoding, never wait for disk. When hot caches exceed the memory budget, the
-least recently used idle agent is evicted: only its own pending write is
-waited for, then its blocks are freed. An agent whose save failed stays hot
-(it is never evicted unsaved) and the user is warned.
+`CachePool` is bookkeeping: the hot LRU, the byte budget, who is busy in a
+turn and who is unsaved. Bytes move through store/: a load is prepared under
+the pool's lock (the agent is reserved), read with no lock held, and
+completed under the lock; a save takes a snapshot under the lock and hands it
+to the store's writer thread (write-behind). The lock is never held while a
+file is read, written, stat'ed or locked, nor while waiting for the writer,
+so the engine thread's `begin_turn` and `checkin` never wait behind a
+background reload.
 
-A file that fails any check is moved aside and the agent goes cold.
-Per-agent file locks serialize writers across processes; see docs/pool.md.
+Every cache the pool holds counts against the budget: hot agents, and caches
+checked out for a turn (at the larger of their current size and the turn's
+reservation, `turn_bytes`). Room is made before memory is taken (a load, a
+turn, a checkin): the least recently used idle, unpinned agent is evicted,
+only its own pending write is waited for, then its blocks are freed. An
+agent whose save failed stays hot (it is never evicted unsaved) and the user
+is warned; so is every time the budget cannot be kept (`stats.over_budget`).
+Pinned agents are never evicted; together they may hold at most
+`PIN_SHARE` of the budget. A file that fails any check is moved aside and the
+agent goes cold. See docs/pool.md.
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
-import json
 import os
-import re
 import threading
-import time
-import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from . import cachefile
+from . import catalog
+from .config import warn as default_warn
 from .kvcache import AgentCache
-from .prefixes import PrefixStore, eligible, own_bytes, prefix_of
+from .q4 import BLOCK_TOKENS
+from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shared_bytes
+from .store import codec, container
+from .store.container import CacheFileError, CacheWriteError
+from .store.layout import NAME_RE, Layout, validate_agent_name  # noqa: F401  (NAME_RE: for callers that check names)
+from .store.workers import Writer
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOCK_TIMEOUT_S = 30.0
 BUDGET_FRACTION = 0.4  # of available memory; 10.2 of 24 GB on the reference M4 Pro is 0.42
-TMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
-
-
-def validate_agent_name(name: str) -> str:
-    """Agent names become file names: letters, digits, '_', '-', '.', at most 64, no '..'."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid agent name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit, without '..'"
-        )
-    return name
-
-
-def lock_path(cache_dir: Path, name: str) -> str:
-    """The per-agent lock file, shared by every process using `cache_dir`."""
-    d = Path(cache_dir) / ".locks"
-    d.mkdir(exist_ok=True)
-    return str(d / f"{validate_agent_name(name)}.lock")
+PIN_SHARE = 0.5  # pinned agents hold at most this share of the budget: the others always have room
+TURN_SLACK_TOKENS = 32  # the chat template's closing tokens after a reply (Scheduler._align)
+_ITEMSIZE = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2,
+             "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8}
 
 
 def available_memory() -> int:
@@ -76,8 +72,25 @@ def default_budget() -> int:
     return int(available_memory() * BUDGET_FRACTION)
 
 
-class AgentBusyError(cachefile.CacheWriteError):
+class AgentBusyError(CacheWriteError):
     """Another process holds the agent's lock."""
+
+
+class PinError(ValueError):
+    """An agent cannot be pinned (no cache yet, or the pins would crowd out
+    every other agent), or cannot be evicted because it is pinned."""
+
+
+def token_bytes(cache: AgentCache) -> int:
+    """Bytes one token takes across all layers, from the shapes the model
+    stores (`LayerCache.expect`); 0 when a layer does not know them."""
+    total = 0
+    for layer in cache.layers:
+        e = layer.expect
+        if e is None:
+            return 0
+        total += e.heads * sum(dim * _ITEMSIZE.get(dtype, 4) for dim, dtype in e.keys + (e.values or ()))
+    return total
 
 
 @dataclass
@@ -90,73 +103,25 @@ class PoolStats:
     evictions: int = 0
     refused_files: int = 0
     prefix_hits: int = 0  # turns that attached a shared prefix instead of prefilling it
+    over_budget: int = 0  # times the budget could not be kept (nothing evictable); each one warned
+    peak_hot_bytes: int = 0  # the most the pool's accounting ever held
+    unpinned: int = 0  # pins dropped because pinned agents outgrew PIN_SHARE of the budget
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class _Writer:
-    """One background thread saving dirty agents, latest snapshot wins."""
+@dataclass
+class _SaveJob:
+    """A snapshot taken under the pool's lock, written after it is released."""
 
-    def __init__(self, warn: Callable[[str], None]):
-        self.warn = warn
-        self.cv = threading.Condition()
-        self.queue: deque[str] = deque()
-        self.jobs: dict[str, Callable[[], int]] = {}
-        self.inflight: str | None = None
-        self.failed: dict[str, str] = {}
-        self.thread: threading.Thread | None = None
-
-    def submit(self, name: str, job: Callable[[], int]) -> None:
-        with self.cv:
-            if name not in self.jobs:
-                self.queue.append(name)
-            self.jobs[name] = job
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="agentcache-writer", daemon=True)
-                self.thread.start()
-            self.cv.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self.cv:
-                self.cv.wait_for(lambda: self.queue)
-                name = self.queue.popleft()
-                job = self.jobs.pop(name, None)
-                if job is None:
-                    continue
-                self.inflight = name
-            try:
-                job()
-                with self.cv:
-                    self.failed.pop(name, None)
-            except Exception as e:  # reported, the agent stays hot; the writer goes on
-                with self.cv:
-                    self.failed[name] = str(e)
-                self.warn(f"warning: agent '{name}' was not saved ({e}); it stays in memory")
-            finally:
-                with self.cv:
-                    self.inflight = None
-                    self.cv.notify_all()
-
-    def pending(self, name: str | None = None) -> bool:
-        if name is None:
-            return bool(self.jobs) or self.inflight is not None
-        return name in self.jobs or self.inflight == name
-
-    def wait(self, name: str | None = None, timeout: float | None = None) -> bool:
-        with self.cv:
-            return self.cv.wait_for(lambda: not self.pending(name), timeout)
-
-    def cancel(self, name: str) -> None:
-        """Drop a queued save and wait for one in flight."""
-        with self.cv:
-            self.jobs.pop(name, None)
-            self.failed.pop(name, None)
-            self.cv.wait_for(lambda: self.inflight != name)
+    name: str
+    tensors: dict
+    meta: dict
+    prefix: str | None
 
 
-class BlockPool:
+class CachePool:
     """Hot agent caches under a byte budget, backed by one file per agent.
 
     budget_bytes: None means `default_budget()`; float('inf') never evicts.
@@ -172,7 +137,7 @@ class BlockPool:
         fingerprint: str,
         new_cache: Callable[[], AgentCache],
         budget_bytes: int | None = None,
-        warn: Callable[[str], None] = print,
+        warn: Callable[[str], None] | None = None,
         *,
         model: str | None = None,
         write_behind: bool = True,
@@ -180,113 +145,200 @@ class BlockPool:
         lock_timeout: float = LOCK_TIMEOUT_S,
         persist: bool = True,
     ):
-        self.dir = Path(cache_dir)
+        self.layout = Layout(cache_dir)
+        self.dir = self.layout.dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         self.model = model
         self.new_cache = new_cache
         self.budget = default_budget() if budget_bytes is None else budget_bytes
-        self.warn = warn
+        self.warn = warn or default_warn
         self.lock_timeout = lock_timeout
         self.persist = persist
         self.hot: OrderedDict[str, AgentCache] = OrderedDict()
         self.busy: set[str] = set()
         self.unsaved: set[str] = set()  # hot state newer than its file and not queued
+        self.pinned: set[str] = set()  # never evicted; for this pool's life only
         self.stats = PoolStats()
+        self._out: dict[str, AgentCache] = {}  # checked out for a turn
         self._sizes: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}  # bytes claimed for a load or a turn, until checkin
+        self._version: dict[str, int] = {}  # bumped at every checkin: an eviction checks nothing changed
         self._lock = threading.RLock()
-        self._warned_full = False
+        self._over = False  # in an over-budget episode (warned once per episode)
         probe = new_cache()
-        self.prefixes = PrefixStore(self.dir, fingerprint, probe.layers[0].bits) if share_prefixes and eligible(probe) else None
-        self._writer = _Writer(warn) if write_behind else None
-        if self._writer:
-            ref = weakref.ref(self)
-            atexit.register(lambda: ref() and ref().flush())
-        self._remove_stale_tmp()
-        self._rebuild_refs()
+        self._token_bytes = token_bytes(probe)
+        self.prefixes = PrefixIndex(fingerprint, probe.layers[0].bits) if share_prefixes and eligible(probe) else None
+        self._writer = Writer(warn=self.warn, describe=lambda name, e: f"warning: agent '{name}' was not saved ({getattr(e, 'strerror', None) or e}); it stays in memory") if write_behind else None
+        self.layout.remove_stale_tmp()
+        self._scan()
 
     # -- names and files ---------------------------------------------------
     def path(self, name: str) -> Path:
-        return self.dir / (validate_agent_name(name) + cachefile.SUFFIX)
-
-    def lock_path(self, name: str) -> str:
-        return lock_path(self.dir, name)
+        return self.layout.agent_file(name)
 
     def agent_lock(self, name: str, timeout: float | None = None) -> FileLock:
         """The per-agent lock every writer (in any process) holds while replacing the file."""
-        return FileLock(self.lock_path(name), timeout=self.lock_timeout if timeout is None else timeout)
+        return self.layout.agent_lock(name, self.lock_timeout if timeout is None else timeout)
 
-    def _remove_stale_tmp(self) -> None:
-        """Temporary files of saves that crashed: the process that wrote them is gone."""
-        for d in (self.dir, self.dir / "blocks"):
-            for p in d.glob(".*.tmp*"):
-                m = TMP_RE.match(p.name)
-                if m and not _alive(int(m.group(1))):
-                    p.unlink(missing_ok=True)
+    def known(self) -> list[str]:
+        """Agents with a cache file here, or hot in this pool."""
+        with self._lock:
+            hot = set(self.hot)
+        return sorted(set(self.layout.cache_names()) | hot)
 
-    def _rebuild_refs(self) -> None:
+    def _scan(self) -> None:
+        """Prefix blocks on disk and which agent files use them (reference counts)."""
         if self.prefixes is None:
             return
-        for name in self.known():
+        for p in self.layout.block_files():
             try:
-                _, meta, _ = cachefile.read_header(self.path(name), (cachefile.FORMAT,))
-                ref = json.loads(meta.get("prefix", "null"))
-            except (cachefile.CacheFileError, ValueError):
+                _, meta, _ = container.read_header(p, (codec.BLOCK_FORMAT,))
+                tokens = codec.block_tokens(meta)
+            except (CacheFileError, KeyError, ValueError):
+                continue  # gc reports and removes it; loads of agents using it will refuse
+            if meta.get("fingerprint") == self.fingerprint and meta.get("kv_bits") == str(self.prefixes.bits):
+                self.prefixes.add(self.layout.block_key(p), tokens)
+        for name in self.layout.cache_names():
+            try:
+                _, meta, _ = container.read_header(self.path(name), (codec.FORMAT,))
+            except CacheFileError:
                 continue
-            if isinstance(ref, dict) and meta.get("fingerprint") == self.fingerprint:
+            ref = codec.prefix_ref(meta)
+            if ref and meta.get("fingerprint") == self.fingerprint:
                 self.prefixes.set_ref(name, str(ref.get("hash")))
 
     # -- tiers ---------------------------------------------------------------
     def tier(self, name: str) -> str:
-        if name in self.hot:
-            return "hot"
+        with self._lock:
+            if name in self.hot:
+                return "hot"
         return "warm" if self.persist and self.path(name).exists() else "cold"
 
     @property
     def hot_bytes(self) -> int:
-        """Memory held by hot caches: own blocks plus each shared prefix once."""
+        """Memory the pool accounts for: every cache it holds (hot, or checked out
+        for a load or a turn) plus each shared prefix once; see `_counted`."""
         with self._lock:
-            return sum(self._sizes.get(n, 0) for n in self.hot) + (self.prefixes.memory_bytes() if self.prefixes else 0)
+            return self._note()
 
-    def checkout(self, name: str) -> tuple[AgentCache, str]:
-        """The agent's cache for a turn, and the tier it came from."""
+    def _hot_bytes(self) -> int:
+        names = self.hot.keys() | self._out.keys() | self._reserved.keys()
+        return sum(self._counted(n) for n in names) + (self.prefixes.memory_bytes() if self.prefixes else 0)
+
+    def _counted(self, name: str) -> int:
+        """One agent's own blocks as allocated; a cache out for a turn counts at
+        the larger of its current size and what was reserved for the turn."""
+        c = self._out.get(name)
+        live = own_bytes(c) if c is not None else (self._sizes.get(name, 0) if name in self.hot else 0)
+        return max(live, self._reserved.get(name, 0))
+
+    def _note(self) -> int:
+        """Current accounted bytes, recorded in `stats.peak_hot_bytes` (under the lock)."""
+        b = self._hot_bytes()
+        if b > self.stats.peak_hot_bytes:
+            self.stats.peak_hot_bytes = b
+        return b
+
+    def turn_bytes(self, prompt_tokens: int, max_tokens: int = 0) -> int:
+        """Upper bound of an agent's own cache at the end of a turn: prompt, reply
+        and the template's closing tokens, in whole 256-token blocks. 0 when the
+        caches do not know their model's shapes (then only live sizes count)."""
+        n = prompt_tokens + max_tokens + TURN_SLACK_TOKENS
+        return -(-n // BLOCK_TOKENS) * BLOCK_TOKENS * self._token_bytes
+
+    def held_bytes(self) -> int:
+        """Memory a new turn cannot get back by eviction, apart from other turns:
+        idle hot agents that are pinned or unsaved, and shared prefixes."""
         with self._lock:
-            tier = self.tier(name)
-            if tier == "hot":
+            stuck = sum(self._counted(n) for n in self.hot if n not in self.busy and (n in self.pinned or n in self.unsaved))
+            return stuck + (self.prefixes.memory_bytes() if self.prefixes else 0)
+
+    # -- loads: prepare (lock), read (no lock), complete (lock) -------------------
+    def checkout(self, name: str) -> tuple[AgentCache, str]:
+        """The agent's cache for a turn, and the tier it came from. Reads a warm
+        agent's file on the calling thread, with the pool's lock released."""
+        validate_agent_name(name)
+        with self._lock:
+            if name in self.hot:
                 cache = self.hot[name]
                 self.hot.move_to_end(name)
-            elif tier == "warm":
-                try:
-                    self._enforce_budget(incoming=self.path(name).stat().st_size, exclude=name)
-                except FileNotFoundError:
-                    pass
-                cache = self._read(name)
-                tier = "warm" if cache is not None else "cold"
-            if tier == "cold":
-                cache = self.new_cache()
-            self.stats.hits[tier] += 1
-            self.busy.add(name)
-            return cache, tier
+                return self._complete_load(name, cache, "hot")
+            self.busy.add(name)  # reserved: no second load, no eviction
+        try:
+            cache = self._read(name) if self.persist else None
+        except BaseException:
+            with self._lock:
+                self.busy.discard(name)
+                self._reserved.pop(name, None)
+            raise
+        with self._lock:
+            if cache is not None:
+                return self._complete_load(name, cache, "warm")
+            return self._complete_load(name, self.new_cache(), "cold")
+
+    def _complete_load(self, name: str, cache: AgentCache, tier: str) -> tuple[AgentCache, str]:
+        self.stats.hits[tier] += 1
+        self.busy.add(name)
+        self._out[name] = cache
+        self._note()
+        return cache, tier
 
     def _read(self, name: str) -> AgentCache | None:
         path = self.path(name)
         try:
-            inode = path.stat().st_ino
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             return None
-        source = self.prefixes.segments if self.prefixes else None
-        before = self.prefixes.bytes_read if self.prefixes else 0
+        self._make_room(name, st.st_size)  # the file's tensors are about what the arrays take
+        read = [0]
+
+        def prefix_source(key: str, n: int, tokens: list[int]):
+            if self.prefixes is None:
+                raise CacheFileError(f"{path.name}: shared prefix {key} is missing (this pool shares none)")
+            return self.prefixes.segments(key, n, tokens, load=lambda k, t: self._read_block(k, t, read))
+
         try:
-            cache, _ = cachefile.load(path, self.fingerprint, self.new_cache().layers, prefix_source=source)
-        except cachefile.CacheFileError as e:
-            self.stats.refused_files += 1
-            moved = cachefile.quarantine(path, inode)
-            where = f"moved to {moved.name}" if moved else "left in place (it changed meanwhile)"
+            cache, _ = codec.load(path, self.fingerprint, self.new_cache().layers, prefix_source=prefix_source)
+        except (CacheFileError, PrefixMissing) as e:
+            with self._lock:
+                self.stats.refused_files += 1
+            try:
+                moved = container.quarantine(path, st.st_ino)
+                where = f"moved to {moved.name}" if moved else "left in place (it changed meanwhile)"
+            except OSError as err:  # e.g. a read-only directory: still never used
+                where = f"left in place (could not move it: {err.strerror or err})"
             self.warn(f"warning: cache for agent '{name}' not used ({e}); {where}; re-prefilling")
             return None
-        self.stats.bytes_read += size + ((self.prefixes.bytes_read - before) if self.prefixes else 0)
+        with self._lock:
+            self.stats.bytes_read += st.st_size + read[0]
         return cache
+
+    def _read_block(self, key: str, tokens: list[int], read: list[int]):
+        path = self.layout.block_file(key)
+        if not path.exists():
+            raise CacheFileError(f"shared prefix {key} is missing (no {path.relative_to(self.dir)})")
+        layers = codec.read_block(path, self.fingerprint, self.prefixes.bits, tokens, [layer.expect for layer in self.new_cache().layers])
+        read[0] += path.stat().st_size
+        return layers
+
+    # -- turns ---------------------------------------------------------------------
+    def begin_turn(self, name: str, prompt: list[int], max_tokens: int = 0) -> tuple[AgentCache, int]:
+        """Ready the agent's cache for `prompt`: checked out (now, if the caller did
+        not), room made for what the turn can grow to (`turn_bytes`, evicting
+        idle agents before any memory is taken), started from a shared prefix
+        when that reuses more, and cut to the longest prefix of `prompt` it
+        holds. Returns (cache, tokens reused)."""
+        with self._lock:
+            cache = self._out.get(name)
+        if cache is None:
+            cache, _ = self.checkout(name)
+        self._make_room(name, self.turn_bytes(len(prompt), max_tokens))
+        if prompt:
+            self.adopt_prefix(cache, prompt)
+        reused = cache.reusable_prefix(prompt)
+        cache.trim_to(reused)
+        return cache, reused
 
     def adopt_prefix(self, cache: AgentCache, prompt: list[int]) -> int:
         """Before prefill: start `cache` from a shared prefix of `prompt` when that
@@ -297,19 +349,26 @@ class BlockPool:
         if self.prefixes is None or not eligible(cache):
             return 0
         limit = len(prompt) - 1  # at least one token is prefilled
+        jobs: list[_SaveJob] = []
         with self._lock:
-            hit = self.prefixes.match(prompt, limit) or self._prefix_from_peer(prompt, limit)
+            hit = self.prefixes.match(prompt, limit) or self._prefix_from_peer(prompt, limit, jobs)
+        try:
             if hit is None or hit[1] <= cache.reusable_prefix(prompt):
                 return 0
-            try:
-                self.prefixes.attach(cache, hit[0], hit[1], prompt[: hit[1]])
-            except cachefile.CacheFileError as e:
+            key, n = hit
+            try:  # a prefix on disk only is read here, with no lock held
+                segs = self.prefixes.segments(key, n, prompt[:n], load=lambda k, t: self._read_block(k, t, [0]))
+            except (CacheFileError, PrefixMissing) as e:
                 self.warn(f"warning: shared prefix not used ({e}); prefilling it")
                 return 0
-            self.stats.prefix_hits += 1
-            return hit[1]
+            attach(cache, segs, n, prompt[:n])
+            with self._lock:
+                self.stats.prefix_hits += 1
+            return n
+        finally:
+            self._run(jobs)
 
-    def _prefix_from_peer(self, prompt: list[int], limit: int) -> tuple[str, int] | None:
+    def _prefix_from_peer(self, prompt: list[int], limit: int, jobs: list[_SaveJob]) -> tuple[str, int] | None:
         found = self.prefixes.peer(prompt, limit)
         if found is None:
             return None
@@ -318,10 +377,11 @@ class BlockPool:
         if c is None or peer in self.busy or not eligible(c) or c.tokens[:n] != prompt[:n] or min(layer.stored for layer in c.layers) < n:
             return None
         key = self.prefixes.create(c, n)
-        self.prefixes.attach(c, key, n, c.tokens[:n])
+        attach(c, self.prefixes.segments(key, n, c.tokens[:n]), n, c.tokens[:n])
         self._sizes[peer] = own_bytes(c)
+        self._version[peer] = self._version.get(peer, 0) + 1
         if self.persist and peer not in self.unsaved:
-            self._save(peer, c)
+            jobs.append(self._snapshot(peer, c))
         return key, n
 
     def checkin(self, name: str, cache: AgentCache, persist: bool = True) -> int:
@@ -329,110 +389,169 @@ class BlockPool:
 
         Returns bytes written by a synchronous save (0 with write-behind).
         """
+        jobs: list[_SaveJob] = []
+        self._make_room(name, own_bytes(cache))  # a turn that outgrew its reservation: room first
         with self._lock:
             self.busy.discard(name)
+            self._out.pop(name, None)
+            self._reserved.pop(name, None)
             if self.prefixes and self.prefixes.share(name, cache):
-                self._share_with_idle(name)
+                self._share_with_idle(name, jobs)
             self.hot[name] = cache
             self.hot.move_to_end(name)
             self._sizes[name] = own_bytes(cache)
-            written = 0
+            self._version[name] = self._version.get(name, 0) + 1
             if not self.persist:
                 pass  # memory only: eviction makes the agent cold
             elif persist:
                 self.unsaved.discard(name)
-                written = self._save(name, cache)
+                jobs.append(self._snapshot(name, cache))
             elif self._writer is None or not self._writer.pending(name):
                 self.unsaved.add(name)
-            self._enforce_budget()
+        try:
+            written = self._run(jobs, raise_for=name)
+        finally:
+            self._unpin_overflow()
+            self._make_room()
         return written
 
-    def _share_with_idle(self, name: str) -> None:
+    def _share_with_idle(self, name: str, jobs: list[_SaveJob]) -> None:
         """A new prefix appeared: let idle hot agents that start with it use it too."""
         for other, c in self.hot.items():
             if other != name and other not in self.busy and self.prefixes.share(other, c):
                 self._sizes[other] = own_bytes(c)
+                self._version[other] = self._version.get(other, 0) + 1
                 if self.persist and other not in self.unsaved:
-                    self._save(other, c)
+                    jobs.append(self._snapshot(other, c))
 
     # -- saving ----------------------------------------------------------------
-    def _save(self, name: str, cache: AgentCache) -> int:
+    def _snapshot(self, name: str, cache: AgentCache) -> _SaveJob:
         ref = prefix_of(cache) if self.prefixes else None
-        tensors, meta = cachefile.snapshot(cache, self.fingerprint, ref, model=self.model)
-        key = ref[0] if ref else None
-        if self._writer is None:
-            try:
-                return self._write(name, tensors, meta, key)
-            except cachefile.CacheWriteError:
-                self.unsaved.add(name)
-                self.stats.write_errors += 1
-                raise
-        self._writer.submit(name, lambda: self._write_counted(name, tensors, meta, key))
-        return 0
+        tensors, meta = codec.snapshot(cache, self.fingerprint, ref, model=self.model)
+        return _SaveJob(name, tensors, meta, ref[0] if ref else None)
 
-    def _write_counted(self, name, tensors, meta, key) -> int:
+    def _run(self, jobs: list[_SaveJob], raise_for: str | None = None) -> int:
+        """Hand snapshots to the writer, or write them now (no pool lock held).
+        A synchronous failure marks the agent unsaved; it raises for `raise_for`."""
+        written = 0
+        for job in jobs:
+            if self._writer is not None:
+                self._writer.submit(job.name, lambda job=job: self._write_counted(job))
+                continue
+            try:
+                written += self._write_counted(job)
+            except CacheWriteError:
+                with self._lock:
+                    self.unsaved.add(job.name)
+                if job.name == raise_for:
+                    raise
+        return written
+
+    def _write_counted(self, job: _SaveJob) -> int:
         try:
-            return self._write(name, tensors, meta, key)
+            return self._write(job)
         except Exception:
-            self.stats.write_errors += 1
+            with self._lock:
+                self.stats.write_errors += 1
             raise
 
-    def _write(self, name: str, tensors: dict, meta: dict, key: str | None) -> int:
-        path = self.path(name)
+    def _write(self, job: _SaveJob) -> int:
+        path = self.path(job.name)
         try:
-            with self.agent_lock(name):
-                if key is None:
-                    n = cachefile.write_tensors(path, tensors, meta)
+            with self.agent_lock(job.name):
+                if job.prefix is None:
+                    n = container.write_tensors(path, job.tensors, job.meta)
                 else:  # the block file must exist before a file refers to it; gc holds this lock too
-                    with FileLock(self.prefixes.lock_path(), timeout=self.lock_timeout):
-                        n = self.prefixes.ensure_file(key)
-                        n += cachefile.write_tensors(path, tensors, meta)
+                    with self.layout.blocks_lock(self.lock_timeout):
+                        n = self._ensure_block(job.prefix)
+                        n += container.write_tensors(path, job.tensors, job.meta)
         except Timeout:
-            raise AgentBusyError(errno.EBUSY, f"agent '{name}' is being saved by another process (waited {self.lock_timeout:g} s)") from None
+            raise AgentBusyError(errno.EBUSY, f"agent '{job.name}' is being saved by another process (waited {self.lock_timeout:g} s)") from None
+        except CacheWriteError:
+            raise
+        except OSError as e:  # the lock folder or file cannot be made: a read-only or full directory
+            raise CacheWriteError(e.errno, f"could not save {path.name}: {e.strerror or e}") from e
         if self.prefixes:
-            self.prefixes.set_ref(name, key)
-        self.stats.bytes_written += n
-        self.stats.writes += 1
+            self.prefixes.set_ref(job.name, job.prefix)
+        with self._lock:
+            self.stats.bytes_written += n
+            self.stats.writes += 1
+        return n
+
+    def _ensure_block(self, key: str) -> int:
+        """Write the block file if it is not on disk (new, or removed meanwhile); returns bytes written."""
+        path = self.layout.block_file(key)
+        if path.exists():
+            self.prefixes.mark_on_disk(key)
+            return 0
+        host = self.prefixes.host(key)
+        if host is None:
+            raise CacheWriteError(errno.ENOENT, f"shared prefix {key} is neither on disk nor in memory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = container.write_tensors(path, *host)
+        self.prefixes.mark_on_disk(key)
         return n
 
     def save(self, name: str, cache: AgentCache) -> int:
         """Save now, on this thread (raises CacheWriteError)."""
-        ref = prefix_of(cache) if self.prefixes else None
-        tensors, meta = cachefile.snapshot(cache, self.fingerprint, ref, model=self.model)
-        return self._write(name, tensors, meta, ref[0] if ref else None)
+        with self._lock:
+            job = self._snapshot(name, cache)
+        return self._write(job)
 
     def flush(self, name: str | None = None, timeout: float | None = None) -> dict[str, str]:
         """Wait for pending saves; returns {agent: error} for saves that failed."""
         if self._writer is None:
             return {}
         self._writer.wait(name, timeout)
-        with self._writer.cv:
-            failed = dict(self._writer.failed)
-        return {name: failed[name]} if name in failed else ({} if name else failed)
+        return self._writer.errors(name)
 
     def pending(self, name: str | None = None) -> bool:
         return bool(self._writer and self._writer.pending(name))
 
     # -- eviction --------------------------------------------------------------
-    def _enforce_budget(self, incoming: int = 0, exclude: str | None = None) -> None:
-        """Evict least recently used idle agents until hot caches plus `incoming` fit."""
-        while self.hot_bytes + incoming > self.budget:
-            victim = next((n for n in self.hot if n not in self.busy and n not in self.unsaved and n != exclude), None)
-            if victim is None:
-                if not self._warned_full and self.hot:
-                    self._warned_full = True
-                    self.warn(f"warning: hot caches use {self.hot_bytes >> 20} MiB, over the {self.budget >> 20} MiB budget; nothing can be evicted safely")
-                return
+    def _make_room(self, name: str | None = None, need: int = 0) -> None:
+        """Evict least recently used idle, unpinned agents until everything held
+        fits the budget with `name` counted at (at least) `need` bytes, then
+        reserve that for `name` until its checkin.
+
+        Victims are chosen under the lock; waiting for a victim's own pending
+        save and checking that its file exists happen with the lock released,
+        and the victim is dropped only if nothing changed meanwhile. With
+        nothing left to evict the reservation is made anyway (a turn is never
+        lost for memory): the episode is counted and warned."""
+        while True:
+            with self._lock:
+                extra = max(need - self._counted(name), 0) if name is not None else 0
+                total = self._hot_bytes() + extra
+                victim = None
+                if total > self.budget:
+                    victim = next((n for n in self.hot if n not in self.busy and n not in self.unsaved and n not in self.pinned and n != name), None)
+                if victim is None:
+                    if name is not None and need:
+                        self._reserved[name] = max(self._reserved.get(name, 0), need)
+                    self._note()
+                    if total <= self.budget:
+                        self._over = False
+                    elif not self._over:
+                        self._over = True
+                        self.stats.over_budget += 1
+                        why = ", ".join(f"{len(s)} {what}" for s, what in ((self.busy, "in a turn"), (self.pinned & self.hot.keys(), "pinned"), (self.unsaved, "unsaved")) if s)
+                        self.warn(f"warning: agent caches need {total / 2**20:.1f} MiB, over the {self.budget / 2**20:.1f} MiB budget, "
+                                  f"and nothing can be evicted ({why or 'no idle agent'})")
+                    return
+                version = self._version.get(victim)
             if self._writer is not None:
                 self._writer.wait(victim)  # its own pending write only
-                if victim in self.flush(victim):
+            failed = bool(self._writer and self._writer.errors(victim))
+            missing = self.persist and not self.path(victim).exists()
+            with self._lock:
+                if victim not in self.hot or victim in self.busy or victim in self.pinned or self._version.get(victim) != version or self.pending(victim):
+                    continue  # used or changed meanwhile: choose again
+                if failed or missing:
                     self.unsaved.add(victim)
                     continue
-            if self.persist and not self.path(victim).exists():
-                self.unsaved.add(victim)
-                continue
-            self._drop(victim)
-            self.stats.evictions += 1
+                self._drop(victim)
+                self.stats.evictions += 1
 
     def _drop(self, name: str) -> None:
         self.hot.pop(name, None)
@@ -441,23 +560,77 @@ class BlockPool:
             self.prefixes.release_unused(self.hot.values())
 
     def forget(self, name: str) -> None:
-        """Drop the agent from memory without saving (pending saves are cancelled)."""
+        """Drop the agent from memory without saving (pending saves are cancelled).
+        A pin stays: the agent is kept hot again from its next turn."""
         if self._writer is not None:
             self._writer.cancel(name)
         with self._lock:
             self.unsaved.discard(name)
             self.busy.discard(name)
+            self._out.pop(name, None)
+            self._reserved.pop(name, None)
             self._drop(name)
 
+    # -- pins ------------------------------------------------------------------
+    def pin(self, name: str) -> None:
+        """Never evict the agent (from its next turn on, if it is warm now).
+        Refused (PinError) when it has no cache yet, or when pinned agents would
+        then hold more than PIN_SHARE of the budget. Pins last as long as the pool."""
+        validate_agent_name(name)
+        try:
+            on_disk = self.path(name).stat().st_size if self.persist else None
+        except FileNotFoundError:
+            on_disk = None
+        with self._lock:
+            if name in self.pinned:
+                return
+            if name in self.hot or name in self._out:
+                size = self._counted(name)
+            elif on_disk is not None:
+                size = on_disk
+            else:
+                raise PinError(f"agent '{name}' has no cache to pin yet (it gets one at its first turn)")
+            pinned = sum(self._counted(n) for n in self.pinned)
+            cap = self.budget * PIN_SHARE
+            if pinned + size > cap:
+                raise PinError(f"pinning agent '{name}' ({size / 2**20:.2f} MiB) would let pinned agents hold {(pinned + size) / 2**20:.2f} MiB, "
+                               f"over {PIN_SHARE:.0%} of the {self.budget / 2**20:.2f} MiB cache budget (the rest must stay free for other agents)")
+            self.pinned.add(name)
+
+    def unpin(self, name: str) -> bool:
+        """Let the agent be evicted again; False if it was not pinned."""
+        with self._lock:
+            was = name in self.pinned
+            self.pinned.discard(name)
+        if was:
+            self._make_room()
+        return was
+
+    def _unpin_overflow(self) -> None:
+        """Pinned agents grow with their turns: past PIN_SHARE of the budget the
+        least recently used are unpinned (warned), so other agents keep room."""
+        with self._lock:
+            order = [n for n in self.hot if n in self.pinned] + sorted(self.pinned - self.hot.keys())
+            total = sum(self._counted(n) for n in self.pinned)
+            for n in order:
+                if total <= self.budget * PIN_SHARE:
+                    break
+                self.pinned.discard(n)
+                self.stats.unpinned += 1
+                total -= self._counted(n)
+                self.warn(f"warning: agent '{n}' unpinned: pinned agents grew past {PIN_SHARE:.0%} of the {self.budget / 2**20:.2f} MiB cache budget")
+
     def remove(self, name: str) -> list[Path]:
-        """Forget the agent and delete its cache file (under its lock). Returns removed paths."""
+        """Forget the agent (and its pin) and delete its cache file (under its lock). Returns removed paths."""
         self.forget(name)
+        with self._lock:
+            self.pinned.discard(name)
         removed = []
         with self.agent_lock(name):
-            for p in (self.path(name),):
-                if p.exists():
-                    p.unlink()
-                    removed.append(p)
+            p = self.path(name)
+            if p.exists():
+                p.unlink()
+                removed.append(p)
         if self.prefixes:
             self.prefixes.set_ref(name, None)
         return removed
@@ -469,77 +642,59 @@ class BlockPool:
     def gc_prefixes(self) -> list[Path]:
         """Delete prefix block files that no agent file (of any process) and no
         hot cache here uses; see catalog.gc_plan. Returns the removed paths."""
-        from . import catalog
-
         if self.prefixes is None:
             return []
         with self._lock:
             keep = {p[0] for p in map(prefix_of, self.hot.values()) if p} | self.prefixes.unwritten()
-        plan = [(p, why) for p, why in catalog.gc_plan(self.dir, set()) if p.parent == self.prefixes.dir and p.stem not in keep]
+        plan = [(p, why) for p, why in catalog.gc_plan(self.dir, set()) if self.layout.is_block_file(p) and self.layout.block_key(p) not in keep]
         catalog.gc_apply(self.dir, plan)
         removed = [p for p, _ in plan if not p.exists()]
         for p in removed:
-            self.prefixes.forget(p.stem)
+            self.prefixes.forget(self.layout.block_key(p))
         return removed
 
-    # -- listing -------------------------------------------------------------
-    def known(self) -> list[str]:
-        names = {p.name[: -len(cachefile.SUFFIX)] for p in self.dir.glob("*" + cachefile.SUFFIX)}
-        return sorted({n for n in names if NAME_RE.match(n)} | set(self.hot))
-
+    # -- views -------------------------------------------------------------
     def summary(self) -> dict:
         """Counters plus the pool's current state, for the API and `/agents`."""
+        pending = {n: self.pending(n) for n in list(self.hot)}
         with self._lock:
-            shared = [prefix_of(c) for c in self.hot.values()]
-            saved = sum(self._prefix_bytes(c, p) for c, p in zip(self.hot.values(), shared) if p)
-            out = {
+            saved = sum(shared_bytes(c) for c in self.hot.values() if prefix_of(c))
+            mem = self.prefixes.memory_bytes() if self.prefixes else 0
+            return {
                 **self.stats.as_dict(),
                 "hot_agents": len(self.hot),
-                "hot_bytes": self.hot_bytes,
+                "hot_bytes": self._note(),
+                "peak_hot_bytes": self.stats.peak_hot_bytes,
+                "pinned": sorted(self.pinned),
                 "budget_bytes": self.budget if self.budget != float("inf") else None,
-                "pending_writes": sum(self.pending(n) for n in self.hot),
+                "pending_writes": sum(pending.get(n, False) for n in self.hot),
                 "unsaved": sorted(self.unsaved),
-                "shared_prefixes_in_memory": sum(1 for e in (self.prefixes.entries.values() if self.prefixes else ()) if e.layers is not None),
-                "shared_prefix_bytes_saved": max(saved - (self.prefixes.memory_bytes() if self.prefixes else 0), 0),
+                "shared_prefixes_in_memory": self.prefixes.in_memory() if self.prefixes else 0,
+                "shared_prefix_bytes_saved": max(saved - mem, 0),
             }
-        return out
 
-    @staticmethod
-    def _prefix_bytes(cache: AgentCache, ref: tuple[str, int]) -> int:
-        return sum(layer.segments[0].nbytes for layer in cache.layers)
+    def resident(self, name: str) -> dict | None:
+        """What memory holds of a hot agent (tokens, bytes, save state), else None."""
+        pending = self.pending(name)
+        with self._lock:
+            c = self.hot.get(name)
+            if c is None:
+                return None
+            return {"tier": "hot", "tokens": c.offset, "bytes": c.nbytes, "pending_write": pending, "unsaved": name in self.unsaved,
+                    "pinned": name in self.pinned}
 
     def describe(self, name: str) -> dict:
         """Tier, tokens, bytes, model and last use of one agent, without loading its tensors."""
-        tier = self.tier(name)
-        info = {"name": name, "tier": tier, "tokens": 0, "bytes": 0, "last_used": None}
-        if tier == "hot":
-            c = self.hot[name]
-            info.update(tokens=c.offset, bytes=c.nbytes, pending_write=self.pending(name), unsaved=name in self.unsaved)
-        p = self.path(name)
-        if p.exists():
-            try:
-                st = p.stat()
-                _, meta, _ = cachefile.read_header(p, (cachefile.FORMAT,))
-                ref = json.loads(meta.get("prefix", "null"))
-                info.update(file_bytes=st.st_size, last_used=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)))
-                if tier != "hot":
-                    info.update(tokens=int(meta["n_tokens"]), bytes=st.st_size)
-                info.update(model=meta.get("model") or None, fingerprint=meta.get("fingerprint"), kv_bits=int(meta["kv_bits"]))
-                info["model_match"] = meta.get("fingerprint") == self.fingerprint
-                if isinstance(ref, dict):
-                    info["shared_prefix"] = {"hash": ref.get("hash"), "tokens": ref.get("tokens")}
-            except (cachefile.CacheFileError, OSError, KeyError, ValueError) as e:
-                info["error"] = str(e)
+        info = catalog.describe(self.dir, name)
+        info["model_match"] = info.get("fingerprint") == self.fingerprint if info.get("fingerprint") else None
+        if not self.persist and info["tier"] == "warm":
+            info["tier"] = "cold"
+        with self._lock:
+            info["pinned"] = name in self.pinned
+        hot = self.resident(name)
+        if hot:
+            info.update(hot)
         return info
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+BlockPool = CachePool  # the former name, kept for existing callers

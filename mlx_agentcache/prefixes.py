@@ -1,8 +1,8 @@
-"""Shared prompt prefixes: the KV of common leading blocks, kept once.
+"""Shared prompt prefixes: which agents start with the same blocks, and who uses them.
 
 Many agents start with the same long system prompt, so their caches would
 hold identical leading blocks. Instead, the full 256-token blocks that agents
-have in common are stored once, content-addressed by a hash chained over the
+have in common are kept once, content-addressed by a hash chained over the
 token ids (salted with the model fingerprint and KV precision), and each
 agent's layer caches begin with a read-only `SharedSegment` over them.
 Appends go to the agent's own segment; trimming into the prefix copies what
@@ -13,30 +13,34 @@ blocks as one seen before; later agents whose prompt starts with those
 blocks attach to it before prefill and skip computing them at all. An agent
 may use fewer blocks than a prefix holds (a view, no copy).
 
-On disk a prefix is `<cache_dir>/blocks/<hash>.safetensors` (BLOCK_FORMAT,
-token ids in its metadata); agent files name it and store only what follows.
-Reference counts are rebuilt from the agent files; `gc` removes block files
-nothing refers to. Only models whose layers all attend globally share
-prefixes: a sliding-window layer does not keep the early blocks.
+This module is the index and the reference counts only: it never touches a
+file. Block files (`Layout.block_file`) are read and written by the pool
+through store/, which hands the index what it read (`add`, `segments(...,
+load=...)`) and asks it what to write (`host`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
-from . import cachefile
-from .kvcache import AgentCache, LayerCache, Segment
+from .kvcache import AgentCache, Segment
 from .q4 import BLOCK_TOKENS
+from .store.codec import block_snapshot, stored_views
 
 MAX_SEEN = 1 << 16  # chain hashes remembered from agents' own blocks
+
+BlockLoader = Callable[[str, list[int]], list[tuple[tuple, tuple | None]]]
+
+
+class PrefixMissing(LookupError):
+    """A prefix the index does not know, or that does not hold the requested tokens."""
 
 
 @dataclass
@@ -80,6 +84,11 @@ def own_bytes(cache: AgentCache) -> int:
     )
 
 
+def shared_bytes(cache: AgentCache) -> int:
+    """Bytes of the shared prefix views a cache starts with."""
+    return sum(layer.segments[0].nbytes for layer in cache.layers if layer.segments and isinstance(layer.segments[0], SharedSegment))
+
+
 def _copy(t: tuple | None, a: int, b: int) -> tuple | None:
     """A fresh buffer for tokens [a, b): slices alone would keep the whole source alive."""
     return None if t is None else tuple(mx.array(x[..., a:b, :]) for x in t)
@@ -91,6 +100,7 @@ class Prefix:
     tokens: list[int]
     layers: list[tuple[tuple, tuple | None]] | None = None  # None: on disk only
     host: tuple[dict, dict] | None = None  # (numpy views, meta) of `layers`, for writing its file
+    on_disk: bool = False  # its block file is known to exist
 
     @property
     def nbytes(self) -> int:
@@ -105,38 +115,24 @@ class Prefix:
         return [SharedSegment(cut(k), cut(v), n, shared=True, prefix=self.key) for k, v in self.layers]
 
 
-class PrefixStore:
-    """Prefixes of one model and KV precision: in memory, on disk, and who uses them."""
+class PrefixIndex:
+    """Prefixes of one model and KV precision: the index, what is in memory, who uses them."""
 
-    def __init__(self, cache_dir: Path, fingerprint: str, bits: int):
-        self.dir = Path(cache_dir) / "blocks"
+    def __init__(self, fingerprint: str, bits: int):
         self.fingerprint = fingerprint
         self.bits = bits
         self.salt = f"{fingerprint}:{bits}"
         self.entries: dict[str, Prefix] = {}
         self.index: dict[str, tuple[str, int]] = {}  # chain hash -> (prefix key, blocks)
         self.refs: dict[str, set[str]] = {}  # prefix key -> agents whose file uses it
-        self.bytes_read = 0
         self._seen: OrderedDict[str, str] = OrderedDict()  # chain hash -> agent that held it
         self._lock = threading.RLock()
-        self._scan()
-
-    def path(self, key: str) -> Path:
-        return self.dir / f"{key}{cachefile.SUFFIX}"
-
-    def lock_path(self) -> str:
-        return str(self.dir / ".lock")
 
     # -- index -------------------------------------------------------------
-    def _scan(self) -> None:
-        for p in sorted(self.dir.glob("*" + cachefile.SUFFIX)):
-            try:
-                _, meta, _ = cachefile.read_header(p, (cachefile.BLOCK_FORMAT,))
-                tokens = json.loads(meta["tokens"])
-            except (cachefile.CacheFileError, KeyError, ValueError):
-                continue  # gc reports and removes it; loads of agents using it will refuse
-            if meta.get("fingerprint") == self.fingerprint and meta.get("kv_bits") == str(self.bits):
-                self._add(Prefix(p.stem, tokens))
+    def add(self, key: str, tokens: list[int], on_disk: bool = True) -> None:
+        """A prefix known from its block file (its tokens), not in memory yet."""
+        with self._lock:
+            self._add(Prefix(key, list(tokens), on_disk=on_disk))
 
     def _add(self, entry: Prefix) -> None:
         chain = chain_hashes(entry.tokens, self.salt)
@@ -151,16 +147,15 @@ class PrefixStore:
         """Longest known prefix (key, tokens) that `tokens[:limit]` starts with."""
         chain = chain_hashes(tokens[:limit], self.salt)
         with self._lock:
-            for j in range(len(chain), 0, -1):
-                hit = self.index.get(chain[j - 1])
-                if hit:
-                    return hit[0], j * BLOCK_TOKENS
-        return None
+            return self._existing(chain)
 
     # -- sharing -------------------------------------------------------------
     def share(self, name: str, cache: AgentCache) -> bool:
         """Point `cache` at a prefix for its leading blocks when one exists or a
-        second agent has the same ones. Returns True if the cache changed."""
+        second agent has the same ones. Returns True if the cache changed.
+
+        A prefix known only on disk takes its memory copy from this cache's own
+        blocks (the same tokens of the same model), so nothing is read here."""
         if not eligible(cache):
             return False
         stored = min(layer.stored for layer in cache.layers)
@@ -177,7 +172,13 @@ class PrefixStore:
             current = prefix_of(cache)
             if target is None or (current and current[1] >= target[1]):
                 return False
-            self.attach(cache, *target, cache.tokens[: target[1]])
+            key, n = target
+            entry = self.entries[key]
+            if entry.layers is None:
+                if len(entry.tokens) > stored or cache.tokens[: len(entry.tokens)] != entry.tokens:
+                    return False  # this cache cannot supply the whole prefix
+                self._fill(entry, cache)
+            attach(cache, entry.segments(n), n, cache.tokens[:n])
             return True
 
     def _existing(self, chain: list[str]) -> tuple[str, int] | None:
@@ -207,88 +208,68 @@ class PrefixStore:
     def create(self, cache: AgentCache, n: int) -> str:
         """A new prefix from a copy of the first `n` (full blocks) tokens of `cache`; returns its key."""
         with self._lock:
-            entry = Prefix(chain_hashes(cache.tokens[:n], self.salt)[-1], list(cache.tokens[:n]))
-            if entry.key in self.entries and self.entries[entry.key].layers is not None:
-                return entry.key
-            entry.layers = [(_copy(k, 0, n), _copy(v, 0, n)) for k, v in (cachefile.stored_views(layer, 0) for layer in cache.layers)]
-            entry.host = self._block_file(entry)
-            self._add(entry)
-            return entry.key
-
-    def _block_file(self, entry: Prefix) -> tuple[dict, dict]:
-        layers = [LayerCache.restore(self.bits, None, 0, len(entry.tokens), k, v) for k, v in entry.layers]
-        tensors, spans = cachefile.layer_tensors(layers, lambda layer: 0)
-        meta = {
-            "format": cachefile.BLOCK_FORMAT,
-            "fingerprint": self.fingerprint,
-            "kv_bits": str(self.bits),
-            "tokens": json.dumps(entry.tokens),
-            "layers": json.dumps(spans),
-        }
-        return tensors, meta
-
-    def attach(self, cache: AgentCache, key: str, n: int, tokens: list[int]) -> None:
-        """Make the first `n` tokens (`tokens`) of every layer a view of prefix `key`.
-
-        If the cache already holds those tokens, what follows them is copied
-        into a fresh own segment (so the old buffers can be freed); otherwise
-        the cache is reset to exactly the prefix.
-        """
-        segs = self.segments(key, n, tokens)
-        keep = cache.tokens[:n] == list(tokens) and all(layer.offset == cache.offset for layer in cache.layers)
-        for layer, seg in zip(cache.layers, segs):
-            rest = []
-            if keep and layer.offset > n:
-                k, v = cachefile.stored_views(layer, n)
-                rest = [Segment(_copy(k, 0, layer.offset - n), _copy(v, 0, layer.offset - n), layer.offset - n)]
-            layer.segments = [seg] + rest
-            layer.start = 0
-            if not keep:
-                layer.offset = n
-        if not keep:
-            cache.tokens = list(tokens)
-
-    def segments(self, key: str, n: int, tokens: list[int] | None = None) -> list[SharedSegment]:
-        """Shared views of a prefix's first `n` tokens, reading its file if needed."""
-        with self._lock:
+            key = chain_hashes(cache.tokens[:n], self.salt)[-1]
             entry = self.entries.get(key)
-            if entry is None:
-                raise cachefile.CacheFileError(f"shared prefix {key} is missing (no {self.path(key).name})")
-            if n > len(entry.tokens) or (tokens is not None and entry.tokens[:n] != list(tokens)):
-                raise cachefile.CacheFileError(f"shared prefix {key} does not hold these {n} tokens")
-            if entry.layers is None:
-                entry.layers = self._read(entry)
-                entry.host = self._block_file(entry)
+            if entry is not None and entry.layers is not None:
+                return key
+            entry = entry or Prefix(key, list(cache.tokens[:n]))
+            self._fill(entry, cache)
+            self._add(entry)
+            return key
+
+    def _fill(self, entry: Prefix, cache: AgentCache) -> None:
+        n = len(entry.tokens)
+        entry.layers = [(_copy(k, 0, n), _copy(v, 0, n)) for k, v in (stored_views(layer, 0) for layer in cache.layers)]
+        entry.host = block_snapshot(entry.layers, entry.tokens, self.fingerprint, self.bits)
+
+    def segments(self, key: str, n: int, tokens: list[int] | None = None, load: BlockLoader | None = None) -> list[SharedSegment]:
+        """Shared views of a prefix's first `n` tokens. A prefix that is on disk
+        only is read with `load(key, tokens)`, outside the index's lock."""
+        with self._lock:
+            entry = self._checked(key, n, tokens)
+            if entry.layers is not None:
+                return entry.segments(n)
+            want = list(entry.tokens)
+        if load is None:
+            raise PrefixMissing(f"shared prefix {key} is not in memory")
+        layers = load(key, want)
+        with self._lock:
+            entry = self._checked(key, n, tokens)
+            if entry.layers is None:  # another thread may have filled it meanwhile
+                entry.layers = layers
+                entry.host = block_snapshot(layers, entry.tokens, self.fingerprint, self.bits)
+                entry.on_disk = True
             return entry.segments(n)
 
-    def _read(self, entry: Prefix) -> list[tuple[tuple, tuple | None]]:
-        path = self.path(entry.key)
-        out = cachefile.read_block(path, self.fingerprint, self.bits, entry.tokens)
-        self.bytes_read += path.stat().st_size
-        return out
+    def _checked(self, key: str, n: int, tokens: list[int] | None) -> Prefix:
+        entry = self.entries.get(key)
+        if entry is None:
+            raise PrefixMissing(f"shared prefix {key} is missing")
+        if n > len(entry.tokens) or (tokens is not None and entry.tokens[:n] != list(tokens)):
+            raise PrefixMissing(f"shared prefix {key} does not hold these {n} tokens")
+        return entry
 
-    # -- disk ----------------------------------------------------------------
-    def ensure_file(self, key: str) -> int:
-        """Write the block file if it is not on disk (new, or removed meanwhile); returns bytes written.
+    # -- what to write -----------------------------------------------------------
+    def host(self, key: str) -> tuple[dict, dict] | None:
+        """(tensors, metadata) of the prefix's block file, while it is in memory.
 
-        Runs on the writer thread: it only touches numpy views made on the
-        thread that created or loaded the prefix.
-        """
+        The tensors are numpy views made on the thread that created or read the
+        prefix, so a writer thread can write them."""
         with self._lock:
             entry = self.entries.get(key)
-            host = entry.host if entry else None
-        if self.path(key).exists():
-            return 0
-        if host is None:
-            raise cachefile.CacheWriteError(2, f"shared prefix {key} is neither on disk nor in memory")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return cachefile.write_tensors(self.path(key), *host)
+            return entry.host if entry else None
+
+    def mark_on_disk(self, key: str, on_disk: bool = True) -> None:
+        with self._lock:
+            if key in self.entries:
+                self.entries[key].on_disk = on_disk
 
     def unwritten(self) -> set[str]:
-        """Prefixes in memory whose block file is not on disk yet."""
+        """Prefixes in memory whose block file is not known to be on disk."""
         with self._lock:
-            return {k for k, e in self.entries.items() if e.layers is not None and not self.path(k).exists()}
+            return {k for k, e in self.entries.items() if e.layers is not None and not e.on_disk}
 
+    # -- references and memory ------------------------------------------------------
     def set_ref(self, name: str, key: str | None) -> None:
         with self._lock:
             for users in self.refs.values():
@@ -302,7 +283,7 @@ class PrefixStore:
         freed = 0
         with self._lock:
             for e in self.entries.values():
-                if e.layers is not None and e.key not in used and self.path(e.key).exists():
+                if e.layers is not None and e.key not in used and e.on_disk:
                     freed += e.nbytes
                     e.layers = e.host = None
         return freed
@@ -311,6 +292,10 @@ class PrefixStore:
         with self._lock:
             return sum(e.nbytes for e in self.entries.values())
 
+    def in_memory(self) -> int:
+        with self._lock:
+            return sum(1 for e in self.entries.values() if e.layers is not None)
+
     def forget(self, key: str) -> None:
         with self._lock:
             self.entries.pop(key, None)
@@ -318,3 +303,24 @@ class PrefixStore:
             self.index = {}
             for e in list(self.entries.values()):  # another prefix may cover the same shorter chains
                 self._add(e)
+
+
+def attach(cache: AgentCache, segs: list[SharedSegment], n: int, tokens: list[int]) -> None:
+    """Make the first `n` tokens (`tokens`) of every layer the shared views `segs`.
+
+    If the cache already holds those tokens, what follows them is copied
+    into a fresh own segment (so the old buffers can be freed); otherwise
+    the cache is reset to exactly the prefix.
+    """
+    keep = cache.tokens[:n] == list(tokens) and all(layer.offset == cache.offset for layer in cache.layers)
+    for layer, seg in zip(cache.layers, segs):
+        rest = []
+        if keep and layer.offset > n:
+            k, v = stored_views(layer, n)
+            rest = [Segment(_copy(k, 0, layer.offset - n), _copy(v, 0, layer.offset - n), layer.offset - n)]
+        layer.segments = [seg] + rest
+        layer.start = 0
+        if not keep:
+            layer.offset = n
+    if not keep:
+        cache.tokens = list(tokens)

@@ -1,128 +1,191 @@
-"""The Q4 block format shared by memory, disk and kernels.
+"""Q4 quantize and decode attention on the best backend this machine has.
 
-A tensor of shape (..., D) is quantized group-wise along its last axis:
-groups of GROUP_SIZE elements, 4 bits each, with one fp16 scale and one fp16
-bias per group (x ~= scale * q + bias). Eight 4-bit codes are packed into one
-little-endian uint32, element i of a group of eight in bits 4*i..4*i+3. This is
-exactly MLX's affine `mx.quantize` layout, so the portable path is
-`mx.quantize` itself. On an Apple GPU the custom kernels of kernels/ are used
-instead (see `metal_kernels`); they produce the bytes of MLX's CPU
-`mx.quantize`, so a block is encoded identically on every machine. (MLX's own
-GPU quantize rounds ties away from zero and starts its running max at 0, so
-it can differ in rare groups.) See kernels/README.md for the byte layout.
+On an Apple GPU (`mx.metal.is_available()`, GPU default device) the custom
+kernels of `metal_kernels` run, each configuration only after it has matched
+the portable path of `q4_format` on a first-use check; everywhere else, and
+for any configuration that is refused, fails to compile or launch, or
+disagrees, the portable path runs (with one warning per failing
+configuration). MLX_AGENTCACHE_METAL_KERNELS=0 turns the kernels off.
+
+The format names are re-exported so callers need one import.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import os
+from collections.abc import Callable, Hashable
 
 import mlx.core as mx
+import numpy as np
 
-BITS = 4
-GROUP_SIZE = 64
-BLOCK_TOKENS = 256
-STORE_DTYPE = mx.float16
+from . import q4_format
+from .config import warn
+from .q4_format import BITS, BLOCK_TOKENS, GROUP_SIZE, STORE_DTYPE, Q4, bytes_per_token, decode_attention_q4
 
+__all__ = ["BITS", "BLOCK_TOKENS", "GROUP_SIZE", "STORE_DTYPE", "Q4", "bytes_per_token", "decode_attention_q4",
+           "quantize", "decode_attention", "fused_decode_available", "CheckedKernels"]
 
-class Q4(NamedTuple):
-    """Packed codes (uint32) with fp16 scales and biases, one per group."""
-
-    packed: mx.array
-    scales: mx.array
-    biases: mx.array
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
+# Max |kernel - reference| / max |reference| a decode configuration may show on its check.
+CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
 
 
-def _metal(group_size: int = GROUP_SIZE, bits: int = BITS) -> bool:
-    """Whether to use the custom kernels: Q4 on an Apple GPU, once they passed their self-check."""
-    if (group_size, bits) != (GROUP_SIZE, BITS) or not mx.metal.is_available():
+def check_groups() -> np.ndarray:
+    """64-value fp16 groups for the quantize check: exact ties at every rounding, edges, NaN/Inf.
+
+    Ties: codes x.5 at scale 1 (and scaled), the edge rounding (-7.5 .. 7.5
+    gives q0 = rint(-7.5)), and the fp16 rounding of the scale itself: in
+    units of 2^-24, edges 3 and 6 give a float32 scale of 1.5 units (rounds
+    to 2), edges 20 / -17 give 2.5 units (rounds to 2, not 3).
+    """
+    ties = np.concatenate([[0.0, 15.0], np.arange(15) + 0.5, np.arange(47) % 16])
+    ramp = np.linspace(-1.0, 1.0, 64)
+    unit = 2.0**-24
+    scale_ties = [np.arange(64) % 4 * unit, np.arange(64) % 7 * unit,
+                  np.concatenate([[20, -17], np.arange(62) % 38 - 17]) * unit]
+    groups = [
+        ties, -ties, ties * 0.25, ties - 7.5, ties * 2.0**-10, ties * 64.0,
+        *scale_ties, *(-g for g in scale_ties),
+        np.zeros(64), -np.zeros(64), np.full(64, 3.0), np.full(64, -2.5), np.full(64, 65504.0),
+        np.full(64, 6e-8), ramp, -np.abs(ramp) - 1, np.abs(ramp) * 1000 + 1,
+        np.concatenate([[65504.0, -65504.0], ramp[2:]]), np.concatenate([[np.nan], ramp[1:]]),
+        np.concatenate([[np.inf], ramp[1:]]), np.full(64, np.nan),
+    ]
+    rng = np.random.default_rng(0)
+    random = rng.standard_normal((39, 64)) * 10.0 ** rng.uniform(-4, 4, (39, 1))
+    return np.concatenate([np.stack(groups), random]).astype(np.float16)
+
+
+def _same_q4(got: Q4, want: Q4) -> bool:
+    """Packed codes equal, scale and bias bits equal (a NaN scale or bias only needs to be NaN)."""
+    if not mx.array_equal(got.packed, want.packed).item():
         return False
-    if mx.default_device() != mx.gpu:
-        return False
+    for g, w in ((got.scales, want.scales), (got.biases, want.biases)):
+        g, w = np.array(g), np.array(w)
+        if g.shape != w.shape:
+            return False
+        same = (g.view(np.uint16) == w.view(np.uint16)) | (np.isnan(g) & np.isnan(w))
+        if not same.all():
+            return False
+    return True
+
+
+class CheckedKernels:
+    """Custom kernels behind a first-use check of every configuration, the portable path otherwise.
+
+    `quantize_kernel(x) -> Q4` and `decode_kernel(queries, kq, vq, scale,
+    lengths, splits=None) -> array` are the launches; `decode_config(dtype, d,
+    dv, r)` returns a hashable configuration (None: refused, portable path).
+    A configuration is checked the first time it appears: compile, launch
+    and result errors all disable it with one warning (`config.warn`).
+    """
+
+    def __init__(self, quantize_kernel: Callable, decode_kernel: Callable,
+                 decode_config: Callable[..., Hashable | None]):
+        self.quantize_kernel = quantize_kernel
+        self.decode_kernel = decode_kernel
+        self.decode_config = decode_config
+        self.verdicts: dict = {}
+
+    def _trusted(self, config: Hashable, check: Callable[[], None]) -> bool:
+        if config not in self.verdicts:
+            try:
+                check()
+                self.verdicts[config] = True
+            except Exception as e:  # compile, launch or result: the portable path takes over
+                self._disable(config, e)
+        return self.verdicts[config]
+
+    def _disable(self, config: Hashable, error: Exception) -> None:
+        warn(f"Q4 Metal kernel {config} disabled, using the portable path: {error}")
+        self.verdicts[config] = False
+
+    def quantize(self, x: mx.array) -> Q4:
+        if self._trusted(("quantize",), self._check_quantize):
+            try:
+                return self.quantize_kernel(x)
+            except Exception as e:
+                self._disable(("quantize",), e)
+        return q4_format.quantize(x)
+
+    def _check_quantize(self) -> None:
+        x = mx.array(check_groups()).reshape(4, -1, 64 * 2)
+        got = self.quantize_kernel(x)
+        mx.eval(*got)
+        if not _same_q4(got, q4_format.quantize(x, stream=mx.cpu)):
+            raise RuntimeError("quantize kernel differs from mx.quantize")
+
+    def decode_attention(self, queries: mx.array, kq: Q4, vq: Q4, scale: float,
+                         lengths: mx.array | None = None) -> mx.array:
+        _, h, _, d = queries.shape
+        n_kv, dv = kq.packed.shape[1], vq.packed.shape[-1] * 8
+        config = self.decode_config(queries.dtype, d, dv, h // n_kv) if h % n_kv == 0 else None
+        if config is not None and self._trusted(config, lambda: self._check_decode(queries.dtype, d, dv, h // n_kv)):
+            try:  # errors raised while building the launch; those at evaluation cannot be caught here
+                return self.decode_kernel(queries, kq, vq, scale, lengths)
+            except Exception as e:
+                self._disable(config, e)
+        return decode_attention_q4(queries, kq, vq, scale, lengths)
+
+    def _check_decode(self, dtype: mx.Dtype, d: int, dv: int, r: int) -> None:
+        """Three sequences (full, partial, empty), tie groups in the cache, one and three splits."""
+        rng = np.random.default_rng(d * 7 + dv + r)
+        n = 300
+        k = rng.standard_normal((3, 1, n, d)) * 2.0
+        v = rng.standard_normal((3, 1, n, dv))
+        groups = check_groups()[:4]  # the tie groups, magnitudes up to 15
+        k.reshape(-1, 64)[: len(groups)] = groups
+        v.reshape(-1, 64)[-len(groups):] = groups
+        kq, vq = (q4_format.quantize(mx.array(a.astype(np.float32)), stream=mx.cpu) for a in (k, v))
+        queries = mx.array(rng.standard_normal((3, r, 1, d)).astype(np.float32)).astype(dtype)
+        lengths = mx.array([n, 37, 0], dtype=mx.int32)
+        want = decode_attention_q4(queries, kq, vq, d**-0.5, lengths).astype(mx.float32)
+        top = mx.max(mx.abs(want)).item()
+        for splits in (None, 3):
+            got = self.decode_kernel(queries, kq, vq, d**-0.5, lengths, splits=splits)
+            if got.shape != want.shape or got.dtype != dtype:
+                raise RuntimeError(f"decode kernel returned {got.shape} {got.dtype}")
+            got = got.astype(mx.float32)
+            err = mx.max(mx.abs(got - want)).item() / top
+            if not err <= CHECK_TOLERANCE[dtype] or mx.any(got[2] != 0).item():
+                raise RuntimeError(f"decode kernel differs from the reference (error {err:.2e}, splits {splits})")
+
+
+@functools.cache
+def _metal_kernels() -> CheckedKernels | None:
+    if os.environ.get("MLX_AGENTCACHE_METAL_KERNELS", "1") == "0" or not mx.metal.is_available():
+        return None
     from . import metal_kernels
 
-    return metal_kernels.available()
+    def config(dtype, d, dv, r):
+        return metal_kernels.decode_plan(dtype, d, dv, r, **metal_kernels.device_limits())
+
+    return CheckedKernels(metal_kernels.quantize, metal_kernels.decode_attention, config)
+
+
+def _kernels() -> CheckedKernels | None:
+    """The custom kernels where they may run now: Metal present and the GPU the default device."""
+    kernels = _metal_kernels()
+    return kernels if kernels is not None and mx.default_device() == mx.gpu else None
 
 
 def quantize(x: mx.array, group_size: int = GROUP_SIZE, bits: int = BITS) -> Q4:
     """Quantize along the last axis; input is cast to fp16 first so scales are fp16."""
-    if _metal(group_size, bits):
-        from . import metal_kernels
-
-        return metal_kernels.quantize(x)
-    return Q4(*mx.quantize(x.astype(STORE_DTYPE), group_size=group_size, bits=bits))
-
-
-def quantize_kv(keys: mx.array, values: mx.array) -> tuple[Q4, Q4]:
-    """Keys and values together: one kernel launch on an Apple GPU."""
-    if _metal():
-        from . import metal_kernels
-
-        return metal_kernels.quantize_kv_block(keys, values)
-    return quantize(keys), quantize(values)
-
-
-def dequantize(q: Q4, group_size: int = GROUP_SIZE, bits: int = BITS, dtype=None) -> mx.array:
-    if _metal(group_size, bits):
-        from . import metal_kernels
-
-        out = metal_kernels.dequantize(q)
-    else:
-        out = mx.dequantize(*q, group_size=group_size, bits=bits)
-    return out if dtype is None else out.astype(dtype)
-
-
-def decode_attention_q4(queries: mx.array, kq: Q4, vq: Q4, scale: float,
-                        lengths: mx.array | None = None) -> mx.array:
-    """Attention of queries over Q4 keys/values with MLX ops: the reference the kernel must match.
-
-    queries (B, H, L, D); kq, vq hold (B, H_kv, N, D) keys and (B, H_kv, N, Dv)
-    values, H a multiple of H_kv (query head h reads kv head h // (H / H_kv)).
-    `lengths` (B,) limits sequence b to its first lengths[b] cache rows (no
-    causal mask among the L queries); a sequence of length 0 gives zeros.
-    Scores, softmax and the weighted sum are float32; the result has the
-    queries' dtype, shape (B, H, L, Dv).
-    """
-    b, h, l, d = queries.shape
-    n_kv, n = kq.packed.shape[1], kq.packed.shape[2]
-    q = queries.astype(mx.float32).reshape(b, n_kv, (h // n_kv) * l, d) * scale
-
-    def f32(t: Q4) -> Q4:
-        return Q4(t.packed, t.scales.astype(mx.float32), t.biases.astype(mx.float32))
-
-    s = mx.quantized_matmul(q, *f32(kq), transpose=True, group_size=GROUP_SIZE, bits=BITS)
-    if lengths is not None:
-        valid = (mx.arange(n)[None, :] < lengths.astype(mx.int32)[:, None])[:, None, None, :]
-        s = mx.where(valid, s, -mx.inf)
-    p = mx.softmax(s, axis=-1, precise=True)
-    o = mx.quantized_matmul(p, *f32(vq), transpose=False, group_size=GROUP_SIZE, bits=BITS)
-    if lengths is not None:
-        o = mx.where((lengths > 0)[:, None, None, None], o, 0.0)
-    return o.reshape(b, h, l, -1).astype(queries.dtype)
+    kernels = _kernels()
+    if kernels is not None and (group_size, bits) == (GROUP_SIZE, BITS):
+        return kernels.quantize(x)
+    return q4_format.quantize(x, group_size, bits)
 
 
 def fused_decode_available() -> bool:
-    """Whether `decode_attention` runs the fused Metal kernel (else the MLX-ops reference)."""
-    return _metal()
+    """Whether `decode_attention` may run the fused Metal kernel (else the MLX-ops reference)."""
+    return _kernels() is not None
 
 
 def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
                      lengths: mx.array | None = None) -> mx.array:
-    """Decode-step attention (L = 1) over Q4 caches: the fused kernel on an Apple GPU."""
-    if queries.shape[2] == 1 and fused_decode_available():
-        from . import metal_kernels
-
-        return metal_kernels.decode_attention(queries, kq, vq, scale, lengths)
+    """Decode-step attention (L = 1) over Q4 caches: the fused kernel on an Apple GPU where checked."""
+    kernels = _kernels()
+    if queries.shape[2] == 1 and kernels is not None:
+        return kernels.decode_attention(queries, kq, vq, scale, lengths)
     return decode_attention_q4(queries, kq, vq, scale, lengths)
-
-
-def bytes_per_token(n_kv_heads: int, k_dim: int, v_dim: int, bits: int = BITS, group_size: int = GROUP_SIZE) -> int:
-    """Bytes one token of one layer occupies (keys + values), codes plus fp16 scale/bias."""
-
-    def one(d: int) -> int:
-        return d * bits // 8 + (d // group_size) * 2 * 2
-
-    return n_kv_heads * (one(k_dim) + (one(v_dim) if v_dim else 0))

@@ -16,7 +16,7 @@ import time
 
 import mlx.core as mx
 
-from .runner import PREFILL_CHUNK
+from .models.runner import PREFILL_CHUNK
 
 
 def compare(runner, tokens: list[int], modes: list, context: int | list[int] = 2048, chunk: int = PREFILL_CHUNK) -> dict:

@@ -18,30 +18,36 @@ caches in the background.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import cachefile
-from .kvcache import AgentCache
-from .pool import NAME_RE, BlockPool, validate_agent_name
-from .runner import ModelRunner
+from . import catalog, limits
+from .config import DEFAULT_MODEL, default_home, warn as _warn
+from .models.runner import ModelRunner
+from .pool import CachePool, PinError
 from .scheduler import MAX_BATCH, Handle, Scheduler, Turn, TurnStats
+from .store import container, history
+from .store.container import CacheFileError, CacheWriteError
+from .store.layout import Layout, validate_agent_name
+from .store.workers import Writer
+from .turnlock import TURN_WAIT_S, TurnBusyError, TurnLocks
 
-__all__ = ["Runtime", "Agent", "Reply", "TurnStats", "Handle"]
+__all__ = ["Runtime", "Agent", "Reply", "TurnStats", "Handle", "TurnBusyError"]
 
-DEFAULT_MODEL = "smollm2-135m"
+def _signature(path: Path) -> tuple | None:
+    """Which version of a file is on disk (every save is a new file renamed over the old)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("AGENTCACHE_HOME") or Path.home() / ".agentcache").expanduser()
-
-
-def _warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """`text` up to the first occurrence of any stop string (OpenAI's `stop`)."""
+    ends = [i for i in (text.find(s) for s in stop or () if s) if i >= 0]
+    return text[: min(ends)] if ends else text
 
 
 @dataclass
@@ -56,14 +62,49 @@ class Agent:
     def __init__(self, runtime: "Runtime", name: str, system: str | None):
         self.runtime = runtime
         self.name = validate_agent_name(name)
-        self._history_path = runtime.cache_dir / f"{name}.json"
+        self._history_path = Layout(runtime.cache_dir).history_file(name)
         self.messages: list[dict] = []
         self.system = system
-        if self._history_path.exists():
-            saved = json.loads(self._history_path.read_text())
+        self.own_system = system is not None  # else the saved one, re-read with the history
+        self._seen = _signature(self._history_path)  # the history file as this agent last read or wrote it
+        saved = self._load_history()
+        if saved is not None:
             self.messages = saved.get("messages", [])
             self.system = system if system is not None else saved.get("system")
         self.last_stats: TurnStats | None = None
+
+    # -- one turn at a time across processes (turnlock.py) ------------------------
+    def _hold(self, reload: bool = True) -> None:
+        """Take this agent's turn lock (shared with its turns queued here; waits for
+        a turn of another process or runtime, else TurnBusyError). The first hold
+        continues from the history on disk when someone else saved a newer one; the
+        cache is then cut to it by the usual prefix reuse."""
+        if self.runtime.turn_locks.hold(self.name) and reload:
+            now = _signature(self._history_path)
+            if now != self._seen:
+                self._seen = now
+                saved = self._load_history()
+                self.messages = saved.get("messages", []) if saved else []
+                if not self.own_system:
+                    self.system = saved.get("system") if saved else None
+
+    def _turn_ended(self, h: Handle | None = None) -> None:
+        """Release the turn lock once this agent's history and cache are on disk (or failed to be)."""
+        rt = self.runtime
+        rt.turn_locks.release_after(self.name, lambda: (rt.histories.wait(self.name), rt.pool.flush(self.name)))
+
+    def _load_history(self) -> dict | None:
+        """The saved conversation; a damaged one is moved aside (one warning) and the agent starts anew."""
+        try:
+            return history.load(self._history_path)
+        except history.HistoryError as e:
+            try:
+                moved = container.quarantine(self._history_path)
+                where = f"moved to {moved.name}" if moved else "it is gone"
+            except OSError as err:
+                where = f"left in place (could not move it: {err.strerror or err})"
+            _warn(f"warning: history of agent '{self.name}' not used ({e}); {where}; starting a new conversation")
+            return None
 
     @property
     def tier(self) -> str:
@@ -80,41 +121,44 @@ class Agent:
         another agent's notes). The cache grows by the new tokens only; the next
         phase that starts with this history reuses every cached block."""
         new = list(messages or []) + ([{"role": role, "content": text}] if text is not None else [])
-        self.messages += new
-        self._save_history()
+        self._hold()
+        try:
+            self.messages += new
+            self._save_history()
+        except BaseException:
+            self._turn_ended()
+            raise
         return self._sync()
 
     def rewrite(self, messages: list[dict], system: str | None = None) -> "TurnStats":
         """Replace the history (a phase that summarises or edits it). The cache is
         cut at the first token that differs and only the rest is prefilled."""
-        self.messages = list(messages)
-        if system is not None:
-            self.system = system
-        self._save_history()
+        self._hold()
+        try:
+            self.messages = list(messages)
+            if system is not None:
+                self.system, self.own_system = system, True
+            self._save_history()
+        except BaseException:
+            self._turn_ended()
+            raise
         return self._sync()
 
     def _sync(self) -> "TurnStats":
-        """Prefill the history into the cache without generating (a turn of 0 tokens)."""
-        h = self.runtime.scheduler.submit(
-            Turn(self.name, lambda: self.prompt_tokens(None, generation=False), max_tokens=0, finish=lambda h, cache: self._checkin(cache, h.stats))
-        )
+        """Prefill the history into the cache without generating (a turn of 0 tokens).
+        The caller holds the turn lock; the turn releases it."""
+        fit = lambda: limits.fit_context(lambda: self.prompt_tokens(None, generation=False), [self.system, *self.messages], 0, self.runtime.runner, self.name)  # noqa: E731
+        try:
+            h = self.runtime.scheduler.submit(Turn(self.name, fit, max_tokens=0, ended=self._turn_ended))
+        except BaseException:
+            self._turn_ended()
+            raise
         try:
             h.wait()
         finally:
             h.stats.ttft_ms = h.stats.total_ms
             self.last_stats = h.stats
         return h.stats
-
-    def _checkin(self, cache, stats: "TurnStats") -> None:
-        rt = self.runtime
-        try:
-            rt.pool.checkin(self.name, cache)
-        except cachefile.CacheWriteError as e:
-            stats.saved = False
-            rt.pool.checkin(self.name, cache, persist=False)
-            _warn(f"warning: {e}; agent '{self.name}' stays in memory only")
-        stats.cache_tokens = cache.offset
-        stats.cache_bytes = cache.nbytes
 
     def chat(self, text: str, **options) -> Reply:
         h = self.submit(text, **options)
@@ -148,56 +192,117 @@ class Agent:
         seed: int | None = None,
     ) -> Handle:
         """Queue one turn on the runtime's scheduler and return its handle at once.
-        The prompt is rendered when the turn starts, after this agent's earlier turns."""
+        The prompt is rendered when the turn starts, after this agent's earlier turns.
+        Bad options, or a prompt that cannot fit the model's context, raise ValueError
+        (limits.LimitError) here, before anything is queued. While another process or
+        runtime runs a turn of this agent, this waits for it (turnlock.py; TurnBusyError
+        after `Runtime(turn_wait=...)` seconds) and then continues its history."""
         rt = self.runtime
+        limits.options(max_tokens, temperature, seed)
+        n = rt.max_tokens if max_tokens is None else max_tokens
+        fit = lambda: limits.fit_context(lambda: self.prompt_tokens(text), [self.system, text, *self.messages], n, rt.runner, self.name)  # noqa: E731
+        self._hold()
+        try:
+            fit()  # now, and again when the turn starts: earlier queued turns may grow the history
+            turn = Turn(
+                self.name,
+                fit,
+                n,
+                rt.temperature if temperature is None else temperature,
+                rt.seed if seed is None else seed,
+                record=lambda h: self._record(text, h),
+                ended=self._turn_ended,
+            )
+            return rt.scheduler.submit(turn)
+        except BaseException:
+            self._turn_ended()
+            raise
+
+    def submit_prompt(
+        self,
+        prompt: list[int],
+        messages: list[dict] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        tools: bool = False,
+    ) -> Handle:
+        """Queue a turn on a prompt the caller rendered (an HTTP client sends the
+        whole conversation each time, so the request, not the stored history, is
+        the truth). The cache keeps its longest common prefix with `prompt` and
+        only the rest is prefilled. With `messages` (what `prompt` renders, a
+        system message first if any) the history becomes them plus the reply, cut
+        at the first of `stop`, and the cache is aligned to it as after `chat`
+        (not when `tools` were rendered into the prompt: the history does not
+        hold them); without, the history stays as it is (a raw text completion).
+        Bad options or a prompt that cannot fit raise ValueError before anything is queued."""
+        rt = self.runtime
+        limits.options(max_tokens, temperature, seed)
+        n = rt.max_tokens if max_tokens is None else max_tokens
+        limits.check_context(list(prompt), n, limits.context_length(rt.runner.config), self.name)
+        self._hold(reload=False)  # the request is the history
+
+        def record(h: Handle) -> list[int] | None:
+            if messages is None:
+                return None
+            reply = cut_at_stop(h.text, stop)
+            system = messages[0] if messages and messages[0].get("role") == "system" else None
+            self.system, self.own_system = (system["content"] if system else None), True
+            self.messages = [m for m in messages if m is not system] + [{"role": "assistant", "content": reply}]
+            self._queue_history()
+            return None if tools else self.prompt_tokens(None, generation=False)
+
         turn = Turn(
             self.name,
-            lambda: self.prompt_tokens(text),
-            rt.max_tokens if max_tokens is None else max_tokens,
+            list(prompt),
+            n,
             rt.temperature if temperature is None else temperature,
             rt.seed if seed is None else seed,
-            finish=lambda h, cache: self._finish_turn(text, h, cache),
+            record=record,
+            ended=self._turn_ended,
         )
-        return rt.scheduler.submit(turn)
+        try:
+            return rt.scheduler.submit(turn)
+        except BaseException:
+            self._turn_ended()
+            raise
 
-    def _finish_turn(self, text: str, h: Handle, cache: AgentCache) -> None:
-        """End of a turn (on the engine thread): record it in the history, return the cache."""
+    def _record(self, text: str, h: Handle) -> list[int]:
+        """End of a turn (on the engine thread, no I/O): the exchange joins the
+        conversation, its file is saved by the runtime's writer thread, and the
+        cache is to end on the rendered history (`Scheduler._align`)."""
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": h.text}]
-        self._save_history()
-        h.stats.aligned_tokens = self._align(cache)
-        self._checkin(cache, h.stats)
-
-    def _align(self, cache: AgentCache) -> int:
-        """End the cache on the rendered history, which the next prompt starts with.
-
-        The sampled reply and its rendering can differ at the end (the template
-        closes the turn, trims whitespace, or the text re-tokenizes otherwise).
-        Fixing that now, while sliding-window layers still hold their slack in
-        memory, means a cache restored from disk (which keeps only `window`
-        tokens of such a layer and so cannot be cut back) is reused whole.
-        Returns the tokens prefilled to get there."""
-        tokens = self.prompt_tokens(None, generation=False)
-        n = cache.common_prefix(tokens)
-        if n == cache.offset == len(tokens) or not cache.can_trim_to(n):
-            return 0
-        cache.trim_to(n)
-        if n < len(tokens):
-            self.runtime.runner.prefill(tokens[n:], cache, logits=False)
-        return len(tokens) - n
+        self._queue_history()
+        return self.prompt_tokens(None, generation=False)
 
     def _save_history(self) -> None:
-        data = json.dumps({"name": self.name, "system": self.system, "messages": self.messages}, indent=1)
+        """Save the history now, on this thread (a pending background save is superseded)."""
+        self.runtime.histories.cancel(self.name)
         try:
-            cachefile.atomic_write(self._history_path, [data.encode()])
-        except cachefile.CacheWriteError as e:
+            history.write(self._history_path, self.name, self.system, self.messages)
+            self._seen = _signature(self._history_path)
+        except CacheWriteError as e:
             _warn(f"warning: {e}")
+
+    def _queue_history(self) -> None:
+        """Save the history on the runtime's writer thread (the latest state wins)."""
+        path, name, system, messages = self._history_path, self.name, self.system, list(self.messages)
+
+        def save() -> None:
+            history.write(path, name, system, messages)
+            self._seen = _signature(path)
+
+        self.runtime.histories.submit(name, save)
 
     def reset(self) -> None:
         """Forget the conversation and the cache."""
         self.messages = []
         self.runtime.scheduler.discard(self.name)
         self.runtime.pool.remove(self.name)
+        self.runtime.histories.cancel(self.name)
         self._history_path.unlink(missing_ok=True)
+        self._seen = None
 
 
 class Runtime:
@@ -216,10 +321,15 @@ class Runtime:
         home: str | Path | None = None,
         runner: ModelRunner | None = None,
         max_batch: int = MAX_BATCH,
+        turn_wait: float = TURN_WAIT_S,
     ):
         """`kv_bits`: 4, 8, 16 or a mode name of kvcache.KV_MODES ("q4k");
         `mla_mode`: DeepSeek-V2's cache, "latent" or "full" (see mla.py);
-        `runner`: an already loaded model to use instead of loading `model`."""
+        `runner`: an already loaded model to use instead of loading `model`;
+        `turn_wait`: seconds a turn waits for a turn of the same agent in another
+        process or runtime before it fails with TurnBusyError (turnlock.py)."""
+        limits.options(max_tokens, temperature, seed)  # before the model loads
+        budget_bytes = limits.budget_bytes(budget_bytes)
         self.home = Path(home) if home else default_home()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.home
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +338,9 @@ class Runtime:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
-        self.pool = BlockPool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn, model=self.model_name)
+        self.pool = CachePool(self.cache_dir, self.runner.fingerprint, self.runner.new_cache, budget_bytes, warn=_warn, model=self.model_name)
+        self.histories = Writer(_warn, lambda name, e: f"warning: {getattr(e, 'strerror', None) or e}", name="agentcache-history")
+        self.turn_locks = TurnLocks(Layout(self.cache_dir).turn_lock_file, turn_wait)
         self._agents: dict[str, Agent] = {}
         self.scheduler = Scheduler(self.runner, self.pool, max_batch)
 
@@ -236,7 +348,7 @@ class Runtime:
         if name not in self._agents:
             self._agents[name] = Agent(self, name, system)
         elif system is not None:
-            self._agents[name].system = system
+            self._agents[name].system, self._agents[name].own_system = system, True
         return self._agents[name]
 
     def submit(self, agent: str, text: str, **options) -> Handle:
@@ -248,13 +360,17 @@ class Runtime:
         return self.scheduler.prefetch(agent)
 
     def flush(self) -> dict[str, str]:
-        """Wait until every finished turn is on disk; returns {agent: error} for failed saves."""
-        return self.pool.flush()
+        """Wait until every finished turn is on disk (caches and histories);
+        returns {agent: error} for failed saves."""
+        self.histories.wait()
+        return {**self.histories.errors(), **self.pool.flush()}
 
     def close(self) -> None:
         """Finish queued turns, then pending saves."""
         self.scheduler.close()
+        self.histories.wait()
         self.pool.close()
+        self.turn_locks.wait()
 
     def __enter__(self) -> "Runtime":
         return self
@@ -262,8 +378,100 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # -- what a server needs: rendering, limits, per-agent cache control ----------
+    def render(self, messages: list[dict], tools: list[dict] | None = None, generation: bool = True) -> list[int]:
+        """Token ids of `messages` (system first if any) through the model's chat template."""
+        kw = {"tools": tools} if tools else {}
+        return list(self.runner.tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True, **kw))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no chat template)."""
+        return list(self.runner.tokenizer.encode(text))
+
+    @property
+    def chat_template(self) -> str:
+        """The model's chat template source ('' when it has none)."""
+        t = getattr(self.runner.tokenizer, "chat_template", None)
+        return t if isinstance(t, str) else ""
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt plus reply) the model takes."""
+        return limits.context_length(self.runner.config) or int(getattr(self.runner.tokenizer, "model_max_length", 2048))
+
+    def describe(self, name: str) -> dict:
+        """One agent: tier, tokens, bytes, model and last use, without loading its tensors."""
+        return self.pool.describe(validate_agent_name(name))
+
+    def memory(self) -> dict:
+        """Pool counters and state: hits by tier, bytes read and written, hot bytes, budget."""
+        return self.pool.summary()
+
+    def turn_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        """Most memory an agent's cache can hold after a turn of this size (the
+        pool reserves it when the turn starts); for admission control."""
+        return self.pool.turn_bytes(prompt_tokens, max_tokens)
+
+    def held_bytes(self) -> int:
+        """Cache memory no eviction can free for a new turn (pinned or unsaved idle
+        agents, shared prefixes), apart from turns in flight."""
+        return self.pool.held_bytes()
+
+    def pin(self, name: str) -> dict:
+        """Keep the agent's cache in memory: it is never evicted (a warm agent is
+        kept once its next turn loads it). Pins last for this runtime's life.
+        Raises pool.PinError when it has no cache yet or pinned agents would hold
+        more than half the cache budget."""
+        self.pool.pin(validate_agent_name(name))
+        return self.pool.describe(name)
+
+    def unpin(self, name: str) -> bool:
+        """Let the agent be evicted again; False if it was not pinned."""
+        return self.pool.unpin(validate_agent_name(name))
+
+    def evict(self, name: str) -> bool:
+        """Write an idle hot agent's cache to disk and free its memory (hot -> warm).
+        False if it was not hot; raises CacheWriteError if it could not be saved,
+        pool.PinError if it is pinned (unpin it first)."""
+        if self.pool.tier(validate_agent_name(name)) != "hot":
+            return False
+        if name in self.pool.pinned:
+            raise PinError(f"agent '{name}' is pinned; unpin it before evicting it")
+        failed = self.pool.flush(name)
+        if failed or name in self.pool.unsaved or not self.pool.path(name).exists():
+            raise CacheWriteError(f"agent '{name}' could not be saved ({failed.get(name, 'not on disk')}); it stays in memory")
+        self.scheduler.discard(name)
+        self.pool.forget(name)
+        return True
+
+    def delete(self, name: str) -> None:
+        """Forget an agent: history, cache in memory and on disk."""
+        self.agent(validate_agent_name(name)).reset()
+        self._agents.pop(name, None)
+
+    def export_card(self, name: str, out: str | Path) -> Path:
+        """Write the agent's cache card (as `agentcache agents export`), after pending saves."""
+        self.flush()
+        return catalog.export_card(self.cache_dir, validate_agent_name(name), Path(out))
+
+    def import_card(self, card: str | Path, name: str | None = None) -> str:
+        """Install a cache card as a new agent (as `agentcache agents import`); an agent
+        of that name already here, or a card made by another model, is refused and
+        nothing changes."""
+        if name is not None and self.pool.tier(validate_agent_name(name)) == "hot":
+            raise FileExistsError(f"agent '{name}' already exists (delete it first, or pick another name)")
+        try:
+            got = catalog.import_card(self.cache_dir, Path(card), name, model=(self.runner.fingerprint, self.runner.new_cache().layers))
+        except CacheFileError as e:  # damaged, truncated, or not a card
+            raise ValueError(str(e)) from e
+        info = catalog.describe(self.cache_dir, got)
+        if info.get("fingerprint") != self.runner.fingerprint:
+            catalog.remove(self.cache_dir, got)
+            raise ValueError(f"the card was made by another model or cache mode ({info.get('model') or info.get('fingerprint')}), not {self.model_name}")
+        self._agents.pop(got, None)  # its history is the card's now
+        return got
+
     def agents(self) -> list[dict]:
         """Every agent known in the cache directory, with tier, tokens and bytes."""
-        names = set(self.pool.known()) | set(self._agents)
-        names |= {p.stem for p in self.cache_dir.glob("*.json") if NAME_RE.match(p.stem)}
+        names = set(catalog.names(self.cache_dir)) | set(self.pool.known()) | set(self._agents)
         return [self.pool.describe(n) for n in sorted(names)]

@@ -12,6 +12,13 @@ behind the batch's decode steps; the agent joins the batch when its blocks
 are in memory. `prefetch(name)` starts that read before the turn is even
 submitted (the caller knows who speaks next).
 
+A turn ends in one place (`_finish`): the reply is handed to the turn's
+`record` (the agent's conversation, in memory), the cache is aligned to the
+rendered history when `record` asks for it (an explicit engine step, shown
+in the timeline), returned to the pool, and the handle gets its result.
+Files are written by the pool's and the runtime's writer threads, never on
+the engine thread.
+
 Each turn streams into its own unbounded queue: a slow reader never stalls
 the engine or the other agents. Sampling uses one key per turn, split once
 per token exactly as a lone turn does, so a batched agent samples the same
@@ -26,12 +33,14 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
 
 from .kvcache import AgentCache
+from .store.container import CacheWriteError
+from .store.workers import Reader, Result
 
 MAX_BATCH = 8
 PREFILL_CHUNK = 256  # tokens per prefill slice between two decode steps
@@ -77,8 +86,12 @@ class Turn:
     """What to run: `prompt` is rendered when the turn is admitted, after the
     agent's previous turn finished, so it sees that turn's reply.
 
-    `finish(handle, cache)` returns the cache to the pool (and saves history);
-    the default checks it into the pool.
+    `record(handle)` runs on the engine thread when the turn ended with a
+    reply (done or cancelled): it records the reply in memory, does no I/O,
+    and returns the token ids the cache should end on (the rendered history,
+    see `Scheduler._align`) or None to leave the cache as it is.
+    `ended(handle)` runs once when the turn is over, however it ended (the
+    runtime releases the agent's turn lock after its saves); no I/O either.
     """
 
     agent: str
@@ -86,7 +99,8 @@ class Turn:
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
-    finish: Callable[["Handle", AgentCache], None] | None = None
+    record: Callable[["Handle"], list[int] | None] | None = None
+    ended: Callable[["Handle"], None] | None = None  # after the turn closed, however it ended (turnlock.py)
 
 
 class Handle:
@@ -115,6 +129,7 @@ class Handle:
         self._next = 0
         self._detok = None
         self._t_first = 0.0
+        self._reused: int | None = None  # set once the pool readied the cache for the prompt
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -146,30 +161,6 @@ class Handle:
             self._done.wait()
 
 
-class _Loader:
-    """One thread reading warm agents' cache files through the pool."""
-
-    def __init__(self, pool, done: Callable[[str, AgentCache, str, float, float], None]):
-        self.pool = pool
-        self.done = done
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="agentcache-loader", daemon=True)
-        self.thread.start()
-
-    def submit(self, name: str | None) -> None:
-        self.jobs.put(name)
-
-    def _run(self) -> None:
-        while (name := self.jobs.get()) is not None:
-            t0 = time.perf_counter()
-            try:
-                cache, tier = self.pool.checkout(name)
-            except Exception as e:  # the turn fails, the loader goes on
-                cache, tier = None, repr(e)
-            self.done(name, cache, tier, t0, time.perf_counter())
-        mx.clear_streams()
-
-
 class Scheduler:
     """Runs turns of many agents on one runner and pool (see module doc).
 
@@ -194,7 +185,7 @@ class Scheduler:
         self._prefill: deque[Handle] = deque()
         self._running: list[Handle] = []
         self._closed = False
-        self._loader = _Loader(pool, self._loaded) if overlap else None
+        self._loader = Reader(self._loaded, name="agentcache-loader") if overlap else None
         self._thread = threading.Thread(target=self._run, name="agentcache-engine", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -219,7 +210,7 @@ class Scheduler:
                 return False
             self._inflight.add(name)
             self._prefetched.add(name)
-        self._loader.submit(name)
+        self._load(name)
         return True
 
     def discard(self, name: str) -> None:
@@ -238,8 +229,7 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join()
         if self._loader is not None:
-            self._loader.submit(None)
-            self._loader.thread.join()
+            self._loader.stop()
         for name in list(self._ready):
             self.pool.forget(name)  # unchanged since it was read: its file is current
         self._ready.clear()
@@ -253,7 +243,17 @@ class Scheduler:
         with self._cv:
             self._cv.notify_all()
 
-    def _loaded(self, name, cache, tier, t0, t1) -> None:
+    def _load(self, name: str) -> None:
+        """Read a warm agent's cache on the loader thread (the pool's lock is not held meanwhile)."""
+        self._loader.submit(name, lambda: (time.perf_counter(), *self.pool.checkout(name), time.perf_counter()))
+
+    def _loaded(self, r: Result) -> None:
+        name = r.key
+        if r.ok:
+            t0, cache, tier, t1 = r.value
+        else:  # the turn fails with the reason; the loader goes on
+            t1 = time.perf_counter()
+            t0, cache, tier = t1 - r.seconds, None, repr(r.error)
         self.timeline.append(("load", (name,), t0, t1))
         stale = []
         with self._cv:
@@ -351,7 +351,7 @@ class Scheduler:
                 self._inflight.add(h.agent)
                 self._waiting[h.agent] = h
             h.status = "loading"
-            self._loader.submit(h.agent)
+            self._load(h.agent)
             return
         t0 = time.perf_counter()
         cache, tier = self.pool.checkout(h.agent)
@@ -361,7 +361,7 @@ class Scheduler:
         self._begin(h, cache, tier, (t1 - t0) * 1000 if tier == "warm" else 0.0, False)
 
     def _begin(self, h: Handle, cache, tier: str, load_ms: float, prefetched: bool) -> None:
-        """The cache is here: reuse its longest matching prefix, queue the rest for prefill."""
+        """The cache is checked out: the pool readies it for the prompt, the rest is queued for prefill."""
         if cache is None:
             return self._fail(h, RuntimeError(f"could not load agent '{h.agent}': {tier}"))
         h.cache = cache
@@ -371,9 +371,10 @@ class Scheduler:
             return self._end(h, "cancelled")
         try:
             prompt = h.turn.prompt() if callable(h.turn.prompt) else list(h.turn.prompt)
-            reuse = self._reuse(cache, prompt)
+            h.cache, reuse = self.pool.begin_turn(h.agent, prompt, h.turn.max_tokens)
         except Exception as e:
             return self._fail(h, e)
+        h._reused = reuse
         h.prompt, h._todo = prompt, prompt[reuse:]
         h.stats.restored_tokens, h.stats.prefilled_tokens = reuse, len(h._todo)
         h._key = mx.random.key(h.turn.seed)
@@ -383,14 +384,6 @@ class Scheduler:
             return self._end(h, "done")
         h.status = "prefill"
         self._prefill.append(h)
-
-    def _reuse(self, cache: AgentCache, prompt: list[int]) -> int:
-        """Keep what the cache (or a shared prefix) already holds of `prompt`; returns its length."""
-        if prompt:
-            self.pool.adopt_prefix(cache, prompt)
-        reuse = cache.reusable_prefix(prompt)
-        cache.trim_to(reuse)
-        return reuse
 
     def _prefill_step(self, h: Handle) -> None:
         part, h._todo = h._todo[: self.prefill_chunk], h._todo[self.prefill_chunk :]
@@ -462,7 +455,16 @@ class Scheduler:
             self._end(h, "cancelled")
 
     def _end(self, h: Handle, status: str) -> None:
-        """Finish a turn: flush text, stats, return the cache to the pool, close the stream."""
+        self._finish(h, status)
+
+    def _fail(self, h: Handle, e: BaseException) -> None:
+        self._finish(h, "failed", e)
+
+    def _finish(self, h: Handle, status: str, error: BaseException | None = None) -> None:
+        """The one end of every turn: flush text and stats, let the turn record its
+        reply, align the cache to it, return the cache to the pool, close the stream.
+
+        A failed turn's cache goes back to the context it started from."""
         if h._detok is not None:
             h._detok.finalize()
             piece = h._detok.last_segment
@@ -475,28 +477,57 @@ class Scheduler:
         if len(h.tokens) > 1:
             s.decode_tokens_per_s = (len(h.tokens) - 1) / max(h.token_times[-1] - h._t_first, 1e-9)
         h.text = self.runner.tokenizer.decode(h.tokens) if h.tokens else ""
-        try:
-            if h.cache is not None:
-                if h.turn.finish is not None:
-                    h.turn.finish(h, h.cache)
-                else:
-                    self.pool.checkin(h.agent, h.cache)
-                s.cache_tokens, s.cache_bytes = h.cache.offset, h.cache.nbytes
-        except Exception as e:
-            h.error = e
-            status = "failed"
+        h.error = error
+        if h.cache is not None:
+            try:
+                if error is None and h._reused is not None:  # a turn that never started records nothing
+                    target = h.turn.record(h) if h.turn.record is not None else None
+                    if target is not None:
+                        s.aligned_tokens = self._align(h, target)
+                elif h._reused is not None:
+                    h.cache.trim_to(h._reused)
+            except Exception as e:
+                if error is None:
+                    h.error, status = e, "failed"
+            self._return(h)
         s.total_ms = (now - h.t_submit) * 1000
+        if h.error is not None:
+            status = "failed"
         self._close(h, status)
 
-    def _fail(self, h: Handle, e: BaseException) -> None:
-        h.error = e
-        if h.cache is not None:  # back to the context it started from, then to the pool
-            try:
-                h.cache.trim_to(h.stats.restored_tokens)
-                self.pool.checkin(h.agent, h.cache)
-            except Exception:
-                self.pool.forget(h.agent)  # the file on disk is the last good state
-        self._close(h, "failed")
+    def _align(self, h: Handle, tokens: list[int]) -> int:
+        """End the cache on the rendered history, which the next prompt starts with.
+
+        The sampled reply and its rendering can differ at the end (the template
+        closes the turn, trims whitespace, or the text re-tokenizes otherwise).
+        Fixing that now, while sliding-window layers still hold their slack in
+        memory, means a cache restored from disk (which keeps only `window`
+        tokens of such a layer and so cannot be cut back) is reused whole.
+        Returns the tokens prefilled to get there."""
+        cache = h.cache
+        n = cache.common_prefix(tokens)
+        if n == cache.offset == len(tokens) or not cache.can_trim_to(n):
+            return 0
+        cache.trim_to(n)
+        if n < len(tokens):
+            t0 = time.perf_counter()
+            self.runner.prefill(tokens[n:], cache, self.prefill_chunk, logits=False)
+            self.timeline.append(("align", (h.agent,), t0, time.perf_counter()))
+        return len(tokens) - n
+
+    def _return(self, h: Handle) -> None:
+        """Give the cache back to the pool; a save that failed at once keeps it in memory only."""
+        s = h.stats
+        try:
+            self.pool.checkin(h.agent, h.cache)
+        except CacheWriteError as e:
+            s.saved = False
+            self.pool.warn(f"warning: {e}; agent '{h.agent}' stays in memory only")
+        except Exception as e:  # the file on disk is the last good state
+            self.pool.forget(h.agent)
+            if h.error is None:
+                h.error = e
+        s.cache_tokens, s.cache_bytes = h.cache.offset, h.cache.nbytes
 
     def _close(self, h: Handle, status: str) -> None:
         h.status = status
@@ -507,3 +538,8 @@ class Scheduler:
             self._cv.notify_all()
         h._queue.put(_END)
         h._done.set()
+        if h.turn.ended is not None:
+            try:
+                h.turn.ended(h)
+            except Exception as e:  # the turn is over; the engine goes on
+                self.pool.warn(f"warning: after the turn of agent '{h.agent}': {e}")

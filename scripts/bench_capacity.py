@@ -34,10 +34,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_agentcache.kvcache import AgentCache, LayerCache, encode
-from mlx_agentcache.pool import BlockPool
+from mlx_agentcache.pool import CachePool
 from mlx_agentcache.q4 import BLOCK_TOKENS
-from mlx_agentcache.runner import ModelRunner
+from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.runtime import Runtime
+from mlx_agentcache.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "tests" / "data" / "python_reference.txt").read_text()
@@ -52,12 +53,12 @@ def load_runner(model: str, home: Path) -> ModelRunner:
     except ImportError:  # a model store without load_model: mlx-lm's loader, made fast for this backend
         from mlx_lm.utils import load
 
-        from mlx_agentcache.model_store import resolve_model
+        from mlx_agentcache.models.model_store import resolve_model
 
         path = resolve_model(model, home)
         m, tok, cfg = load(str(path), return_config=True)
         try:
-            from mlx_agentcache.model_loader import prepare_for_backend
+            from mlx_agentcache.models.model_loader import prepare_for_backend
 
             m = prepare_for_backend(m)
         except ImportError:
@@ -185,7 +186,7 @@ def restore_throughput(runner: ModelRunner, n: int = 8192, repeats: int = 3) -> 
 
     out = {"tokens": n, "layout": f"{layers} layers x {heads} KV heads x {dim} dims, Q4"}
     with tempfile.TemporaryDirectory(dir=ROOT) as d:
-        pool = BlockPool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
+        pool = CachePool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
         pool.save("big", synthetic_cache(layers, heads, dim, n))
         path = pool.path("big")
         size = path.stat().st_size
@@ -197,7 +198,7 @@ def restore_throughput(runner: ModelRunner, n: int = 8192, repeats: int = 3) -> 
             restore, read = [], []
             for _ in range(repeats):
                 cold and drop_page_cache()
-                p = BlockPool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
+                p = CachePool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
                 t = time.perf_counter()
                 cache, tier = p.checkout("big")
                 mx.eval([s.keys + s.values for layer in cache.layers for s in layer.segments])
@@ -220,8 +221,10 @@ def round_robin(runner: ModelRunner, q4_bytes_per_token: float, persist: bool, r
     per_agent = blocks(ctx_tokens + 64) * q4_bytes_per_token
     with tempfile.TemporaryDirectory() as d:
         rt = Runtime(cache_dir=d, runner=runner, max_tokens=max_tokens, budget_bytes=int(3.5 * per_agent))
-        if not persist:
-            rt.pool = BlockPool(d, runner.fingerprint, runner.new_cache, int(3.5 * per_agent), warn=print, persist=False)
+        if not persist:  # the scheduler must use the memory-only pool too, or turns still save
+            rt.scheduler.close()
+            rt.pool = CachePool(d, runner.fingerprint, runner.new_cache, int(3.5 * per_agent), warn=print, persist=False)
+            rt.scheduler = Scheduler(runner, rt.pool)
         per_round, tiers = [], {}
         t_all = time.perf_counter()
         for r in range(rounds):
@@ -252,7 +255,7 @@ def main() -> None:
         (args.out / "capacity.md").write_text(report(json.loads(args.report.read_text())))
         return
     q = args.quick
-    from mlx_agentcache.runtime import default_home
+    from mlx_agentcache.config import default_home
 
     runner = load_runner(args.model, args.home or default_home())
     res = {"model": args.model, "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {mem_total() / 2**30:.1f} GiB", "mlx": mx.__version__, "device": str(mx.default_device())}

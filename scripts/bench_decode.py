@@ -27,8 +27,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_agentcache.kvcache import AgentCache, LayerCache
-from mlx_agentcache.model_store import default_home
-from mlx_agentcache.runner import ModelRunner
+from mlx_agentcache.config import default_home
+from mlx_agentcache.models.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "python_reference.txt"

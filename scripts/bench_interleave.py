@@ -37,9 +37,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_agentcache.pool import BlockPool
-from mlx_agentcache.runner import ModelRunner
-from mlx_agentcache.runtime import Runtime, default_home
+from mlx_agentcache.pool import CachePool
+from mlx_agentcache.models.runner import ModelRunner
+from mlx_agentcache.config import default_home
+from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.scheduler import Scheduler
 
 SYSTEM = "You are one of several analysts. Answer in one short sentence."
@@ -95,7 +96,7 @@ def run_mode(runner, src: Path, root: Path, mode: str, n_agents: int, rounds: in
     shutil.copytree(src, d)
     rt = Runtime(cache_dir=d, runner=runner, max_tokens=max_tokens)
     rt.scheduler.close()
-    rt.pool = BlockPool(d, runner.fingerprint, runner.new_cache, budget, share_prefixes=False)
+    rt.pool = CachePool(d, runner.fingerprint, runner.new_cache, budget, share_prefixes=False)
     rt.scheduler = Scheduler(runner, rt.pool, overlap=mode != "reload")
     names = [f"agent{i}" for i in range(n_agents)]
     for name in names if mode == "hot" else names[:3]:  # untimed warm-up: what fits is in memory
@@ -137,7 +138,7 @@ def decode_under_reload(runner, src: Path, root: Path, n_agents: int, batch: int
     shutil.copytree(src, d)
     rt = Runtime(cache_dir=d, runner=runner, max_tokens=tokens)
     rt.scheduler.close()
-    rt.pool = BlockPool(d, runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
+    rt.pool = CachePool(d, runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
     rt.scheduler = Scheduler(runner, rt.pool)
     names = [f"agent{i}" for i in range(n_agents)]
     for name in names[:batch]:

@@ -1,6 +1,6 @@
 """DeepSeek-V2 MLA: latent Q4 cache vs mlx-lm's full per-head K/V in Q4.
 
-On the random tiny DeepSeek-V2 (mlx_agentcache.tiny_models) we measure, for
+On the random tiny DeepSeek-V2 (mlx_agentcache.models.tiny_models) we measure, for
 both cache layouts: bytes per token held in memory (checked against the
 formula) and single-agent greedy decode speed with 1K and 4K tokens of
 context (median of --repeats runs of --steps steps each, the two layouts
@@ -24,8 +24,8 @@ from pathlib import Path
 import mlx_agentcache
 import mlx.core as mx
 
-from mlx_agentcache import mla, tiny_models
-from mlx_agentcache.runner import ModelRunner
+from mlx_agentcache.models import mla, tiny_models
+from mlx_agentcache.models.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "python_reference.txt"

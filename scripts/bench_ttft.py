@@ -15,7 +15,8 @@ Peers in the same run, same machine, same thread count:
             restored with load_prompt_cache
   llama.cpp llama-cpp-python on the same GGUF (when installed and the model
             has one): cold time and prefill rate measured the same way, and
-            state save/load through a file
+            state save/load through a file. Its cold runs alternate with ours
+            within each repeat, after one untimed warm-up of each engine.
 
 Contexts: 512 to 4K; Gemma 3 up to 8K, and 16K and 32K with --long (slow on
 a CPU). DeepSeek-V2 is the random tiny model: its times show the cache path,
@@ -39,10 +40,11 @@ from pathlib import Path
 import mlx_agentcache
 import mlx.core as mx
 
-from mlx_agentcache import _blas, cachefile
-from mlx_agentcache.model_store import gguf_file, resolve_model
-from mlx_agentcache.runner import ModelRunner
-from mlx_agentcache.runtime import default_home
+from mlx_agentcache import blas
+from mlx_agentcache.store import codec
+from mlx_agentcache.models.model_store import gguf_file, resolve_model
+from mlx_agentcache.models.runner import ModelRunner
+from mlx_agentcache.config import default_home
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "python_reference.txt"
@@ -59,37 +61,56 @@ def drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def once(fn) -> float:
+    """Wall time of fn() in ms."""
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of fn() in ms."""
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    return statistics.median(once(fn) for _ in range(repeats))
+
+
+def alternated(fns: dict, repeats: int) -> dict:
+    """Each fn once untimed, then `repeats` rounds running every fn in turn: {name: [ms, ...]}.
+
+    The engines compared share the machine's noise this way instead of one of them
+    getting a quiet minute and the other a busy one."""
+    for fn in fns.values():
         fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return statistics.median(out)
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name].append(once(fn))
+    return out
 
 
-def ours(runner: ModelRunner, ctx: list[int], msg: list[int], repeats: int, workdir: Path) -> dict:
+def our_cold(runner: ModelRunner, ctx: list[int], msg: list[int]):
     def cold():
         cache = runner.new_cache()
         runner.prefill(ctx + msg, cache).argmax().item()
 
+    return cold
+
+
+def ours(runner: ModelRunner, ctx: list[int], msg: list[int], repeats: int, workdir: Path, cold_ms: float) -> dict:
     base = runner.new_cache()
     runner.prefill(ctx, base)
     path = workdir / "agent.safetensors"
-    file_bytes = cachefile.save(path, base, runner.fingerprint)
+    file_bytes = codec.save(path, base, runner.fingerprint)
     template = runner.new_cache().layers
 
     def warm():
         drop_from_page_cache(path)
-        cache, _ = cachefile.load(path, runner.fingerprint, template)
+        cache, _ = codec.load(path, runner.fingerprint, template)
         runner.prefill(msg, cache).argmax().item()
 
     def hot():
         runner.prefill(msg, base).argmax().item()
         base.trim_to(len(ctx))
 
-    cold_ms = timed(cold, repeats)
     return {
         "cold_ttft_ms": cold_ms,
         "warm_ttft_ms": timed(warm, repeats),
@@ -126,20 +147,29 @@ def last_logits(llm):
     return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
 
-def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, workdir: Path) -> dict | None:
+def llama_cpp_model(gguf: Path | None, n_ctx: int):
     try:
-        from llama_cpp import Llama, LlamaState
+        from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf), n_ctx=len(ctx) + len(msg) + 16, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
-    text_ctx = ctx  # same token ids: both sides use the GGUF's vocabulary
+    if gguf is None:
+        return None
+    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
 
-    def cold():
+
+def llama_cpp_cold(llm, ctx: list[int], msg: list[int]):
+    def cold():  # same token ids: both sides use the GGUF's vocabulary
         llm.reset()
-        llm.eval(text_ctx + msg)
+        llm.eval(ctx + msg)
         last_logits(llm).argmax()
 
-    cold_ms = timed(cold, repeats)
+    return cold
+
+
+def llama_cpp_peer(llm, ctx: list[int], msg: list[int], repeats: int, workdir: Path, cold_ms: float) -> dict:
+    from llama_cpp import LlamaState
+
+    text_ctx = ctx
     llm.reset()
     llm.eval(text_ctx)
     state = llm.save_state()
@@ -156,14 +186,12 @@ def llama_cpp_peer(gguf: Path, ctx: list[int], msg: list[int], repeats: int, wor
         llm.eval(msg)
         last_logits(llm).argmax()
 
-    out = {
+    return {
         "prefill_tok_s": (len(ctx) + len(msg)) / cold_ms * 1000,
         "cold_ttft_ms": cold_ms,
         "warm_ttft_ms": timed(warm, repeats),
         "state_file_bytes": path.stat().st_size,
     }
-    del llm
-    return out
 
 
 def contexts_for(name: str, long: bool) -> list[int]:
@@ -184,10 +212,17 @@ def bench_model(name: str, contexts: list[int], repeats: int, long_repeats: int,
             ids = (ids * (n // len(ids) + 1))
         ctx = ids[:n]
         r = repeats if n <= 4096 else long_repeats
+        llm = llama_cpp_model(gguf, len(ctx) + len(msg) + 16)
+        colds = {"ours": our_cold(runner, ctx, msg)}
+        if llm is not None:
+            colds["llama_cpp"] = llama_cpp_cold(llm, ctx, msg)
+        cold = alternated(colds, r)
         with tempfile.TemporaryDirectory(dir=home) as d:
-            row = {"ours": ours(runner, ctx, msg, r, Path(d))}
+            row = {"ours": ours(runner, ctx, msg, r, Path(d), statistics.median(cold["ours"]))}
             row["mlx_lm"] = mlx_lm_peer(runner, ctx, msg, r, Path(d))
-            row["llama_cpp"] = llama_cpp_peer(gguf, ctx, msg, r, Path(d)) if gguf else None
+            row["llama_cpp"] = llama_cpp_peer(llm, ctx, msg, r, Path(d), statistics.median(cold["llama_cpp"])) if llm else None
+        del llm
+        row["cold_ms_samples"] = cold
         row["repeats"] = r
         o = row["ours"]
         row["speedup_warm"] = o["cold_ttft_ms"] / o["warm_ttft_ms"]
@@ -209,18 +244,18 @@ def bench_model(name: str, contexts: list[int], repeats: int, long_repeats: int,
 def machine() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu": blas.read_cpuinfo().model,
         "cpus": os.cpu_count(),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
-        "blas": _blas.STATE["blas"],
+        "blas": blas.CHOICE.summary(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
 def markdown(res: dict) -> str:
     lines = [
-        f"# TTFT, {res['model']} ({res['machine']['device']}, {res['machine']['blas']}, {res['machine']['cpus']} CPUs, {res['machine']['date']})",
+        f"# TTFT, {res['model']} ({res['machine']['cpu']}, {res['machine']['cpus']} cores, {res['machine']['device']}, {res['machine']['blas']}, {res['machine']['date']})",
         "",
         "| context | cold ms | warm ms | hot ms | warm speedup | mlx-lm warm ms | llama.cpp cold ms | llama.cpp warm ms | our prefill tok/s | llama.cpp prefill tok/s | ratio | our file KiB | mlx-lm file KiB | llama.cpp state KiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -234,7 +269,9 @@ def markdown(res: dict) -> str:
             f"{f(r.get('prefill_ratio_vs_llamacpp'), '{:.2f}')} | {o['cache_file_bytes'] / 1024:.0f} | {m['cache_file_bytes'] / 1024:.0f} | {f(l.get('state_file_bytes') and l['state_file_bytes'] / 1024)} |"
         )
     lines += ["", "Median of repeated runs (3 up to 4K tokens, else 2 unless set otherwise: see `repeats` in the JSON); warm reads drop",
-              "the file from the page cache first (posix_fadvise DONTNEED). Prefill tok/s = (context + message tokens) / cold time.", ""]
+              "the file from the page cache first (posix_fadvise DONTNEED). Prefill tok/s = (context + message tokens) / cold time.",
+              "Cold prefills of ours and llama.cpp alternate within each repeat after one untimed run of each; every sample is",
+              "in the JSON (`cold_ms_samples`).", ""]
     return "\n".join(lines)
 
 

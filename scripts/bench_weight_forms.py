@@ -17,8 +17,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from mlx_agentcache.model_loader import dequantize_layers, to_float32
-from mlx_agentcache.model_store import resolve_model
+from mlx_agentcache.models.model_loader import dequantize_layers, to_float32
+from mlx_agentcache.models.model_store import resolve_model
 
 
 def prefill(model, n):

@@ -25,13 +25,13 @@ def model_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path(model_home) -> Path:
-    from mlx_agentcache.model_store import resolve_model
+    from mlx_agentcache.models.model_store import resolve_model
 
     return resolve_model("smollm2-135m", model_home)
 
 
 @pytest.fixture(scope="session")
 def gemma3_path(model_home) -> Path:
-    from mlx_agentcache.model_store import resolve_model
+    from mlx_agentcache.models.model_store import resolve_model
 
     return resolve_model("gemma3-270m", model_home)

@@ -1,7 +1,7 @@
 """The Q4 agent cache on each supported architecture.
 
 Real checkpoints: SmolLM2-135M (Llama layout) and Gemma 3 270M (sliding
-windows). Random tiny models (mlx_agentcache.tiny_models): Llama 3 (GQA,
+windows). Random tiny models (mlx_agentcache.models.tiny_models): Llama 3 (GQA,
 llama3 RoPE) and DeepSeek-V2 (MLA + MoE, latent cache). Contexts are short
 but cross a 256-token block and, for Gemma, the 512-token window.
 
@@ -22,10 +22,12 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_agentcache import cachefile, mla, q4, tiny_models
-from mlx_agentcache.model_store import resolve_model
+from mlx_agentcache import q4
+from mlx_agentcache.models import mla, tiny_models
+from mlx_agentcache.models.model_store import resolve_model
+from mlx_agentcache.store import codec, container
 from mlx_agentcache.q4 import BLOCK_TOKENS
-from mlx_agentcache.runner import ModelRunner
+from mlx_agentcache.models.runner import ModelRunner
 
 TEXT = (Path(__file__).parent / "data" / "python_reference.txt").read_text()
 GEN = 16
@@ -59,7 +61,7 @@ class Arch:
     _fp16: tuple = field(default=None, repr=False)
 
     def load(self):
-        cache, _ = cachefile.load(self.file, self.runner.fingerprint, self.runner.new_cache().layers)
+        cache, _ = codec.load(self.file, self.runner.fingerprint, self.runner.new_cache().layers)
         return cache
 
     def fp16(self):
@@ -98,7 +100,7 @@ def arch(request, tiny_home, tmp_path_factory) -> Arch:
     cache = runner.new_cache()
     logits = runner.prefill(prompt, cache)
     file = tmp_path_factory.mktemp(name) / "agent.safetensors"
-    cachefile.save(file, cache, runner.fingerprint)
+    codec.save(file, cache, runner.fingerprint)
     return Arch(name, runner, prompt, cont, cache, logits, file)
 
 
@@ -167,7 +169,7 @@ def test_fp16_cache_matches_mlx_lm_cache(arch):
 
 def test_disk_bytes_per_token(arch):
     """File = 8 + header + 4 bytes per token id + sum over layers of persisted tokens x layer bytes/token."""
-    header, meta, data_start = cachefile.read_header(arch.file)
+    header, meta, data_start = container.read_header(arch.file, (codec.FORMAT,))
     spans = json.loads(meta["layers"])
     n = len(arch.prompt)
     per_layer = layer_bytes_per_token(arch.runner.config)
@@ -182,11 +184,11 @@ def test_sliding_layers_persist_at_most_window(arch):
     windows = [w for w in arch.runner.windows if w]
     n = len(arch.prompt)
     if not windows:  # global attention only: every layer keeps the whole context
-        _, meta, _ = cachefile.read_header(arch.file)
+        _, meta, _ = container.read_header(arch.file, (codec.FORMAT,))
         assert all(s["start"] == 0 and s["offset"] == n for s in json.loads(meta["layers"]))
         return
     assert n > windows[0] + BLOCK_TOKENS  # whole blocks were dropped in memory
-    _, meta, _ = cachefile.read_header(arch.file)
+    _, meta, _ = container.read_header(arch.file, (codec.FORMAT,))
     for s, w in zip(json.loads(meta["layers"]), arch.runner.windows):
         assert s["window"] == w and s["offset"] == n
         assert s["offset"] - s["start"] == (min(n, w) if w else n)
@@ -321,7 +323,7 @@ def test_gemma_agent_restored_from_disk_reuses_its_whole_history(gemma3_path, mo
     history = a.prompt_tokens(None, generation=False)
     assert len(history) > 1100 and first.stats.aligned_tokens >= 1  # at least the end-of-turn marker
     rt.flush()
-    saved, _ = cachefile.load(rt.pool.path("reader"), rt.runner.fingerprint, rt.runner.new_cache().layers)
+    saved, _ = codec.load(rt.pool.path("reader"), rt.runner.fingerprint, rt.runner.new_cache().layers)
     assert saved.tokens == history
     assert any(layer.window and layer.start > 0 for layer in saved.layers)
 

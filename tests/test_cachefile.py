@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_agentcache import cachefile
+from mlx_agentcache.store import codec, container
 from tiny import random_cache, same_tensors
 
 FP = "f" * 32
@@ -26,7 +26,7 @@ TESTS = Path(__file__).parent
 def small_file(tmp_path_factory) -> tuple[bytes, object]:
     cache = random_cache(7, layers=2, heads=1, n=70, dim=64)
     path = tmp_path_factory.mktemp("small") / "a.safetensors"
-    cachefile.save(path, cache, FP, extra={"note": "fuzz"})
+    codec.save(path, cache, FP, extra={"note": "fuzz"})
     return path.read_bytes(), cache
 
 
@@ -34,9 +34,9 @@ def small_file(tmp_path_factory) -> tuple[bytes, object]:
 def test_round_trip_is_exact(tmp_path, bits):
     cache = random_cache(1, bits=bits, n=300)
     path = tmp_path / "a.safetensors"
-    n = cachefile.save(path, cache, FP, extra={"k": 1}, model="m")
+    n = codec.save(path, cache, FP, extra={"k": 1}, model="m")
     assert n == path.stat().st_size
-    back, extra = cachefile.load(path, FP)
+    back, extra = codec.load(path, FP)
     assert extra == {"k": 1} and same_tensors(cache, back)
     assert back.layers[0].bits == bits and back.offset == 300
 
@@ -46,7 +46,7 @@ def test_file_is_plain_safetensors(tmp_path):
 
     cache = random_cache(2)
     path = tmp_path / "a.safetensors"
-    cachefile.save(path, cache, FP)
+    codec.save(path, cache, FP)
     tensors = load_file(str(path))
     assert tensors["tokens"].tolist() == cache.tokens
     assert tensors["layers.0.k.0"].shape == (2, 300, 8)
@@ -58,8 +58,8 @@ def _rewrite_meta(data: bytes, **changes) -> bytes:
     header = json.loads(data[8 : 8 + n])
     meta = header.pop("__metadata__")
     meta.update(changes)
-    meta["table_crc32"] = str(cachefile._table_crc(header))
-    meta["meta_crc32"] = str(cachefile._meta_crc(meta))
+    meta["table_crc32"] = str(container._table_crc(header))
+    meta["meta_crc32"] = str(container._meta_crc(meta))
     raw = json.dumps({**header, "__metadata__": meta}).encode()
     return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
 
@@ -87,8 +87,8 @@ def test_damaged_files_are_refused_with_a_reason(tmp_path, small_file, kind):
     damage, reason = DAMAGE[kind]
     path = tmp_path / "a.safetensors"
     path.write_bytes(damage(small_file[0]))
-    with pytest.raises(cachefile.CacheFileError, match=reason) as e:
-        cachefile.load(path, FP)
+    with pytest.raises(container.CacheFileError, match=reason) as e:
+        codec.load(path, FP)
     assert str(e.value).startswith("a.safetensors")  # says which file
     assert "\n" not in str(e.value)
 
@@ -98,30 +98,30 @@ def test_wrong_model_is_refused_before_reading_tensors(tmp_path, small_file):
     data[-1] ^= 0xFF  # damaged data too; the model check comes first and costs only the header
     path = tmp_path / "a.safetensors"
     path.write_bytes(bytes(data))
-    with pytest.raises(cachefile.CacheFileError, match="another model"):
-        cachefile.load(path, FP)
+    with pytest.raises(container.CacheFileError, match="another model"):
+        codec.load(path, FP)
 
 
 def test_quarantine_keeps_the_bytes(tmp_path):
     path = tmp_path / "a.safetensors"
     path.write_bytes(b"broken")
-    moved = cachefile.quarantine(path, path.stat().st_ino)
+    moved = container.quarantine(path, path.stat().st_ino)
     assert not path.exists() and moved.read_bytes() == b"broken" and ".bad-" in moved.name
     path.write_bytes(b"new")
-    assert cachefile.quarantine(path, inode=-1) is None and path.exists()  # replaced meanwhile: left alone
+    assert container.quarantine(path, inode=-1) is None and path.exists()  # replaced meanwhile: left alone
 
 
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "a.safetensors"
-    cachefile.save(path, random_cache(1), FP)
+    codec.save(path, random_cache(1), FP)
     before = path.read_bytes()
 
     def boom(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cachefile.os, "fsync", boom)
-    with pytest.raises(cachefile.CacheWriteError, match="No space left"):
-        cachefile.save(path, random_cache(2), FP)
+    monkeypatch.setattr(container.os, "fsync", boom)
+    with pytest.raises(container.CacheWriteError, match="No space left"):
+        codec.save(path, random_cache(2), FP)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
@@ -132,11 +132,11 @@ CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
 from tiny import random_cache
-from mlx_agentcache import cachefile
+from mlx_agentcache.store import codec
 caches = [random_cache(s, layers=4, heads=2, n=1024, dim=128) for s in (1, 2)]
 version = {start}
 while True:
-    cachefile.save({path!r}, caches[version % 2], {fp!r}, extra={{"version": version}})
+    codec.save({path!r}, caches[version % 2], {fp!r}, extra={{"version": version}})
     print(version, flush=True)
     version += 1
 """
@@ -161,7 +161,7 @@ def test_sigkill_at_random_points_never_loses_the_previous_version(tmp_path):
         done = [int(x) for x in out.split()]
         last_done = max(done)
         mid_write += any(p.name.startswith(".agent.safetensors.tmp") for p in tmp_path.iterdir())
-        cache, extra = cachefile.load(path, FP)  # must load after every kill
+        cache, extra = codec.load(path, FP)  # must load after every kill
         got = extra["version"]
         assert got in (last_done, last_done + 1), (got, last_done)  # the last finished save, or the one being renamed
         assert same_tensors(cache, expected[(1, 2)[got % 2]])
@@ -211,8 +211,8 @@ def test_fuzzed_files_are_refused_cleanly(tmp_path, small_file, ops, header_bias
     mutated = _mutate(data, ops)
     path.write_bytes(mutated)
     try:
-        cache, _ = cachefile.load(path, FP)
-    except cachefile.CacheFileError:
+        cache, _ = codec.load(path, FP)
+    except container.CacheFileError:
         return
     assert same_tensors(cache, original)  # only harmless changes (e.g. header padding) may load
 
@@ -230,13 +230,13 @@ def test_arbitrary_headers_are_refused_cleanly(tmp_path, header, tail):
     raw = json.dumps(header).encode()
     path = tmp_path / "h.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + tail)
-    with pytest.raises(cachefile.CacheFileError):
-        cachefile.load(path, FP)
+    with pytest.raises(container.CacheFileError):
+        codec.load(path, FP)
 
 
 def test_deeply_nested_header_is_refused(tmp_path):
     raw = b"[" * 100000 + b"]" * 100000
     path = tmp_path / "deep.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-    with pytest.raises(cachefile.CacheFileError, match="not valid JSON|no string metadata"):
-        cachefile.load(path, FP)
+    with pytest.raises(container.CacheFileError, match="not valid JSON|no string metadata"):
+        codec.load(path, FP)

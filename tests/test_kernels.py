@@ -1,71 +1,38 @@
-"""The Q4 kernels of kernels/, run on the CPU through kernels/harness, against MLX.
+"""The Q4 kernels of kernels/, run on the CPU through kernels/harness, against the portable MLX path.
 
 Quantize must give the bytes of mx.quantize (fp16 input), NaN scales compared
-as NaN since their bit pattern is platform dependent; dequantize must give the
-bits of mx.dequantize; decode attention must match q4.decode_attention_q4
-within DECODE_TOL. The portable q4 functions are checked against MLX and a
-float64 attention reference as well.
+as NaN since their bit pattern is platform dependent; decode attention (both
+passes) must match q4_format.decode_attention_q4 within a tolerance per
+dtype, for every query head. The launch planning, the first-use check of
+every configuration and its fallback are tested with kernels given as plain
+functions: the harness-backed ones, and ones that raise or return wrong values.
 """
 
-import mlx_agentcache  # noqa: F401  (first: preloads OpenBLAS before mlx.core)
+import mlx_agentcache  # noqa: F401  (first: preloads the BLAS before mlx.core)
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from harness_runner import Harness, np_
 
-from mlx_agentcache import q4
+from mlx_agentcache import metal_kernels, q4, q4_format
+from mlx_agentcache.q4_format import Q4
 
-HARNESS = Path(__file__).resolve().parent.parent / "kernels" / "harness" / "harness.cpp"
-
-# Max |kernel - reference| relative to max |reference| (float32 outputs).
-DECODE_TOL = 1e-5
-# The same for fp16 queries/outputs: one fp16 rounding of the result.
-DECODE_TOL_F16 = 1e-3
+# Max |kernel - reference| relative to max |reference| of each query head: float32 sums in
+# another order; for fp16 / bfloat16 outputs one rounding (2^-10, 2^-7 of the largest value).
+DECODE_TOL = {mx.float32: 1e-5, mx.float16: 1e-3, mx.bfloat16: 8e-3}
 # decode_attention_q4 against float64 attention over the dequantized cache.
 REFERENCE_TOL = 1e-5
 
-
-class Harness:
-    """Compiles harness.cpp once per set of -D flags and runs it on raw files."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.binaries = {}
-        self.runs = 0
-
-    def binary(self, defines: tuple) -> Path:
-        if defines not in self.binaries:
-            out = self.root / f"harness{len(self.binaries)}"
-            cmd = ["g++", "-O2", "-std=c++17", "-ffp-contract=off", "-pthread", "-Wall",
-                   *defines, "-o", str(out), str(HARNESS)]
-            subprocess.run(cmd, check=True)
-            self.binaries[defines] = out
-        return self.binaries[defines]
-
-    def run(self, op: str, args, inputs: dict, outputs: dict, defines=()) -> dict:
-        self.runs += 1
-        d = self.root / f"run{self.runs}"
-        d.mkdir()
-        for name, a in inputs.items():
-            np.ascontiguousarray(a).tofile(d / f"{name}.bin")
-        cmd = [str(self.binary(tuple(defines))), op, str(d), *map(str, args)]
-        subprocess.run(cmd, check=True, timeout=120)
-        return {name: np.fromfile(d / f"{name}.bin", dtype=dt) for name, dt in outputs.items()}
+f32, f16, bf16 = mx.float32, mx.float16, mx.bfloat16
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not available")
+    assert shutil.which("g++"), "the kernel tests need g++"
     return Harness(tmp_path_factory.mktemp("harness"))
-
-
-def np_(a: mx.array) -> np.ndarray:
-    return np.array(a)
 
 
 def special_groups() -> np.ndarray:
@@ -88,7 +55,7 @@ def special_groups() -> np.ndarray:
         np.concatenate([[np.inf, -np.inf], n(1)[2:]]), np.concatenate([[np.inf, np.nan], n(1)[2:]]),
         np.full(64, np.inf), np.full(64, -np.inf),
     ]
-    return np.stack(groups).astype(np.float16)
+    return np.concatenate([np.stack(groups), q4.check_groups().astype(np.float64)]).astype(np.float16)
 
 
 def block(rng, heads: int, d: int, specials: np.ndarray) -> np.ndarray:
@@ -107,26 +74,19 @@ def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
     return g.shape == w.shape and bool(np.all((g == w) | both_nan))
 
 
-def assert_q4_equal(got: dict, want: q4.Q4, prefix: str = ""):
-    packed = got[prefix + "packed"]
-    assert np.array_equal(packed, np_(want.packed).ravel()), "packed codes differ"
-    assert same_bits(got[prefix + "scales"], np_(want.scales)), "scales differ"
-    assert same_bits(got[prefix + "biases"], np_(want.biases)), "biases differ"
+def assert_q4_equal(got: Q4, want: Q4):
+    assert np.array_equal(np_(got.packed), np_(want.packed)), "packed codes differ"
+    assert same_bits(np_(got.scales), np_(want.scales)), "scales differ"
+    assert same_bits(np_(got.biases), np_(want.biases)), "biases differ"
 
 
-Q4_OUT = {"packed": np.uint32, "scales": np.float16, "biases": np.float16}
+# --- quantize ------------------------------------------------------------------
 
 
-def test_quantize_kv_block_matches_mx_quantize_bytes(harness):
-    rng = np.random.default_rng(0)
-    specials = special_groups()
-    k = block(rng, 4, 128, specials)
-    v = block(rng, 4, 64, specials[::-1])
-    nk, nv = k.size // 64, v.size // 64
-    outs = {p + n: t for p in ("k_", "v_") for n, t in Q4_OUT.items()}
-    got = harness.run("quantize_kv", [nk, nv], {"k": k, "v": v}, outs)
-    assert_q4_equal(got, q4.Q4(*mx.quantize(mx.array(k), group_size=64, bits=4)), "k_")
-    assert_q4_equal(got, q4.Q4(*mx.quantize(mx.array(v), group_size=64, bits=4)), "v_")
+@pytest.mark.parametrize("d", [128, 64])
+def test_quantize_block_with_special_groups_matches_mx_quantize_bytes(harness, d):
+    x = mx.array(block(np.random.default_rng(d), 4, d, special_groups()))
+    assert_q4_equal(harness.quantize(x), q4_format.quantize(x))
 
 
 def test_quantize_many_random_groups(harness):
@@ -137,85 +97,227 @@ def test_quantize_many_random_groups(harness):
         rng.integers(-8, 8, (n, 64)) * 2.0 ** rng.integers(-20, 10, (n, 1)),  # many exact ties
         rng.uniform(0, 1, (n, 64)) ** 3 * rng.choice([-1, 1], (n, 1)),  # one-signed groups
     ]
-    x = np.clip(np.concatenate(kinds), -65504, 65504).astype(np.float16)
-    got = harness.run("quantize", [len(x)], {"x": x}, Q4_OUT)
-    assert_q4_equal(got, q4.Q4(*mx.quantize(mx.array(x), group_size=64, bits=4)))
+    x = mx.array(np.clip(np.concatenate(kinds), -65504, 65504).astype(np.float16))
+    assert_q4_equal(harness.quantize(x), q4_format.quantize(x))
 
 
-def test_dequantize_matches_mx_dequantize_bits(harness):
-    rng = np.random.default_rng(3)
-    x = block(rng, 2, 128, special_groups())
-    q = q4.Q4(*mx.quantize(mx.array(x), group_size=64, bits=4))
-    # Arbitrary codes with arbitrary finite scales/biases too (overflow to inf included).
-    ng = 4096
-    words = rng.integers(0, 2**32, (ng, 8), dtype=np.uint32)
-    sb = np.clip(rng.standard_normal((2, ng, 1)) * 10.0 ** rng.uniform(-7, 4.8, (2, ng, 1)),
-                 -65504, 65504)
-    r = q4.Q4(mx.array(words), *(mx.array(a.astype(np.float16)) for a in sb))
-    for t in (q, r):
-        got = harness.run("dequantize", [t.packed.size], {n: np_(a) for n, a in zip(Q4_OUT, t)},
-                          {"out": np.float16})["out"]
-        want = np_(mx.dequantize(*t, group_size=64, bits=4))
-        assert same_bits(got, want)
-
+# --- decode attention ----------------------------------------------------------
 
 DECODE_CASES = [
-    # T, D, DV, R, TG, B, n_kv, N, lengths
-    ("float", 128, 128, 4, 64, 2, 2, 300, [300, 137]),
-    ("float", 64, 128, 1, 32, 3, 3, 100, [1, 64, 100]),
-    ("float", 192, 64, 3, 64, 1, 2, 70, [70]),
-    ("float16_t", 128, 64, 2, 128, 2, 1, 256, [256, 0]),
+    # dtype, D, Dv, R, B, n_kv, N, lengths, splits
+    (f32, 128, 128, 4, 2, 2, 300, [300, 137], 1),
+    (f32, 64, 128, 1, 3, 3, 100, [1, 64, 100], 2),
+    (f32, 256, 64, 3, 1, 2, 70, [70], 1),        # one key row per SIMD step, four value rows per pass
+    (f32, 64, 256, 2, 1, 1, 50, [50], 1),        # four key rows per SIMD step, one value row per pass
+    (f32, 512, 512, 2, 1, 1, 40, [40], 1),       # two words per lane
+    (f16, 128, 64, 2, 2, 1, 256, [256, 0], 3),   # an empty sequence: zeros
+    (bf16, 256, 256, 8, 1, 1, 120, [120], 2),    # two tiles of heads
+    # more query heads per kv head than SIMD lanes (rows 32.. were never written before)
+    (f32, 128, 128, 48, 1, 1, 80, [80], 1),
+    (f16, 256, 256, 48, 1, 1, 40, [40], 2),
+    (bf16, 64, 64, 48, 1, 1, 60, [60], 1),
+    (f32, 64, 64, 71, 1, 1, 60, [60], 1),
+    (bf16, 128, 128, 71, 1, 1, 40, [40], 1),
+    (f16, 256, 128, 71, 1, 1, 33, [33], 2),
 ]
-
-
-def decode_inputs(queries: np.ndarray, kq: q4.Q4, vq: q4.Q4, scale: float, lengths) -> dict:
-    """The harness's decode inputs, named as in kernels/README.md."""
-    inputs = {"queries": queries, "lengths": np.array(lengths, np.int32), "scale": np.array([scale], np.float32)}
-    for p, c in (("k_", kq), ("v_", vq)):
-        inputs.update({p + name: np_(a) for name, a in zip(Q4_OUT, c)})
-    return inputs
 
 
 def q4_cache(rng, b, n_kv, n, d, magnitude=1.0):
     x = rng.standard_normal((b, n_kv, n, d)) * magnitude
-    return q4.quantize(mx.array(x.astype(np.float32)))
+    return q4_format.quantize(mx.array(x.astype(np.float32)))
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c[:5])))
-def test_decode_attention_matches_reference(harness, case):
-    t, d, dv, r, tg, b, n_kv, n, lengths = case
+def decode_case(case):
+    dtype, d, dv, r, b, n_kv, n, lengths, splits = case
     rng = np.random.default_rng(d + dv + r)
-    dtype = np.float16 if t == "float16_t" else np.float32
-    queries = rng.standard_normal((b, n_kv * r, 1, d)).astype(dtype)
+    queries = mx.array(rng.standard_normal((b, n_kv * r, 1, d)).astype(np.float32)).astype(dtype)
     kq, vq = q4_cache(rng, b, n_kv, n, d, 2.0), q4_cache(rng, b, n_kv, n, dv)
-    scale = d**-0.5
-    inputs = decode_inputs(queries, kq, vq, scale, lengths)
-    defines = [f"-DDEC_T={t}", f"-DDEC_D={d}", f"-DDEC_DV={dv}", f"-DDEC_R={r}", f"-DDEC_TG={tg}"]
-    got = harness.run("decode", [b, n_kv, n], inputs, {"out": dtype}, defines)["out"]
-    want = np_(q4.decode_attention_q4(mx.array(queries), kq, vq, scale,
-                                      mx.array(lengths, dtype=mx.int32)).astype(mx.float32))
-    got = got.astype(np.float32).reshape(want.shape)
-    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
-    assert err < (DECODE_TOL_F16 if t == "float16_t" else DECODE_TOL), err
-    for i, length in enumerate(lengths):
+    return queries, kq, vq, d**-0.5, mx.array(lengths, dtype=mx.int32), splits
+
+
+def head_errors(got: mx.array, want: mx.array) -> np.ndarray:
+    """Per (sequence, head): max |got - want| / max |want| (0 where want is all zero)."""
+    g, w = np_(got.astype(mx.float32)), np_(want.astype(mx.float32))
+    top = np.abs(w).max(axis=(-2, -1))
+    return np.abs(g - w).max(axis=(-2, -1)) / np.where(top > 0, top, 1.0)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES,
+                         ids=lambda c: f"{c[0]}-D{c[1]}-Dv{c[2]}-R{c[3]}-S{c[8]}".replace("mlx.core.", ""))
+def test_decode_attention_matches_portable_path_for_every_head(harness, case):
+    queries, kq, vq, scale, lengths, splits = decode_case(case)
+    got = harness.decode_attention(queries, kq, vq, scale, lengths, splits=splits)
+    want = q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    err = head_errors(got, want)
+    assert err.max() < DECODE_TOL[queries.dtype], (err.max(), np.argwhere(err >= DECODE_TOL[queries.dtype])[:5])
+    out = np_(got.astype(mx.float32))
+    for i, length in enumerate(np_(lengths)):
         if length == 0:
-            assert not np.any(got[i])
+            assert not np.any(out[i])
+        else:  # every head written: none left at zero (the bug past the thread count)
+            assert np.all(np.abs(out[i]).max(axis=(-2, -1)) > 0)
 
 
-# --- the portable path -----------------------------------------------------
+def test_decode_attention_splits_agree(harness):
+    """One split and five splits of a 600-token sequence: the same attention."""
+    case = (f32, 128, 128, 3, 1, 1, 600, [600], 1)
+    queries, kq, vq, scale, lengths, _ = decode_case(case)
+    one = harness.decode_attention(queries, kq, vq, scale, lengths, splits=1)
+    five = harness.decode_attention(queries, kq, vq, scale, lengths, splits=5)
+    assert head_errors(five, one).max() < 1e-5
 
 
-def test_portable_quantize_is_mx_quantize():
-    rng = np.random.default_rng(4)
-    x = mx.array(rng.standard_normal((3, 5, 256, 128)).astype(np.float32) * 7)
+# --- launch planning -----------------------------------------------------------
+
+
+def test_decode_plan_sizes_tiles_and_refuses_what_cannot_run():
+    plan = metal_kernels.decode_plan(f32, 128, 128, 71)
+    assert plan.rows == 4 and plan.tiles == 18 and plan.threads == 256
+    assert plan.threadgroup_bytes <= metal_kernels.MAX_THREADGROUP_MEMORY
+    for d in metal_kernels.HEAD_DIMS:
+        for r in (1, 3, 48, 71):
+            p = metal_kernels.decode_plan(bf16, d, d, r)
+            assert p is not None and p.rows <= r
+            words = max(1, d // 256)
+            assert p.rows * 16 * words <= metal_kernels.REGISTER_FLOATS or p.rows == 1
+    assert metal_kernels.decode_plan(f32, 192, 64, 3) is None  # D/8 words do not split over 32 lanes
+    assert metal_kernels.decode_plan(f32, 1024, 128, 1) is None
+    assert metal_kernels.decode_plan(mx.int32, 128, 128, 1) is None
+    assert metal_kernels.decode_plan(f32, 128, 128, 4, max_threads=128) is None
+    assert metal_kernels.decode_plan(f32, 512, 512, 4, max_threadgroup_memory=16384) is None
+    assert metal_kernels.split_count(1, 32768) == metal_kernels.SPLIT_TARGET_GROUPS
+    assert metal_kernels.split_count(8, 1000) == 3 and metal_kernels.split_count(200, 32768) == 1
+
+
+# --- first-use checks and fallback, with kernels given as functions -----------
+
+
+def plan_config(dtype, d, dv, r):
+    return metal_kernels.decode_plan(dtype, d, dv, r)
+
+
+def decode_inputs(r=3, d=64, dv=64, dtype=f32):
+    return decode_case((dtype, d, dv, r, 2, 2, 90, [90, 20], 1))[:5]
+
+
+class Recorder:
+    """A kernel function that counts its calls and delegates to another."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.buffers = fn, [], []
+
+    def __call__(self, queries, kq, vq, scale, lengths=None, splits=None):
+        self.calls.append((tuple(queries.shape), splits))
+        self.buffers.append((tuple(kq.packed.shape), None if lengths is None else np_(lengths).tolist()))
+        return self.fn(queries, kq, vq, scale, lengths, splits=splits)
+
+
+def compile_failure(*args, **kw):
+    raise RuntimeError("[metal::Device] Unable to build metal library from source")
+
+
+def rows_past_32_zeroed(queries, kq, vq, scale, lengths=None, splits=None):
+    """The old decode bug's output: heads R >= 32 of each kv head left at zero."""
+    out = q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
+    r = queries.shape[1] // kq.packed.shape[1]
+    keep = (mx.arange(queries.shape[1]) % r < 32)[None, :, None, None]
+    return mx.where(keep, out, 0).astype(out.dtype)
+
+
+def nan_blind_quantize(x):
+    """A quantize kernel that treats NaN as 0: wrong on groups with NaN."""
+    x = x.astype(mx.float16)
+    return q4_format.quantize(mx.where(mx.isnan(x), 0, x))
+
+
+WARNING = "disabled, using the portable path"
+
+
+def test_checked_configuration_runs_the_kernel(harness, capsys):
+    decode = Recorder(harness.decode_attention)
+    kernels = q4.CheckedKernels(harness.quantize, decode, plan_config)
+    queries, kq, vq, scale, lengths = decode_inputs()
+    got = kernels.decode_attention(queries, kq, vq, scale, lengths)
+    kernels.decode_attention(queries, kq, vq, scale, lengths)
+    x = mx.array(q4.check_groups()).reshape(2, -1, 128)
+    assert_q4_equal(kernels.quantize(x), q4_format.quantize(x))
+    assert WARNING not in capsys.readouterr().err
+    # the check ran once (one launch with the automatic split count, one with 3), then two real calls
+    assert decode.calls == [((3, 3, 1, 64), None), ((3, 3, 1, 64), 3), ((2, 6, 1, 64), None), ((2, 6, 1, 64), None)]
+    assert all(kernels.verdicts.values()) and len(kernels.verdicts) == 2
+    want = q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
+    assert head_errors(got, want).max() < DECODE_TOL[f32]
+
+
+@pytest.mark.parametrize("bad", [compile_failure, rows_past_32_zeroed])
+def test_failing_configuration_falls_back_with_one_warning(bad, capsys):
+    decode = Recorder(bad)
+    kernels = q4.CheckedKernels(q4_format.quantize, decode, plan_config)
+    queries, kq, vq, scale, lengths = decode_inputs(r=48)
+    want = np_(q4_format.decode_attention_q4(queries, kq, vq, scale, lengths))
+    for _ in range(3):
+        assert np.array_equal(np_(kernels.decode_attention(queries, kq, vq, scale, lengths)), want)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if WARNING in line]
+    assert len(warnings) == 1 and "r=48" in warnings[0]
+    assert len(decode.calls) == 1  # the check's first launch; never called again for this configuration
+    # another configuration gets its own check (this one passes: rows past 32 do not exist at R=3)
+    queries, kq, vq, scale, lengths = decode_inputs(r=3)
+    kernels.decode_attention(queries, kq, vq, scale, lengths)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if WARNING in line]
+    assert len(warnings) == (0 if bad is rows_past_32_zeroed else 1)
+    assert sum(kernels.verdicts.values()) == (1 if bad is rows_past_32_zeroed else 0)
+
+
+def test_launch_error_after_the_check_falls_back_with_one_warning(capsys):
+    """A configuration that passed its check but raises on a later launch (other shapes) is turned off."""
+
+    def fails_past_the_check_shapes(queries, kq, vq, scale, lengths=None, splits=None):
+        if queries.shape[0] != 3:  # the check launches with three sequences
+            raise RuntimeError("[metal::Device] threadgroup memory exceeds the device limit")
+        return q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
+
+    kernels = q4.CheckedKernels(q4_format.quantize, fails_past_the_check_shapes, plan_config)
+    queries, kq, vq, scale, lengths = decode_inputs()
+    want = np_(q4_format.decode_attention_q4(queries, kq, vq, scale, lengths))
+    for _ in range(2):
+        assert np.array_equal(np_(kernels.decode_attention(queries, kq, vq, scale, lengths)), want)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if WARNING in line]
+    assert len(warnings) == 1 and "threadgroup memory" in warnings[0]
+    assert list(kernels.verdicts.values()) == [False]
+
+
+def test_failing_quantize_falls_back_with_one_warning(capsys):
+    kernels = q4.CheckedKernels(nan_blind_quantize, compile_failure, plan_config)
+    x = mx.array(np.random.default_rng(3).standard_normal((2, 40, 128)).astype(np.float32))
+    for _ in range(2):
+        assert_q4_equal(kernels.quantize(x), q4_format.quantize(x))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if WARNING in line]
+    assert len(warnings) == 1 and "quantize kernel differs" in warnings[0]
+
+
+def test_refused_configuration_takes_portable_path_without_a_check(capsys):
+    decode = Recorder(compile_failure)
+    kernels = q4.CheckedKernels(q4_format.quantize, decode, plan_config)
+    queries, kq, vq, scale, lengths = decode_inputs(d=192)
+    got = kernels.decode_attention(queries, kq, vq, scale, lengths)
+    assert WARNING not in capsys.readouterr().err
+    assert decode.calls == [] and kernels.verdicts == {}
+    assert np.array_equal(np_(got), np_(q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)))
+
+
+def test_no_kernels_without_metal():
+    """Here (no Metal) the dispatch is the portable path itself."""
+    assert not mx.metal.is_available()
+    assert not q4.fused_decode_available()
+    x = mx.array(np.random.default_rng(4).standard_normal((3, 5, 256, 128)).astype(np.float32) * 7)
     got = q4.quantize(x)
     want = mx.quantize(x.astype(mx.float16), group_size=64, bits=4)
     for a, w in zip(got, want):
         assert a.dtype == w.dtype and np.array_equal(np_(a).view(np.uint8), np_(w).view(np.uint8))
-    kq, vq = q4.quantize_kv(x, x[..., :64])
-    assert all(mx.array_equal(a, w).item() for a, w in zip(kq, got))
-    assert vq.packed.shape == (3, 5, 256, 8)
-    assert mx.array_equal(q4.dequantize(got), mx.dequantize(*want, group_size=64, bits=4)).item()
+
+
+# --- the portable reference ----------------------------------------------------
 
 
 def float_reference(queries, kq, vq, scale, lengths):
@@ -230,8 +332,7 @@ def float_reference(queries, kq, vq, scale, lengths):
 
     k, v = deq(kq), deq(vq)
     q = np_(queries).astype(np.float64)
-    b, h, _, _ = q.shape
-    rep = h // k.shape[1]
+    rep = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
     s = q @ k.swapaxes(-1, -2) * scale
     valid = np.arange(k.shape[2])[None, None, None, :] < np.array(lengths)[:, None, None, None]
@@ -247,7 +348,7 @@ def test_decode_attention_q4_matches_float_reference(h, n_kv, l, lengths):
     b, n, d, dv = len(lengths), 300, 128, 64
     queries = mx.array(rng.standard_normal((b, h, l, d)).astype(np.float32))
     kq, vq = q4_cache(rng, b, n_kv, n, d, 2.0), q4_cache(rng, b, n_kv, n, dv)
-    got = np_(q4.decode_attention_q4(queries, kq, vq, d**-0.5, mx.array(lengths)))
+    got = np_(q4_format.decode_attention_q4(queries, kq, vq, d**-0.5, mx.array(lengths)))
     want = float_reference(queries, kq, vq, d**-0.5, lengths)
     assert got.shape == (b, h, l, dv)
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < REFERENCE_TOL
@@ -256,37 +357,18 @@ def test_decode_attention_q4_matches_float_reference(h, n_kv, l, lengths):
 def test_decode_attention_q4_empty_sequence_is_zero():
     rng = np.random.default_rng(5)
     kq, vq = q4_cache(rng, 2, 1, 64, 64), q4_cache(rng, 2, 1, 64, 64)
-    out = q4.decode_attention_q4(mx.ones((2, 2, 1, 64)), kq, vq, 0.125, mx.array([0, 64]))
+    out = q4_format.decode_attention_q4(mx.ones((2, 2, 1, 64)), kq, vq, 0.125, mx.array([0, 64]))
     assert not np.any(np_(out[0])) and np.all(np.isfinite(np_(out)))
 
 
 # --- the fused kernel inside LayerCache.attend ----------------------------
 
 
-def harness_decode(harness, tg=64):
-    """metal_kernels.decode_attention's contract, computed by the kernel source through the harness."""
-
-    def run(queries, kq, vq, scale, lengths):
-        b, h, _, d = queries.shape
-        _, n_kv, n, _ = kq.packed.shape
-        dv = vq.packed.shape[-1] * 8
-        inputs = decode_inputs(np_(queries).astype(np.float32), kq, vq, scale, np_(lengths))
-        defines = ["-DDEC_T=float", f"-DDEC_D={d}", f"-DDEC_DV={dv}", f"-DDEC_R={h // n_kv}", f"-DDEC_TG={tg}"]
-        calls.append((tuple(kq.packed.shape), np_(lengths).tolist()))
-        out = harness.run("decode", [b, n_kv, n], inputs, {"out": np.float32}, defines)["out"]
-        return mx.array(out.reshape(b, h, 1, dv))
-
-    calls = []
-    run.calls = calls
-    return run
-
-
 @pytest.mark.parametrize("mode", ["q4", "q4k"])
 def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mode):
     """On an Apple GPU a Q4 decode step reads the cache buffer in place (capacity rows past the
-    length included) through the fused kernel; here the kernel source runs through the harness
-    and must give what the general path gives."""
-    from mlx_agentcache import metal_kernels
+    length included) through the fused kernel; here the kernel sources run through the harness,
+    behind the same first-use check, and must give what the general path gives."""
     from mlx_agentcache.kvcache import LayerCache
 
     rng = np.random.default_rng(11)
@@ -297,12 +379,14 @@ def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mod
     query = mx.array(rng.standard_normal((1, n_kv * rep, 1, d)).astype(np.float32))
     want = np_(cache.attend(query, d**-0.5))
 
-    kernel = harness_decode(harness)
-    monkeypatch.setattr(q4, "fused_decode_available", lambda: True)
-    monkeypatch.setattr(metal_kernels, "decode_attention", kernel)
+    decode = Recorder(harness.decode_attention)
+    kernels = q4.CheckedKernels(harness.quantize, decode, plan_config)
+    monkeypatch.setattr(q4, "_kernels", lambda: kernels)
     got = np_(cache.attend(query, d**-0.5))
-    assert kernel.calls == [((1, n_kv, 512, d // 8), [n])]  # two blocks of capacity, no copy
-    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < DECODE_TOL
+    real = [c for c in decode.calls if c[0][0] == 1]  # the check's launches have B = 3
+    assert real == [((1, n_kv * rep, 1, d), None)] and all(kernels.verdicts.values())
+    assert decode.buffers[-1] == ((1, n_kv, 512, d // 8), [n])  # two blocks of capacity, no copy
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < DECODE_TOL[f32]
 
     # prefill rows, a second (shared) segment and a sliding window past its width take the general path
     cache.attend(mx.concatenate([query] * 2, axis=2), d**-0.5)
@@ -314,4 +398,4 @@ def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mod
     window = LayerCache(mode, window=128)
     window.update_and_fetch(*(mx.array(rng.standard_normal((1, n_kv, 200, d)).astype(np.float32)),) * 2)
     window.attend(query, d**-0.5)
-    assert len(kernel.calls) == 1
+    assert len([c for c in decode.calls if c[0][0] == 1]) == 1

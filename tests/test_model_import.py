@@ -20,9 +20,9 @@ from gguf import GGMLQuantizationType as QT
 from mlx_lm.models.cache import make_prompt_cache
 from tokenizers import Tokenizer
 
-from mlx_agentcache import gguf_import, model_store
-from mlx_agentcache.model_loader import load_for_backend
-from mlx_agentcache.model_store import ModelNotFound, gguf_file, resolve_model
+from mlx_agentcache.models import gguf_import, model_store
+from mlx_agentcache.models.model_loader import load_for_backend
+from mlx_agentcache.models.model_store import ModelNotFound, gguf_file, resolve_model
 
 MODELS = ["smollm2", "gemma3"]
 NAMES = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}

@@ -1,4 +1,4 @@
-"""The block pool: budget and eviction, write-behind, restores, multi-phase
+"""The cache pool: budget and eviction, write-behind, restores, multi-phase
 context, shared prefixes, locking across processes, full disks."""
 
 import os
@@ -12,10 +12,11 @@ import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import mlx.core as mx
 import pytest
 
-from mlx_agentcache import cachefile, pool as pool_mod
+from mlx_agentcache import pool as pool_mod
 from mlx_agentcache.kvcache import AgentCache, LayerCache
-from mlx_agentcache.pool import AgentBusyError, BlockPool
-from mlx_agentcache.prefixes import SharedSegment
+from mlx_agentcache.pool import AgentBusyError, CachePool
+from mlx_agentcache.prefixes import SharedSegment, own_bytes
+from mlx_agentcache.store import codec, container
 from tiny import random_cache, same_tensors, tiny_runner, tokens
 
 # Prefill through a restored or shared cache reads the same Q4 codes; only
@@ -28,10 +29,10 @@ def new_random_cache() -> AgentCache:
     return AgentCache([LayerCache(4) for _ in range(2)])
 
 
-def rpool(tmp_path, **kw) -> BlockPool:
+def rpool(tmp_path, **kw) -> CachePool:
     """A pool over model-free random caches (2 layers, 2 heads, dim 64)."""
     kw.setdefault("warn", lambda m: None)
-    return BlockPool(tmp_path, "f" * 32, new_random_cache, **kw)
+    return CachePool(tmp_path, "f" * 32, new_random_cache, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,10 @@ def runner():
     return tiny_runner()
 
 
-def turn(pool: BlockPool, runner, name: str, prompt: list[int]):
+def turn(pool: CachePool, runner, name: str, prompt: list[int]):
     """One model step for `name`: reuse what is cached, prefill the rest, check in."""
-    cache, tier = pool.checkout(name)
-    pool.adopt_prefix(cache, prompt)
-    reuse = cache.reusable_prefix(prompt)
-    cache.trim_to(reuse)
+    _, tier = pool.checkout(name)
+    cache, reuse = pool.begin_turn(name, prompt)
     logits = runner.prefill(prompt[reuse:], cache)
     pool.checkin(name, cache)
     return tier, reuse, logits
@@ -55,7 +54,7 @@ def turn(pool: BlockPool, runner, name: str, prompt: list[int]):
 
 def test_lru_eviction_under_budget_and_counters(tmp_path):
     p = rpool(tmp_path, budget_bytes=float("inf"))
-    one = pool_mod.own_bytes(random_cache(1))
+    one = own_bytes(random_cache(1))
     p.budget = int(2.5 * one)
     for seed, name in enumerate("abc"):
         cache, tier = p.checkout(name)
@@ -77,7 +76,7 @@ def test_lru_eviction_under_budget_and_counters(tmp_path):
 
 
 def test_busy_agents_are_never_evicted(tmp_path):
-    p = rpool(tmp_path, budget_bytes=int(1.5 * pool_mod.own_bytes(random_cache(1))))
+    p = rpool(tmp_path, budget_bytes=int(1.5 * own_bytes(random_cache(1))))
     p.checkout("a")
     p.checkin("a", random_cache(1))
     held, tier = p.checkout("a")  # in a turn
@@ -89,7 +88,7 @@ def test_busy_agents_are_never_evicted(tmp_path):
 
 
 def test_memory_only_pool_evicts_to_cold(tmp_path):
-    p = rpool(tmp_path, budget_bytes=int(1.5 * pool_mod.own_bytes(random_cache(1))), persist=False)
+    p = rpool(tmp_path, budget_bytes=int(1.5 * own_bytes(random_cache(1))), persist=False)
     for seed, name in enumerate("ab"):
         p.checkout(name)
         p.checkin(name, random_cache(seed))
@@ -105,16 +104,16 @@ def test_default_budget_is_a_fraction_of_available_memory(monkeypatch):
 
 def test_write_behind_never_blocks_turns_and_eviction_waits_only_for_its_victim(tmp_path, monkeypatch):
     gate = threading.Event()
-    real = cachefile.write_tensors
+    real = container.write_tensors
 
     def slow_for_one(path, *a):
         if Path(path).name == "slow.safetensors":
             assert gate.wait(20)
         return real(path, *a)
 
-    monkeypatch.setattr(cachefile, "write_tensors", slow_for_one)
+    monkeypatch.setattr(container, "write_tensors", slow_for_one)
     p = rpool(tmp_path, budget_bytes=float("inf"))
-    one = pool_mod.own_bytes(random_cache(1))
+    one = own_bytes(random_cache(1))
     p.budget = int(2.5 * one)
 
     p.checkout("x")
@@ -141,7 +140,7 @@ def test_write_behind_never_blocks_turns_and_eviction_waits_only_for_its_victim(
     gate.set()
     t.join(20)
     assert done.is_set() and p.tier("slow") == "warm"
-    cache, _ = cachefile.load(p.path("slow"), p.fingerprint)
+    cache, _ = codec.load(p.path("slow"), p.fingerprint)
     assert same_tensors(cache, random_cache(2))
 
 
@@ -151,7 +150,7 @@ def test_save_failure_keeps_agent_hot_and_tells_the_user(tmp_path, monkeypatch):
     p.checkout("a")
     p.checkin("a", random_cache(1))
     p.flush()
-    monkeypatch.setattr(cachefile.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(container.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     p.checkout("a")
     p.checkin("a", random_cache(2))
     failed = p.flush()
@@ -160,7 +159,7 @@ def test_save_failure_keeps_agent_hot_and_tells_the_user(tmp_path, monkeypatch):
     p.checkout("b")
     p.checkin("b", random_cache(3))  # over budget, but a's newest state is only in memory
     assert p.tier("a") == "hot"
-    cache, _ = cachefile.load(p.path("a"), p.fingerprint)
+    cache, _ = codec.load(p.path("a"), p.fingerprint)
     assert same_tensors(cache, random_cache(1))  # the previous file is intact
 
 
@@ -203,13 +202,13 @@ def test_refused_file_is_moved_aside_and_agent_prefills(tmp_path, kind, monkeypa
     messages = []
     p = rpool(tmp_path, warn=messages.append, write_behind=False)
     if kind == "wrong-model":
-        cachefile.save(p.path("a"), random_cache(1), "0" * 32)
+        codec.save(p.path("a"), random_cache(1), "0" * 32)
     elif kind == "wrong-version":
-        monkeypatch.setattr(cachefile, "VERSION", 1)
-        cachefile.save(p.path("a"), random_cache(1), p.fingerprint)
+        monkeypatch.setattr(container, "VERSION", 1)
+        codec.save(p.path("a"), random_cache(1), p.fingerprint)
         monkeypatch.undo()
     else:
-        cachefile.save(p.path("a"), random_cache(1), p.fingerprint)
+        codec.save(p.path("a"), random_cache(1), p.fingerprint)
         _damage(p.path("a"), kind)
     original = p.path("a").read_bytes()
     cache, tier = p.checkout("a")
@@ -224,7 +223,7 @@ def test_refused_file_is_moved_aside_and_agent_prefills(tmp_path, kind, monkeypa
 
 
 def test_phases_append_reuse_every_block_and_rewrites_trim_at_first_difference(tmp_path, runner):
-    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     phase1 = tokens(300, seed=3)  # one full block and a partial one
     _, reuse, _ = turn(p, runner, "a", phase1)
     assert reuse == 0
@@ -257,7 +256,7 @@ def test_phases_append_reuse_every_block_and_rewrites_trim_at_first_difference(t
 def byte_runner(tmp_path_factory):
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_agentcache import tiny_models
+    from mlx_agentcache.models import tiny_models
 
     d = tmp_path_factory.mktemp("tok")
     tiny_models.write_byte_tokenizer(d)
@@ -295,10 +294,10 @@ SYSTEM = tokens(600, seed=9)  # two full blocks (512 tokens) are shareable
 
 
 def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, runner):
-    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     solo = runner.new_cache()
     runner.prefill(SYSTEM + tokens(20, seed=100), solo)
-    per_agent = pool_mod.own_bytes(solo)
+    per_agent = own_bytes(solo)
     logits = {}
     for i, name in enumerate(["a", "b", "c", "d"]):
         _, reuse, logits[name] = turn(p, runner, name, SYSTEM + tokens(20 + i, seed=100 + i))
@@ -320,20 +319,21 @@ def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, runner):
     key = blocks[0].stem
     for name in "abcd":
         info = p.describe(name)
-        assert info["shared_prefix"] == {"hash": key, "tokens": 512}
+        assert {k: info["shared_prefix"][k] for k in ("hash", "tokens")} == {"hash": key, "tokens": 512}
         assert info["file_bytes"] < blocks[0].stat().st_size  # only the tail is in the agent file
 
-    q = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     assert q.prefixes.refs[key] == set("abcd")  # rebuilt from the agent files
     restored = {}
     for name in "abcd":
         restored[name], tier = q.checkout(name)
         assert tier == "warm" and same_tensors(restored[name], p.hot[name])
-    assert q.prefixes.bytes_read == blocks[0].stat().st_size  # the block file was read once
+    agent_files = sum(q.path(name).stat().st_size for name in "abcd")
+    assert q.stats.bytes_read == agent_files + blocks[0].stat().st_size  # the block file was read once
 
 
 def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, runner):
-    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     for i, name in enumerate("ab"):
         turn(p, runner, name, SYSTEM + tokens(20, seed=200 + i))
     b_before = [layer.contiguous() for layer in p.hot["b"].layers]
@@ -347,13 +347,13 @@ def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, 
         assert all(mx.array_equal(x, y).item() for x, y in zip(k + v, k2 + v2))
     p.flush()
     assert p.describe("a")["shared_prefix"]["tokens"] == 256
-    cache, _ = cachefile.load(p.path("a"), p.fingerprint)
+    cache, _ = codec.load(p.path("a"), p.fingerprint)
     assert cache.tokens == edited
 
 
 def test_gc_removes_only_unreferenced_blocks_and_missing_blocks_are_refused(tmp_path, runner):
     messages = []
-    p = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
     for i, name in enumerate("ab"):
         turn(p, runner, name, SYSTEM + tokens(20, seed=300 + i))
     p.flush()
@@ -368,7 +368,7 @@ def test_gc_removes_only_unreferenced_blocks_and_missing_blocks_are_refused(tmp_
     turn(p, runner, "d", SYSTEM + tokens(5, seed=2))
     p.flush()
     next((tmp_path / "blocks").glob("*.safetensors")).unlink()
-    q = BlockPool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
+    q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
     cache, tier = q.checkout("c")
     assert tier == "cold" and "shared prefix" in messages[-1] and "missing" in messages[-1]
 
@@ -402,7 +402,7 @@ def test_second_process_waits_for_the_agent_lock_or_fails_clearly(tmp_path):
         assert time.monotonic() - t0 > 0.5
     finally:
         child.wait(20)
-    cache, _ = cachefile.load(p.path("x"), p.fingerprint)
+    cache, _ = codec.load(p.path("x"), p.fingerprint)
     assert same_tensors(cache, random_cache(1))
 
 
@@ -437,7 +437,7 @@ def test_full_disk_fails_cleanly_and_keeps_old_file(small_disk):
     p.checkout("a")
     p.checkin("a", random_cache(3, n=120))  # space is back for a smaller state: saved, then evictable
     assert p.flush() == {} and "a" not in p.summary()["unsaved"]
-    cache, _ = cachefile.load(p.path("a"), p.fingerprint)
+    cache, _ = codec.load(p.path("a"), p.fingerprint)
     assert same_tensors(cache, random_cache(3, n=120))
 
 
@@ -453,7 +453,7 @@ def test_agents_cli_ls_show_export_import_rm_gc(tmp_path, runner, monkeypatch):
     from mlx_agentcache.cli import app
 
     d, other = tmp_path / "agents", tmp_path / "elsewhere"
-    p = BlockPool(d, runner.fingerprint, runner.new_cache, warn=lambda m: None, model="tiny")
+    p = CachePool(d, runner.fingerprint, runner.new_cache, warn=lambda m: None, model="tiny")
     for i, name in enumerate("ab"):
         turn(p, runner, name, SYSTEM + tokens(30, seed=400 + i))
     p.flush()
@@ -477,10 +477,10 @@ def test_agents_cli_ls_show_export_import_rm_gc(tmp_path, runner, monkeypatch):
 
     card = tmp_path / "a.card.safetensors"
     assert "exported" in run("export", "a", "-o", str(card), "--cache-dir", str(d))
-    inlined, _ = cachefile.load(card, runner.fingerprint)  # self-contained: no blocks/ next to it
+    inlined, _ = codec.load(card, runner.fingerprint)  # self-contained: no blocks/ next to it
     assert same_tensors(inlined, p.hot["a"])
     run("import", str(card), "--name", "a2", "--cache-dir", str(other))
-    q = BlockPool(other, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    q = CachePool(other, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     cache, tier = q.checkout("a2")
     assert tier == "warm" and same_tensors(cache, p.hot["a"])
     assert json.loads((other / "a2.json").read_text())["messages"] == history["messages"]
@@ -491,10 +491,10 @@ def test_agents_cli_ls_show_export_import_rm_gc(tmp_path, runner, monkeypatch):
     run("rm", "a", "--cache-dir", str(d), "--yes")
     assert not (d / "a.safetensors").exists() and not (d / "a.json").exists()
 
-    monkeypatch.setattr(cachefile, "VERSION", 1)
-    cachefile.save(d / "old.safetensors", random_cache(1), runner.fingerprint)
+    monkeypatch.setattr(container, "VERSION", 1)
+    codec.save(d / "old.safetensors", random_cache(1), runner.fingerprint)
     monkeypatch.undo()
-    cachefile.save(d / "foreign.safetensors", random_cache(1), "0" * 32)
+    codec.save(d / "foreign.safetensors", random_cache(1), "0" * 32)
     (d / "x.safetensors.bad-20250101-000000-1").write_bytes(b"junk")
     (d / ".b.safetensors.tmp999999999").write_bytes(b"junk")
     monkeypatch.setattr(catalog, "installed_fingerprints", lambda home: {runner.fingerprint})
@@ -507,3 +507,92 @@ def test_agents_cli_ls_show_export_import_rm_gc(tmp_path, runner, monkeypatch):
     run("rm", "b", "--cache-dir", str(d), "--yes")
     assert "shared prefix block no agent uses" in run("gc", "--cache-dir", str(d), "--yes")
     assert list((d / "blocks").glob("*.safetensors")) == []
+
+
+# -- the engine never waits behind a reload -------------------------------------
+
+
+@pytest.fixture
+def held_open(tmp_path):
+    """Hold a write lease on a file: the kernel then blocks every open() of it
+    (in any thread) until the lease is released, a real read that cannot start."""
+    import fcntl
+    import signal
+
+    held = []
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease break is signalled to the holder
+
+    def hold(path: Path):
+        fd = os.open(path, os.O_WRONLY)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        held.append(fd)
+
+        def opener_blocked() -> bool:  # a reader's open() is breaking the lease
+            return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+
+        def release() -> None:
+            if fd in held:
+                held.remove(fd)
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                os.close(fd)
+
+        return opener_blocked, release
+
+    yield hold
+    for fd in held:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+    signal.signal(signal.SIGIO, previous)
+
+
+def test_decode_is_not_delayed_by_a_reload_in_flight(tmp_path, byte_runner, held_open):
+    from mlx_agentcache.scheduler import Scheduler, Turn
+
+    runner = byte_runner
+    n_big = 100_000  # 2 layers x 1 head x 64 dims: a 14 MB file
+    pool = CachePool(tmp_path, runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False, warn=lambda m: None)
+    big_cache = random_cache(3, layers=2, heads=1, n=n_big, dim=64)
+    big_cache.tokens = tokens(n_big, seed=3, vocab=256)
+    codec.save(pool.path("big"), big_cache, runner.fingerprint)
+    assert pool.tier("big") == "warm" and pool.path("big").stat().st_size > 10 << 20
+    turn(pool, runner, "idle", tokens(40, seed=8, vocab=256))  # a hot agent the engine can take at once
+    sched = Scheduler(runner, pool, max_batch=4, prefill_chunk=64)
+    opener_blocked, release = held_open(pool.path("big"))
+    try:
+        big = sched.submit(Turn("big", big_cache.tokens + [7], max_tokens=1))
+        deadline = time.monotonic() + 20
+        while not opener_blocked() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert opener_blocked() and big.status == "loading", "the loader is inside open() of the big file"
+
+        # while the read is in flight: every pool operation the engine needs returns at once
+        slowest = 0.0
+        for op in (
+            lambda: pool.tier("idle"),
+            lambda: pool.hot_bytes,
+            lambda: pool.summary(),
+            lambda: pool.checkout("idle"),
+            lambda: pool.begin_turn("idle", tokens(40, seed=8, vocab=256) + [9]),
+            lambda: pool.checkin("idle", pool.hot["idle"]),
+            lambda: pool.checkout("fresh"),
+            lambda: pool.checkin("fresh", pool.begin_turn("fresh", tokens(3, vocab=256))[0]),
+        ):
+            t0 = time.perf_counter()
+            op()
+            slowest = max(slowest, time.perf_counter() - t0)
+        assert slowest < 0.5, f"a pool operation took {slowest:.3f} s while a read was in flight"
+
+        # and whole turns run: admitted, prefilled, decoded step by step, checked in
+        talker = sched.submit(Turn("talker", tokens(30, seed=11, vocab=256), max_tokens=6))
+        talker.wait(30)
+        assert talker.status == "done" and len(talker.tokens) == 6
+        assert opener_blocked() and not big.done, "the big read was still blocked meanwhile"
+        steps = [t1 - t0 for kind, who, t0, t1 in sched.timeline if kind == "decode" and "talker" in who]
+        assert len(steps) == 5 and max(steps) < 2.0
+
+        release()
+        big.wait(60)
+        assert big.stats.tier == "warm" and big.stats.restored_tokens == n_big
+    finally:
+        release()  # an open() still blocked would hold up close() until the kernel breaks the lease
+        sched.close(cancel=True)

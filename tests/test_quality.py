@@ -7,7 +7,8 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from mlx_agentcache import cachefile, quality
+from mlx_agentcache import quality
+from mlx_agentcache.store import codec, container
 from mlx_agentcache.cli import app
 from mlx_agentcache.kvcache import LayerCache, kv_mode, rotate
 from tiny import tiny_runner, tokens
@@ -72,22 +73,22 @@ def test_q4k_round_trips_through_a_cache_file(tmp_path):
     live = runner.new_cache("q4k")
     runner.prefill(prompt, live)
     path = tmp_path / "a.safetensors"
-    cachefile.save(path, live, runner.fingerprint)
-    _, meta = cachefile.read_tensors(path)
+    codec.save(path, live, runner.fingerprint)
+    _, meta = container.read_tensors(path, (codec.FORMAT,))
     assert meta["kv_keys"] == "hadamard" and meta["kv_bits"] == "4"
-    loaded, _ = cachefile.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4k").layers)
+    loaded, _ = codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4k").layers)
     assert all(layer.rotate_keys for layer in loaded.layers) and loaded.tokens == prompt
     for tok in tokens(5, seed=3):
         a, b = runner.decode([tok], [live])[0], runner.decode([tok], [loaded])[0]
         assert mx.array_equal(a, b)
-    with pytest.raises(cachefile.CacheFileError, match="q4k"):
-        cachefile.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4").layers)
+    with pytest.raises(container.CacheFileError, match="q4k"):
+        codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4").layers)
     plain = runner.new_cache("q4")
     runner.prefill(prompt, plain)
-    cachefile.save(path, plain, runner.fingerprint)
-    assert "kv_keys" not in cachefile.read_tensors(path)[1]
-    with pytest.raises(cachefile.CacheFileError, match="q4"):
-        cachefile.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4k").layers)
+    codec.save(path, plain, runner.fingerprint)
+    assert "kv_keys" not in container.read_tensors(path, (codec.FORMAT,))[1]
+    with pytest.raises(container.CacheFileError, match="q4"):
+        codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4k").layers)
 
 
 def test_nested_contexts_score_like_separate_windows():

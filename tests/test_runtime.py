@@ -9,8 +9,8 @@ import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import mlx.core as mx
 import pytest
 
-from mlx_agentcache import cachefile
 from mlx_agentcache.runtime import Runtime
+from mlx_agentcache.store import codec, container
 
 # Restoring from disk must reproduce the in-memory computation: the same Q4
 # codes are read back, so only float summation order (chunking) can differ.
@@ -40,8 +40,8 @@ def test_restore_then_continue_matches_full_prefill(rt):
     part = rt.runner.new_cache()
     rt.runner.prefill(head, part)
     path = rt.cache_dir / "restore-probe.safetensors"
-    cachefile.save(path, part, rt.runner.fingerprint)
-    restored, _ = cachefile.load(path, rt.runner.fingerprint, rt.runner.new_cache().layers)
+    codec.save(path, part, rt.runner.fingerprint)
+    restored, _ = codec.load(path, rt.runner.fingerprint, rt.runner.new_cache().layers)
     assert restored.tokens == head
     out = rt.runner.prefill(tail, restored)
     assert int(mx.argmax(out)) == int(mx.argmax(ref))
@@ -112,16 +112,16 @@ def test_damaged_cache_is_refused_and_moved_aside(rt, damage, capfd):
     assert r.stats.tier == "cold" and r.stats.restored_tokens == 0
     assert list(rt.cache_dir.glob(f"{name}.safetensors.bad-*")), "bad file must be kept aside"
     assert path.exists()  # a fresh, valid cache was written after the turn
-    cachefile.load(path, rt.runner.fingerprint)
+    codec.load(path, rt.runner.fingerprint)
 
 
 def test_cache_from_another_model_is_refused(rt, tmp_path):
     cache = rt.runner.new_cache()
     rt.runner.prefill(rt.runner.tokenizer.encode("hello there"), cache)
     path = tmp_path / "other.safetensors"
-    cachefile.save(path, cache, "0" * 32)
-    with pytest.raises(cachefile.CacheFileError, match="another model"):
-        cachefile.load(path, rt.runner.fingerprint)
+    codec.save(path, cache, "0" * 32)
+    with pytest.raises(container.CacheFileError, match="another model"):
+        codec.load(path, rt.runner.fingerprint)
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".hidden", "x" * 65, "a..b", "nul\0byte", "semi;colon"])
@@ -140,7 +140,7 @@ def test_sigkill_during_save_keeps_previous_cache(rt, tmp_path):
     before = path.read_bytes()
     script = f"""
 import mlx_agentcache, os, signal, sys
-from mlx_agentcache import cachefile
+from mlx_agentcache.store import codec
 from mlx_agentcache.runtime import Runtime
 rt = Runtime(model={str(rt.runner.path)!r}, home={str(rt.home)!r}, cache_dir={str(rt.cache_dir)!r}, max_tokens=4)
 cache, _ = rt.pool.checkout("survivor")
@@ -149,12 +149,12 @@ real_fsync = os.fsync
 def die(fd):  # the new bytes are written to the temporary file; die before the rename
     os.kill(os.getpid(), signal.SIGKILL)
 os.fsync = die
-cachefile.save({str(path)!r}, cache, rt.runner.fingerprint)
+codec.save({str(path)!r}, cache, rt.runner.fingerprint)
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
     assert p.returncode == -9, p.stderr.decode()[-2000:]
     assert path.read_bytes() == before
-    cache, _ = cachefile.load(path, rt.runner.fingerprint)
+    cache, _ = codec.load(path, rt.runner.fingerprint)
     assert cache.offset > 0
 
 
@@ -182,7 +182,7 @@ def test_cli_say_json_resumes_across_processes(model_home, tmp_path):
 
 def test_cli_kv_mode_q4k_is_saved_and_bad_modes_refused(model_home, tmp_path):
     cli("say", "--agent", "rot", "--kv", "q4k", "--max-tokens", "4", "--json", "Hi.", env_home=model_home, cache_dir=tmp_path)
-    _, meta = cachefile.read_tensors(tmp_path / "rot.safetensors")
+    _, meta = container.read_tensors(tmp_path / "rot.safetensors", (codec.FORMAT,))
     assert meta["kv_keys"] == "hadamard" and meta["kv_bits"] == "4"
     env = {**os.environ, "AGENTCACHE_HOME": str(model_home)}
     p = subprocess.run([sys.executable, "-m", "mlx_agentcache.cli", "say", "--kv", "q3", "hi", "--cache-dir", str(tmp_path)],

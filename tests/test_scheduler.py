@@ -8,8 +8,8 @@ from pathlib import Path
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import pytest
 
-from mlx_agentcache.pool import BlockPool
-from mlx_agentcache.runner import ModelRunner
+from mlx_agentcache.models.runner import ModelRunner
+from mlx_agentcache.pool import CachePool
 from mlx_agentcache.scheduler import Scheduler, Turn
 
 TEXT = " ".join(f"Note {i}: the {'red' if i % 3 else 'blue'} box holds {i * 7 % 11} apples." for i in range(60))
@@ -23,7 +23,7 @@ def runner(model_home, smollm2_path):
 @pytest.fixture
 def sched(runner, tmp_path):
     # no shared prefixes: agents here repeat prompts, and a shared segment would change float summation order
-    pool = BlockPool(tmp_path / "agents", runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
+    pool = CachePool(tmp_path / "agents", runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
     s = Scheduler(runner, pool, max_batch=4, prefill_chunk=128)
     yield s
     s.close(cancel=True)
@@ -115,7 +115,7 @@ def test_prefetch_reads_before_the_turn_arrives(sched, runner):
 
 
 def test_cancel_returns_the_cache_and_frees_queued_turns(runner, tmp_path):
-    pool = BlockPool(tmp_path / "agents", runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
+    pool = CachePool(tmp_path / "agents", runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
     sched = Scheduler(runner, pool, max_batch=1)
     try:
         running = sched.submit(Turn("runner", chat(runner, "Count from one to fifty."), max_tokens=200))

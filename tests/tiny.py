@@ -18,7 +18,7 @@ class TokenizerStub:
 def tiny_runner(kv_bits: int = 4, layers: int = 2, seed: int = 0, tokenizer=None):
     from mlx_lm.models.llama import Model, ModelArgs
 
-    from mlx_agentcache.runner import ModelRunner
+    from mlx_agentcache.models.runner import ModelRunner
 
     args = ModelArgs(
         model_type="llama", hidden_size=128, num_hidden_layers=layers, intermediate_size=256,

@@ -1,12 +1,14 @@
 // Runs the Metal kernel bodies of kernels/ on the CPU, through metal_shim.h.
 // Arrays travel as raw little-endian files in a directory:
-//   harness quantize    DIR NG          x            -> packed scales biases
-//   harness quantize_kv DIR NGK NGV     k v          -> k_packed k_scales k_biases
-//                                                       v_packed v_scales v_biases
-//   harness dequantize  DIR NW          packed scales biases -> out
-//   harness decode      DIR B NKV N     queries k_* v_* lengths scale -> out
+//   harness quantize DIR NG            x -> packed scales biases
+//   harness decode   DIR B NKV N S     queries k_* v_* lengths scale
+//                                      -> partial maxes sums (pass 1), out (pass 2)
+//   harness round    DIR N             x (float32) -> f16 bf16 (the shim's conversions)
 // The decode kernel's template arguments come from -D at compile time:
-// DEC_T (float or float16_t), DEC_D, DEC_DV, DEC_R, DEC_TG.
+// DEC_T (float, float16_t or bfloat16_t), DEC_D, DEC_DV, DEC_R, DEC_RT,
+// DEC_NSG. Pass 1 runs two threadgroups at a time (see metal_shim.h);
+// HARNESS_SEED fixes the thread start order. Exit status 3: the shim caught a
+// barrier or SIMD-group error.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -20,48 +22,61 @@ void quantize_kernel(const float16_t* x, uint32_t* packed, float16_t* scales,
 #include "../quantize.metal"
 }
 
-void quantize_kv_kernel(const float16_t* k, const float16_t* v, const uint32_t* n_k_groups,
-                        uint32_t* k_packed, float16_t* k_scales, float16_t* k_biases,
-                        uint32_t* v_packed, float16_t* v_scales, float16_t* v_biases,
-                        uint3 thread_position_in_grid) {
-#include "../quantize_kv.metal"
-}
+#ifndef DEC_T
+#define DEC_T float
+#define DEC_D 64
+#define DEC_DV 64
+#define DEC_R 1
+#define DEC_RT 1
+#define DEC_NSG 2
+#endif
 
-void dequantize_kernel(const uint32_t* packed, const float16_t* scales, const float16_t* biases,
-                       float16_t* out, uint3 thread_position_in_grid) {
-#include "../dequantize.metal"
-}
+using T = DEC_T;
+constexpr int D = DEC_D, DV = DEC_DV, R = DEC_R, RT = DEC_RT, NSG = DEC_NSG;
 
-template <typename T, int D, int DV, int R, int TG>
-void decode_kernel(const T* queries, const uint32_t* k_packed, const float16_t* k_scales,
-                   const float16_t* k_biases, const uint32_t* v_packed,
-                   const float16_t* v_scales, const float16_t* v_biases,
-                   const int32_t* lengths, const float* scale, const int32_t* n_tokens,
-                   T* out, uint3 threadgroup_position_in_grid,
-                   uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid) {
+#define DECODE_PARAMS                                                                         \
+  const T *queries, const uint32_t *k_packed, const float16_t *k_scales,                      \
+      const float16_t *k_biases, const uint32_t *v_packed, const float16_t *v_scales,         \
+      const float16_t *v_biases, const int32_t *lengths, const float *scale,                  \
+      const int32_t *n_tokens, float *partial, float *maxes, float *sums,                     \
+      uint3 threadgroup_position_in_grid, uint3 threadgroups_per_grid,                        \
+      uint thread_index_in_simdgroup, uint simdgroup_index_in_threadgroup
+
+// Two copies of pass 1, each with its own threadgroup memory section, so two
+// threadgroups can run at once.
+#define TG_SECTION "q4_tg_slot0"
+void decode_slot0(DECODE_PARAMS) {
 #include "../decode_attention.metal"
+}
+#undef TG_SECTION
+#define TG_SECTION "q4_tg_slot1"
+void decode_slot1(DECODE_PARAMS) {
+#include "../decode_attention.metal"
+}
+
+void combine_kernel(const float* partial, const float* maxes, const float* sums,
+                    const int32_t* n_split, T* out, uint3 thread_position_in_grid) {
+#include "../decode_combine.metal"
 }
 
 #undef device
 #undef constant
 #undef threadgroup
 
-#ifndef DEC_T
-#define DEC_T float
-#define DEC_D 64
-#define DEC_DV 64
-#define DEC_R 1
-#define DEC_TG 32
-#endif
+// Bounds of each slot's section (weak: a kernel without threadgroup memory has none).
+extern "C" char __start_q4_tg_slot0[] __attribute__((weak));
+extern "C" char __stop_q4_tg_slot0[] __attribute__((weak));
+extern "C" char __start_q4_tg_slot1[] __attribute__((weak));
+extern "C" char __stop_q4_tg_slot1[] __attribute__((weak));
 
 static std::string dir;
 
-template <typename T>
-std::vector<T> load(const char* name, size_t count) {
-  std::vector<T> v(count);
+template <typename V>
+std::vector<V> load(const char* name, size_t count) {
+  std::vector<V> v(count);
   std::string path = dir + "/" + name + ".bin";
   FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f || std::fread(v.data(), sizeof(T), count, f) != count) {
+  if (!f || std::fread(v.data(), sizeof(V), count, f) != count) {
     std::fprintf(stderr, "cannot read %zu items from %s\n", count, path.c_str());
     std::exit(2);
   }
@@ -69,11 +84,11 @@ std::vector<T> load(const char* name, size_t count) {
   return v;
 }
 
-template <typename T>
-void save(const char* name, const std::vector<T>& v) {
+template <typename V>
+void save(const char* name, const std::vector<V>& v) {
   std::string path = dir + "/" + name + ".bin";
   FILE* f = std::fopen(path.c_str(), "wb");
-  if (!f || std::fwrite(v.data(), sizeof(T), v.size(), f) != v.size()) {
+  if (!f || std::fwrite(v.data(), sizeof(V), v.size(), f) != v.size()) {
     std::fprintf(stderr, "cannot write %s\n", path.c_str());
     std::exit(2);
   }
@@ -98,32 +113,17 @@ int main(int argc, char** argv) {
       quantize_kernel(x.data(), packed.data(), scales.data(), biases.data(), pos);
     });
     save("packed", packed), save("scales", scales), save("biases", biases);
-  } else if (op == "quantize_kv" && argc == 5) {
-    size_t ngk = arg(3), ngv = arg(4);
-    auto k = load<float16_t>("k", ngk * 64);
-    auto v = load<float16_t>("v", ngv * 64);
-    std::vector<uint32_t> nk{uint32_t(ngk)}, kp(ngk * 8), vp(ngv * 8);
-    std::vector<float16_t> ks(ngk), kb(ngk), vs(ngv), vb(ngv);
-    run_grid(ngk + ngv, [&](uint3 pos) {
-      quantize_kv_kernel(k.data(), v.data(), nk.data(), kp.data(), ks.data(), kb.data(),
-                         vp.data(), vs.data(), vb.data(), pos);
-    });
-    save("k_packed", kp), save("k_scales", ks), save("k_biases", kb);
-    save("v_packed", vp), save("v_scales", vs), save("v_biases", vb);
-  } else if (op == "dequantize") {
-    size_t nw = arg(3);
-    auto packed = load<uint32_t>("packed", nw);
-    auto scales = load<float16_t>("scales", nw / 8);
-    auto biases = load<float16_t>("biases", nw / 8);
-    std::vector<float16_t> out(nw * 8);
-    run_grid(nw, [&](uint3 pos) {
-      dequantize_kernel(packed.data(), scales.data(), biases.data(), out.data(), pos);
-    });
-    save("out", out);
-  } else if (op == "decode" && argc == 6) {
-    constexpr int D = DEC_D, DV = DEC_DV, R = DEC_R, TG = DEC_TG;
-    size_t B = arg(3), nkv = arg(4), N = arg(5), rows = B * nkv * N;
-    auto q = load<DEC_T>("queries", B * nkv * R * D);
+  } else if (op == "round") {
+    size_t n = arg(3);
+    auto x = load<float>("x", n);
+    std::vector<float16_t> f16(n);
+    std::vector<bfloat16_t> bf16(n);
+    for (size_t i = 0; i < n; i++) f16[i] = float16_t(x[i]), bf16[i] = bfloat16_t(x[i]);
+    save("f16", f16), save("bf16", bf16);
+  } else if (op == "decode" && argc == 7) {
+    size_t B = arg(3), nkv = arg(4), N = arg(5), S = arg(6), rows = B * nkv * N;
+    size_t heads = B * nkv * R;
+    auto q = load<T>("queries", heads * D);
     auto kp = load<uint32_t>("k_packed", rows * D / 8);
     auto ks = load<float16_t>("k_scales", rows * D / 64);
     auto kb = load<float16_t>("k_biases", rows * D / 64);
@@ -132,15 +132,26 @@ int main(int argc, char** argv) {
     auto vb = load<float16_t>("v_biases", rows * DV / 64);
     auto lengths = load<int32_t>("lengths", B);
     auto scale = load<float>("scale", 1);
-    std::vector<int32_t> n_tokens{int32_t(N)};
-    std::vector<DEC_T> out(B * nkv * R * DV);
-    uint3 groups{uint(nkv), uint(B), 1};
-    run_threadgroups(groups, TG, [&](uint3 tgpos, uint3 tpos) {
-      decode_kernel<DEC_T, D, DV, R, TG>(q.data(), kp.data(), ks.data(), kb.data(), vp.data(),
-                                         vs.data(), vb.data(), lengths.data(), scale.data(),
-                                         n_tokens.data(), out.data(), tgpos, tpos, groups);
+    std::vector<int32_t> n_tokens{int32_t(N)}, n_split{int32_t(S)};
+    // Outputs start as NaN too: every value must be written.
+    std::vector<float> partial(heads * S * DV, NAN), maxes(heads * S, NAN), sums(heads * S, NAN);
+    uint3 groups{uint(nkv * ((R + RT - 1) / RT)), uint(B), uint(S)};
+    auto memory = [](int slot) -> std::pair<char*, char*> {
+      if (slot == 0) return {__start_q4_tg_slot0, __stop_q4_tg_slot0};
+      return {__start_q4_tg_slot1, __stop_q4_tg_slot1};
+    };
+    run_threadgroups<2>(groups, 32 * NSG, memory, [&](int slot, uint3 tgpos, uint3 tpos) {
+      auto kernel = slot == 0 ? decode_slot0 : decode_slot1;
+      kernel(q.data(), kp.data(), ks.data(), kb.data(), vp.data(), vs.data(), vb.data(),
+             lengths.data(), scale.data(), n_tokens.data(), partial.data(), maxes.data(),
+             sums.data(), tgpos, groups, tpos.x % 32, tpos.x / 32);
     });
-    save("out", out);
+    std::vector<T> out(heads * DV, T(NAN));
+    for (size_t row = 0; row < heads; row++)
+      for (uint d = 0; d < DV; d++)
+        combine_kernel(partial.data(), maxes.data(), sums.data(), n_split.data(), out.data(),
+                       uint3{d, uint(row), 0});
+    save("partial", partial), save("maxes", maxes), save("sums", sums), save("out", out);
   } else {
     std::fprintf(stderr, "unknown op or wrong arguments: %s\n", op.c_str());
     return 2;

@@ -1,18 +1,40 @@
 // Just enough of the Metal Shading Language to compile this folder's kernel
-// bodies as C++: fp16 storage, address-space qualifiers, metal:: math,
-// threadgroup memory and barriers. Threadgroups run one after another, each
-// as real threads sharing a barrier, so barrier placement is exercised too.
+// bodies as C++, strict enough to fail where a GPU could misbehave:
+//
+// - fp16 (float16_t) and bfloat16 (bfloat16_t) storage with
+//   round-to-nearest-even conversion, metal:: math.
+// - Threadgroups run as real threads, several groups at once, each group's
+//   threads started in a random order. threadgroup_barrier records its call
+//   site: a round whose threads arrive from different sites, a thread that
+//   leaves the kernel while others wait, or a round not complete within
+//   HARNESS_TIMEOUT_S seconds is reported and exits with status 3.
+// - SIMD groups of 32 lanes: simd_sum, simd_max, simd_shuffle and
+//   simd_shuffle_xor exchange values between the 32 real threads of a group,
+//   with the same call-site and arrival checks.
+// - Threadgroup memory is one linker section per concurrently running group,
+//   filled with a NaN pattern before every group starts, so a read of memory
+//   no thread of this group wrote gives NaN (or a wild integer).
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdarg>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <vector>
 
 typedef uint32_t uint;
+typedef uint16_t ushort;
 
 struct uint3 {
   uint x, y, z;
@@ -65,6 +87,32 @@ struct float16_t {
   }
 };
 
+// bfloat16: the top 16 bits of a float32, rounded to nearest even; NaN stays
+// a quiet NaN of the same sign.
+struct bfloat16_t {
+  uint16_t bits;
+
+  bfloat16_t() = default;
+
+  explicit bfloat16_t(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) {
+      bits = uint16_t((x >> 16) | 0x40);
+      return;
+    }
+    x += 0x7fff + ((x >> 16) & 1);
+    bits = uint16_t(x >> 16);
+  }
+
+  explicit operator float() const {
+    uint32_t x = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+  }
+};
+
 namespace metal {
 inline float rint(float x) { return std::rint(x); }  // default mode: nearest even
 inline float fabs(float x) { return std::fabs(x); }
@@ -75,61 +123,202 @@ template <typename T>
 inline T max(T a, T b) { return a < b ? b : a; }
 }  // namespace metal
 
-// A reusable barrier for the threads of one threadgroup.
-struct TgBarrier {
-  explicit TgBarrier(int n) : n_(n) {}
-  void wait() {
+[[noreturn]] inline void harness_fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::fprintf(stderr, "harness: ");
+  std::vfprintf(stderr, fmt, ap);
+  std::fprintf(stderr, "\n");
+  va_end(ap);
+  std::fflush(stderr);
+  std::_Exit(3);
+}
+
+inline double harness_timeout_s() {
+  const char* s = std::getenv("HARNESS_TIMEOUT_S");
+  return s ? std::atof(s) : 60.0;
+}
+
+// n participants meet; every round must be reached by all of them, from one
+// call site. A participant that finishes the kernel calls leave(): if anyone
+// is waiting then (or arrives later), an arrival is missing.
+class Rendezvous {
+ public:
+  Rendezvous(int n, const char* what) : n_(n), what_(what) {}
+
+  void arrive(const char* file, int line) {
     std::unique_lock<std::mutex> lock(m_);
+    if (left_ > 0)
+      harness_fail("%s at %s:%d: %d of %d threads already left the kernel, they will never arrive",
+                   what_, file, line, left_, n_);
+    if (waiting_ == 0) {
+      file_ = file, line_ = line;
+    } else if (line != line_ || std::strcmp(file, file_) != 0) {
+      harness_fail("%s round mixes call sites %s:%d and %s:%d", what_, file_, line_, file, line);
+    }
     unsigned gen = gen_;
     if (++waiting_ == n_) {
       waiting_ = 0;
       gen_++;
       cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return gen != gen_; });
+      return;
     }
+    auto limit = std::chrono::duration<double>(harness_timeout_s());
+    if (!cv_.wait_for(lock, limit, [&] { return gen != gen_; }))
+      harness_fail("%s at %s:%d: only %d of %d threads arrived within %.0f s", what_, file, line,
+                   waiting_, n_, harness_timeout_s());
+  }
+
+  void leave() {
+    std::lock_guard<std::mutex> lock(m_);
+    left_++;
+    if (waiting_ > 0)
+      harness_fail("%s at %s:%d: a thread left the kernel while %d of %d wait", what_, file_, line_,
+                   waiting_, n_);
   }
 
  private:
   std::mutex m_;
   std::condition_variable cv_;
-  int n_, waiting_ = 0;
+  const int n_;
+  const char* what_;
+  int waiting_ = 0, left_ = 0;
   unsigned gen_ = 0;
+  const char* file_ = "";
+  int line_ = 0;
 };
 
-inline thread_local TgBarrier* current_barrier = nullptr;
+// 32 lanes exchanging values; two slot sets used alternately, so a lane can
+// write round k+1 while slower lanes still read round k (never round k-1:
+// everyone has arrived at round k, i.e. finished reading k-1).
+struct SimdGroup {
+  Rendezvous meet{32, "SIMD-group function"};
+  float slots[2][32];
+};
+
+// Per thread: its threadgroup's barrier, its SIMD group and lane.
+struct LaneContext {
+  Rendezvous* group = nullptr;
+  SimdGroup* simd = nullptr;
+  uint lane = 0;
+  unsigned round = 0;
+};
+inline thread_local LaneContext lane_context;
 
 namespace mem_flags {
 enum mem_flags { mem_none, mem_device, mem_threadgroup };
 }
-inline void threadgroup_barrier(mem_flags::mem_flags) { current_barrier->wait(); }
 
-// One call per thread of a 1-D grid, in order (kernels without barriers).
+inline void threadgroup_barrier_at(mem_flags::mem_flags, const char* file, int line) {
+  if (!lane_context.group) harness_fail("threadgroup_barrier outside a threadgroup launch");
+  lane_context.group->arrive(file, line);
+}
+#define threadgroup_barrier(flags) threadgroup_barrier_at(flags, __FILE__, __LINE__)
+
+template <typename Pick>
+inline float simd_exchange(float v, const char* file, int line, Pick pick) {
+  LaneContext& c = lane_context;
+  if (!c.simd) harness_fail("SIMD-group function outside a threadgroup launch (%s:%d)", file, line);
+  float* slot = c.simd->slots[c.round++ & 1];
+  slot[c.lane] = v;
+  c.simd->meet.arrive(file, line);
+  return pick(slot, c.lane);
+}
+
+inline float simd_sum_at(float v, const char* file, int line) {
+  // Tree order, as a hardware reduction would; every lane gets the same bits.
+  return simd_exchange(v, file, line, [](const float* s, uint) {
+    float t[32];
+    std::copy(s, s + 32, t);
+    for (int w = 16; w > 0; w /= 2)
+      for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
+  });
+}
+inline float simd_max_at(float v, const char* file, int line) {
+  return simd_exchange(v, file, line, [](const float* s, uint) {
+    float m = s[0];
+    for (int i = 1; i < 32; i++) m = metal::max(m, s[i]);
+    return m;
+  });
+}
+inline float simd_shuffle_at(float v, ushort src, const char* file, int line) {
+  if (src >= 32) harness_fail("simd_shuffle from lane %u at %s:%d", unsigned(src), file, line);
+  return simd_exchange(v, file, line, [src](const float* s, uint) { return s[src]; });
+}
+inline float simd_shuffle_xor_at(float v, ushort mask, const char* file, int line) {
+  if (mask >= 32) harness_fail("simd_shuffle_xor mask %u at %s:%d", unsigned(mask), file, line);
+  return simd_exchange(v, file, line, [mask](const float* s, uint lane) { return s[lane ^ mask]; });
+}
+#define simd_sum(v) simd_sum_at((v), __FILE__, __LINE__)
+#define simd_max(v) simd_max_at((v), __FILE__, __LINE__)
+#define simd_shuffle(v, lane) simd_shuffle_at((v), (lane), __FILE__, __LINE__)
+#define simd_shuffle_xor(v, mask) simd_shuffle_xor_at((v), (mask), __FILE__, __LINE__)
+
+// One call per thread of a 1-D grid, in order (kernels without barriers or
+// shared memory: their threads share nothing).
 template <typename F>
 void run_grid(uint n, F fn) {
   for (uint i = 0; i < n; i++) fn(uint3{i, 0, 0});
 }
 
-// fn(threadgroup_position, thread_position_in_threadgroup) for every thread;
-// each threadgroup's tg threads run concurrently and meet at its barriers.
-template <typename F>
-void run_threadgroups(uint3 groups, uint tg, F fn) {
+// A fill for threadgroup memory: NaN as float32 and as either half of it as fp16.
+constexpr uint32_t POISON = 0x7fc07fc0u;
+
+inline void poison(char* begin, char* end) {
+  for (char* p = begin; p + 4 <= end; p += 4) std::memcpy(p, &POISON, 4);
+}
+
+inline uint32_t harness_seed() {
+  static uint32_t seed = [] {
+    const char* s = std::getenv("HARNESS_SEED");
+    uint32_t v = s ? uint32_t(std::strtoul(s, nullptr, 10)) : std::random_device{}();
+    std::fprintf(stderr, "harness: seed %u\n", v);
+    return v;
+  }();
+  return seed;
+}
+
+// The threadgroups of a grid, SLOTS of them at a time. Group i runs in slot
+// i % SLOTS (its own threadgroup memory, poisoned first) as tg real threads,
+// started in a random order; fn(slot, group position, thread position).
+template <int SLOTS, typename F>
+void run_threadgroups(uint3 groups, uint tg, std::function<std::pair<char*, char*>(int)> memory, F fn) {
+  if (tg % 32) harness_fail("threadgroup size %u is not a multiple of the SIMD width 32", tg);
+  std::vector<uint3> all;
   for (uint z = 0; z < groups.z; z++)
     for (uint y = 0; y < groups.y; y++)
-      for (uint x = 0; x < groups.x; x++) {
-        TgBarrier barrier{int(tg)};
+      for (uint x = 0; x < groups.x; x++) all.push_back(uint3{x, y, z});
+  std::vector<std::thread> drivers;
+  for (int slot = 0; slot < SLOTS; slot++) {
+    drivers.emplace_back([&, slot] {
+      std::mt19937 rng(harness_seed() + slot);
+      for (size_t i = slot; i < all.size(); i += SLOTS) {
+        auto [begin, end] = memory(slot);
+        poison(begin, end);
+        Rendezvous barrier(int(tg), "threadgroup_barrier");
+        std::vector<SimdGroup> simd(tg / 32);
+        std::vector<uint> order(tg);
+        for (uint t = 0; t < tg; t++) order[t] = t;
+        std::shuffle(order.begin(), order.end(), rng);
         std::vector<std::thread> threads;
-        for (uint t = 0; t < tg; t++)
+        for (uint t : order)
           threads.emplace_back([&, t] {
-            current_barrier = &barrier;
-            fn(uint3{x, y, z}, uint3{t, 0, 0});
+            lane_context = LaneContext{&barrier, &simd[t / 32], t % 32, 0};
+            fn(slot, all[i], uint3{t, 0, 0});
+            simd[t / 32].meet.leave();
+            barrier.leave();
           });
         for (auto& th : threads) th.join();
       }
+    });
+  }
+  for (auto& d : drivers) d.join();
 }
 
-// Metal address spaces have no C++ meaning; threadgroup memory is a static
-// local, shared by the threads of the (one running) threadgroup.
+// Metal address spaces have no C++ meaning. Threadgroup memory is a static
+// local placed in the linker section TG_SECTION, which the including file
+// defines per concurrently running copy of a kernel body.
 #define device
 #define constant
-#define threadgroup static
+#define threadgroup static __attribute__((section(TG_SECTION)))

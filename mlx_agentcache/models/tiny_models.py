@@ -176,6 +176,6 @@ def build(name: str, dest: Path, seed: int = 0) -> Path:
         f"# {name} (RANDOM WEIGHTS)\n\n{COMMENT}\n\n"
         f"Architecture `{config['model_type']}` with mlx-lm's model definition, shapes scaled down from the real "
         f"configuration, weights drawn from a seeded normal distribution (seed {seed}). Built by "
-        "`mlx_agentcache.tiny_models`; do not use for anything but tests and benchmarks.\n"
+        "`mlx_agentcache.models.tiny_models`; do not use for anything but tests and benchmarks.\n"
     )
     return dest

@@ -29,9 +29,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.deepseek_v2 import DeepseekV2Attention
 
-from . import q4
-from .kvcache import BatchView, LayerCache
-from .q4 import GROUP_SIZE
+from .. import q4
+from ..kvcache import BatchView, LayerCache
+from ..q4 import GROUP_SIZE
 
 MODES = ("latent", "full")
 

@@ -1,0 +1,30 @@
+"""`agentcache serve`: OpenAI- and Anthropic-compatible HTTP API where every
+agent keeps its own persistent KV cache. See docs/server.md.
+
+    app.py            routes, API key and body-size gate, model loading
+    openai_api.py     /v1/chat/completions, /v1/completions
+    anthropic_api.py  /v1/messages, /v1/messages/count_tokens
+    conversation.py   both APIs' messages and tools for the chat template
+    state.py          agent selection, rate limits, turns bridged to asyncio
+    metrics.py        /metrics in Prometheus text
+"""
+
+from __future__ import annotations
+
+from .state import ServerConfig
+
+
+def create_app(config: ServerConfig | None = None, load: bool = True):
+    from .app import create_app as make
+
+    return make(config, load)
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the server until interrupted; the model loads after the socket is bound."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+__all__ = ["ServerConfig", "create_app", "serve"]

@@ -1,0 +1,258 @@
+"""The ASGI application: routes, the API-key and body-size gate, errors in
+each API's shape, model loading in the background.
+
+`/health` answers without a key: 503 while the model loads, 200 once it
+serves, 500 if loading failed. Every other route needs the key when one is
+set (`Authorization: Bearer KEY` or `x-api-key: KEY`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.background import BackgroundTask
+
+from . import anthropic_api, openai_api
+from ..pool import PinError
+from .errors import APIError, error_body, error_response
+from .params import read_body
+from ..store.layout import CARD_SUFFIX, is_agent_name
+from .state import ServerConfig, ServerState
+
+CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/card$")
+
+
+def _route_label(path: str) -> str:
+    """Metric label: agent names folded so labels stay few."""
+    return re.sub(r"^/v1/agents/[^/]+", "/v1/agents/{id}", path)
+
+
+class Gate:
+    """Pure ASGI middleware (streams and disconnects pass through untouched):
+    API key, declared body size, and request counting."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        status = {"code": 500}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            error = self._check(path, headers)
+            if error is not None:
+                await error_response(path, error)(scope, receive, counted_send)
+                return
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.state.metrics.request(_route_label(path), status["code"])
+
+    def _check(self, path: str, headers: dict) -> APIError | None:
+        cfg = self.state.config
+        if cfg.api_key and path != "/health":
+            given = headers.get("x-api-key") or ""
+            auth = headers.get("authorization") or ""
+            if auth.lower().startswith("bearer "):
+                given = given or auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+                return APIError(401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)", code="invalid_api_key")
+        limit = cfg.max_card_bytes if CARD_ROUTE.match(path) else cfg.max_body_bytes
+        try:
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            return APIError(400, "bad Content-Length")
+        if length > limit:
+            return APIError(413, f"request body of {length} bytes is over the {limit} byte limit")
+        return None
+
+
+def _agent_name(name: str) -> str:
+    if not is_agent_name(name):
+        raise APIError(400, f"invalid agent id {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit", code="invalid_agent_id")
+    return name
+
+
+def _known(rt, name: str) -> dict:
+    info = rt.describe(name)
+    if info["tier"] == "cold" and not any(a["name"] == name for a in rt.agents()):
+        raise APIError(404, f"no agent '{name}'", code="agent_not_found")
+    return info
+
+
+def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI:
+    state = ServerState(config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load:
+            state.start_loading()
+        yield
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="agentcache", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(request.url.path, e)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, e):
+        return error_response(request.url.path, APIError(404, f"no route {request.method} {request.url.path}"))
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, e):
+        return error_response(request.url.path, APIError(405, f"method {request.method} not allowed on {request.url.path}"))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, e: Exception):
+        return JSONResponse(error_body(request.url.path, APIError(500, f"internal error: {type(e).__name__}: {e}")), status_code=500)
+
+    # -- service -------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if state.runtime is not None:
+            return {"status": "ok", "model": state.runtime.model_name}
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        return JSONResponse({"status": "loading", "model": state.config.model}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.get("/metrics")
+    async def metrics():
+        rt = state.runtime
+        memory = await asyncio.to_thread(rt.memory) if rt is not None else None
+        return PlainTextResponse(state.metrics.render(memory, len(state.runs), rt is not None), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        created = int(time.time())
+        if "anthropic-version" in request.headers:
+            data = [{"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z"} for n in state.model_names]
+            return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "agentcache"} for n in state.model_names]}
+
+    app.add_api_route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", openai_api.completions, methods=["POST"])
+    app.add_api_route("/v1/messages", anthropic_api.messages, methods=["POST"])
+    app.add_api_route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"])
+
+    # -- caches --------------------------------------------------------------------
+    @app.get("/v1/agents")
+    async def list_agents():
+        rt = state.rt()
+        agents = await asyncio.to_thread(rt.agents)
+        for a in agents:
+            a["busy"] = state.busy(a["name"])
+        return {"object": "list", "data": agents, "memory": await asyncio.to_thread(rt.memory)}
+
+    @app.get("/v1/agents/{name}")
+    async def show_agent(name: str):
+        rt = state.rt()
+        info = _known(rt, _agent_name(name))
+        a = rt.agent(name)
+        return {**info, "busy": state.busy(name), "system": a.system, "messages": a.messages}
+
+    def idle(name: str) -> None:
+        if state.busy(name):
+            raise APIError(409, f"agent '{name}' is answering a request now; try again when it is done", code="agent_busy")
+
+    @app.post("/v1/agents/{name}/prefetch")
+    async def prefetch(name: str):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        started = rt.prefetch(name)
+        return {"name": name, "prefetching": started, "tier": rt.describe(name)["tier"]}
+
+    @app.post("/v1/agents/{name}/evict")
+    async def evict(name: str):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        idle(name)
+        try:
+            evicted = await asyncio.to_thread(rt.evict, name)
+        except PinError as e:
+            raise APIError(409, str(e), code="agent_pinned") from None
+        except OSError as e:
+            raise APIError(500, str(e)) from None
+        return {"name": name, "evicted": evicted, "tier": rt.describe(name)["tier"]}
+
+    @app.post("/v1/agents/{name}/pin")
+    async def pin(name: str):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        try:
+            info = await asyncio.to_thread(rt.pin, name)
+        except PinError as e:  # no cache yet, or pins would take over half the budget
+            raise APIError(409, str(e), code="pin_refused") from None
+        return {"name": name, "pinned": True, "tier": info["tier"]}
+
+    @app.post("/v1/agents/{name}/unpin")
+    async def unpin(name: str):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        was = await asyncio.to_thread(rt.unpin, name)
+        return {"name": name, "pinned": False, "was_pinned": was, "tier": rt.describe(name)["tier"]}
+
+    @app.delete("/v1/agents/{name}")
+    async def delete(name: str):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        idle(name)
+        await asyncio.to_thread(rt.delete, name)
+        state.anon.pop(name, None)
+        return {"name": name, "deleted": True}
+
+    @app.get("/v1/agents/{name}/card")
+    async def export_card(name: str):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        tmp = Path(tempfile.mkdtemp(prefix="agentcache-card-")) / f"{name}{CARD_SUFFIX}"
+        try:
+            path = await asyncio.to_thread(rt.export_card, name, tmp)
+        except FileNotFoundError as e:
+            raise APIError(404, str(e), code="agent_not_found") from None
+        except (ValueError, OSError) as e:
+            raise APIError(500, f"could not export agent '{name}': {e}") from None
+
+        def cleanup():
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name, background=BackgroundTask(cleanup))
+
+    @app.put("/v1/agents/{name}/card")
+    async def import_card(name: str, request: Request):
+        rt = state.rt()
+        _agent_name(name)
+        idle(name)
+        data = await read_body(request, state.config.max_card_bytes)
+        with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
+            card = Path(d) / f"upload{CARD_SUFFIX}"
+            card.write_bytes(data)
+            try:
+                got = await asyncio.to_thread(rt.import_card, card, name)
+            except FileExistsError as e:
+                raise APIError(409, str(e), code="agent_exists") from None
+            except (ValueError, OSError) as e:  # a damaged card, another model's, or not a card
+                raise APIError(400, f"card refused: {e}", code="invalid_card") from None
+        return JSONResponse({"name": got, "imported": True, **rt.describe(got)}, status_code=201)
+
+    return Gate(app, state)

@@ -1,0 +1,168 @@
+"""Both APIs' messages as one conversation the chat template renders, tools,
+and the context-length check.
+
+Messages become `{"role", "content"}` dicts (OpenAI's layout, which Hugging
+Face chat templates expect): text parts are joined, Anthropic's top-level
+`system` becomes the first message, `tool_result` blocks become `tool`
+messages and `tool_use` blocks an assistant's `tool_calls`. Images and other
+media are refused: the models served here read text only.
+
+Tools are rendered only when the model's chat template uses them (SmolLM2's
+and Gemma 3's do not). Otherwise a request that merely offers tools gets a
+plain text reply, marked `tools: "ignored"` in `x_agentcache`, and one that
+requires a tool call is refused. Tool calls are read back from the reply in
+the `<tool_call>{"name": ..., "arguments": ...}</tool_call>` form that
+tool-capable templates (Qwen, Hermes, SmolLM3) ask for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from .errors import APIError
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def _text(content, where: str) -> str:
+    """OpenAI/Anthropic content (a string or a list of parts) as plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+                out.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") in ("thinking", "redacted_thinking"):
+                continue
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"{where}: content of type {kind!r} is not supported (this model reads text only)", param="messages")
+        return "".join(out)
+    raise APIError(400, f"{where}: content must be a string or a list of parts", param="messages")
+
+
+def openai_messages(raw) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}] needs a 'role' of {sorted(ROLES)}", param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        msg = {"role": role, "content": _text(m.get("content"), f"messages[{i}]")}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = [_call_for_template(c) for c in m["tool_calls"] if isinstance(c, dict)]
+        if role == "tool" and m.get("tool_call_id"):
+            msg["tool_call_id"] = str(m["tool_call_id"])
+        out.append(msg)
+    return out
+
+
+def _call_for_template(call: dict) -> dict:
+    fn = call.get("function") or {}
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    return {"type": "function", "id": call.get("id"), "function": {"name": fn.get("name"), "arguments": args}}
+
+
+def anthropic_messages(system, raw) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "messages: must be a non-empty list")
+    out = []
+    if system:
+        out.append({"role": "system", "content": _text(system, "system")})
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise APIError(400, f"messages.{i}: 'role' must be 'user' or 'assistant'")
+        content = m.get("content")
+        if isinstance(content, list):
+            text, calls, results = [], [], []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "tool_use":
+                    calls.append({"type": "function", "id": part.get("id"), "function": {"name": part.get("name"), "arguments": part.get("input")}})
+                elif kind == "tool_result":
+                    results.append({"role": "tool", "tool_call_id": str(part.get("tool_use_id")), "content": _text(part.get("content"), f"messages.{i}")})
+                else:
+                    text.append(_text([part], f"messages.{i}"))
+            out.extend(results)
+            if text or calls or not results:
+                msg = {"role": m["role"], "content": "".join(text)}
+                if calls:
+                    msg["tool_calls"] = calls
+                out.append(msg)
+        else:
+            out.append({"role": m["role"], "content": _text(content, f"messages.{i}")})
+    return out
+
+
+def openai_tools(raw) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name") for t in raw):
+        raise APIError(400, "'tools' must be a list of {type: function, function: {name, parameters}}", param="tools")
+    return raw
+
+
+def anthropic_tools(raw) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(t, dict) and t.get("name") for t in raw):
+        raise APIError(400, "tools: must be a list of {name, description, input_schema}")
+    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""), "parameters": t.get("input_schema", {})}} for t in raw]
+
+
+def tools_supported(rt) -> bool:
+    return "tools" in rt.chat_template
+
+
+def render(rt, messages: list[dict], tools: list[dict], tool_required: bool) -> tuple[list[int], str | None]:
+    """Prompt tokens, and how tools were handled: None (none offered), "rendered" or "ignored"."""
+    mode = None
+    if tools:
+        if tools_supported(rt):
+            mode = "rendered"
+        elif tool_required:
+            raise APIError(400, f"the chat template of {rt.model_name} has no tool support, so a tool call cannot be required", param="tool_choice")
+        else:
+            mode = "ignored"
+    try:
+        return rt.render(messages, tools if mode == "rendered" else None), mode
+    except APIError:
+        raise
+    except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
+        raise APIError(400, f"the chat template of {rt.model_name} cannot render these messages: {e}", param="messages") from None
+
+
+def check_length(rt, n_prompt: int, max_tokens: int) -> None:
+    limit = rt.context_length
+    if n_prompt + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested {n_prompt + max_tokens} tokens "
+                            f"({n_prompt} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                       code="context_length_exceeded", param="messages")
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """Text without its `<tool_call>` blocks, and the calls as (name, arguments dict)."""
+    calls = []
+    for m in TOOL_CALL_RE.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            args = obj.get("arguments", obj.get("parameters", {}))
+            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": obj["name"], "arguments": args if isinstance(args, dict) else {}})
+    return (TOOL_CALL_RE.sub("", text).strip() if calls else text), calls

@@ -1,0 +1,470 @@
+"""What the server holds: the Runtime (loaded in the background), who is
+talking to which agent, rate limits, and the bridge from the scheduler's
+turn handles to asyncio.
+
+Agent selection (first match wins): the `X-Agent-Id` header, then the body's
+`prompt_cache_key`, `user`, `metadata.user_id`, then the `X-Session-Id` and
+`X-Claude-Code-Session-Id` headers. `X-Agent-Id` must be a valid agent name
+(else 400); the others are used as they are when valid and otherwise mapped
+to `id-<hash>`. With none, a chat continues the anonymous agent whose stored
+conversation is the longest prefix of the request's messages (a completion:
+whose text is the longest prefix of the prompt), or starts a new `anon-...`
+agent; at most `anon_agents` anonymous agents are kept, the least recently
+used are deleted first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..config import DEFAULT_MODEL
+from ..store.layout import is_agent_name
+from ..turnlock import TurnBusyError
+from .errors import APIError
+from .metrics import Metrics, now
+
+AGENT_HEADER = "x-agent-id"
+SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id")
+ANON_PREFIX = "anon-"
+
+
+@dataclass
+class ServerConfig:
+    model: str = DEFAULT_MODEL
+    cache_dir: Path | None = None
+    budget_bytes: int | None = None
+    kv: str = "q4"
+    mla: str = "latent"
+    api_key: str | None = None
+    temperature: float = 0.0
+    seed: int = 0
+    default_max_tokens: int = 256
+    max_body_bytes: int = 8 << 20
+    max_card_bytes: int = 1 << 30
+    agent_rpm: float | None = None  # requests per minute per agent
+    global_rpm: float | None = None
+    aliases: list[str] = field(default_factory=list)
+    anon_agents: int = 64
+
+
+class RateLimiter:
+    """Token buckets: `rpm` requests a minute, bursts of up to `rpm`."""
+
+    def __init__(self, rpm: float):
+        self.rate = rpm / 60.0
+        self.burst = max(rpm, 1.0)
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0 if allowed, else seconds until the next request would be."""
+        with self.lock:
+            t = time.monotonic()
+            level, last = self.buckets.get(key, (self.burst, t))
+            level = min(self.burst, level + (t - last) * self.rate)
+            if level >= 1:
+                self.buckets[key] = (level - 1, t)
+                return 0.0
+            self.buckets[key] = (level, t)
+            return (1 - level) / self.rate
+
+
+def derived_name(value: str) -> str:
+    """An identity from a body field or session header, as an agent name."""
+    if is_agent_name(value):
+        return value
+    return "id-" + hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+class TurnRun:
+    """One turn on the scheduler, read from the event loop.
+
+    A thread drains the handle's (blocking) stream into an asyncio queue. Stop
+    strings are applied here: text that could be the start of one is held back,
+    and once one appears the turn is cancelled and the text cut before it."""
+
+    def __init__(self, state: "ServerState", agent: str, source: str, handle, max_tokens: int, stop: list[str], bytes_before: int):
+        self.state = state
+        self.agent = agent
+        self.source = source
+        self.handle = handle
+        self.max_tokens = max_tokens
+        self.stop = [s for s in stop if s]
+        self.bytes_before = bytes_before
+        self.need = 0  # bytes reserved at the memory gate
+        self.text = ""
+        self.stop_hit: str | None = None
+        self.error: BaseException | None = None
+        self._sent = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._ended = asyncio.Event()
+        threading.Thread(target=self._pump, name=f"agentcache-http-{agent}", daemon=True).start()
+
+    def _pump(self) -> None:
+        error = None
+        try:
+            for piece in self.handle:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+        except BaseException as e:  # the turn failed: reported to the client
+            error = e
+        self._loop.call_soon_threadsafe(self._ended_on_loop, error)
+
+    def _ended_on_loop(self, error) -> None:
+        """The turn is over (whether or not anyone still reads it)."""
+        self.error = error
+        self._queue.put_nowait(None)
+        self._ended.set()
+        self.state.turn_ended(self)
+
+    @property
+    def stats(self):
+        return self.handle.stats
+
+    def cancel(self) -> None:
+        if not self.handle.done:
+            self.handle.cancel()
+
+    async def pieces(self):
+        """Text as it is generated, stop strings applied; ends when the turn ends.
+        Closing it early (the client went away) cancels the turn."""
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        try:
+            while True:
+                piece = await self._queue.get()
+                if piece is None:
+                    break
+                if self.stop_hit is not None:
+                    continue
+                self.text += piece
+                cut = [(self.text.find(s), s) for s in self.stop if s in self.text]
+                if cut:
+                    i, s = min(cut)
+                    self.text, self.stop_hit = self.text[:i], s
+                    self.cancel()
+                safe = len(self.text) if self.stop_hit is not None else max(len(self.text) - hold, self._sent)
+                if safe > self._sent:
+                    out, self._sent = self.text[self._sent : safe], safe
+                    yield out
+            if self._sent < len(self.text):
+                out, self._sent = self.text[self._sent :], len(self.text)
+                yield out
+        finally:
+            if not self._ended.is_set():
+                self.cancel()
+
+    async def first(self) -> str | None:
+        """Wait for the first piece of text (None if the turn ended without any)."""
+        self._iter = self.pieces()
+        try:
+            return await self._iter.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def rest(self):
+        async for piece in self._iter:
+            yield piece
+
+    async def collect(self, request) -> str:
+        """The whole reply; cancels the turn if the client goes away meanwhile."""
+        return await self.watching(request, _drain(self.pieces()))
+
+    async def watching(self, request, coro):
+        """Await `coro`; if the client disconnects meanwhile, cancel the turn."""
+        task = asyncio.ensure_future(coro)
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if not done and await request.is_disconnected():
+                    self.cancel()
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    @property
+    def finish(self) -> str:
+        """stop, length (max_tokens reached) or stop_sequence."""
+        if self.stop_hit is not None:
+            return "stop_sequence"
+        if self.stats.generated_tokens >= self.max_tokens:
+            return "length"
+        return "stop"
+
+    @property
+    def bytes_read(self) -> int:
+        return self.bytes_before if self.stats.tier == "warm" else 0
+
+    def info(self) -> dict:
+        s = self.stats
+        return {
+            "agent": self.agent,
+            "agent_source": self.source,
+            "tier": s.tier,
+            "restore_ms": round(s.load_ms, 3),
+            "bytes_read": self.bytes_read,
+            "cached_tokens": s.restored_tokens,
+            "prefilled_tokens": s.prefilled_tokens,
+            "generated_tokens": s.generated_tokens,
+            "queue_ms": round(s.queue_ms, 3),
+            "ttft_ms": round(s.ttft_ms, 3),
+            "prefetched": s.prefetched,
+        }
+
+    def headers(self) -> dict:
+        s = self.stats
+        return {
+            "x-agentcache-agent": self.agent,
+            "x-agentcache-tier": s.tier,
+            "x-agentcache-restore-ms": f"{s.load_ms:.3f}",
+            "x-agentcache-bytes-read": str(self.bytes_read),
+            "x-agentcache-cached-tokens": str(s.restored_tokens),
+        }
+
+
+async def _drain(gen) -> str:
+    out = []
+    async for piece in gen:
+        out.append(piece)
+    return "".join(out)
+
+
+class ClientGone(APIError):
+    def __init__(self):
+        super().__init__(499, "the client closed the request")
+
+
+async def until_disconnect(request, coro):
+    """Await `coro`, giving up (ClientGone) if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+class MemoryGate:
+    """Admits turns while their caches fit the cache budget together with what
+    the pool cannot evict.
+
+    The pool makes room for a turn when it starts by evicting idle agents, but
+    it cannot evict a cache in use, a pinned agent or one whose save failed.
+    So each turn reserves the most its cache can hold at its end
+    (`Runtime.turn_bytes`: prompt plus max_tokens in whole blocks, or its file
+    if larger) and is admitted when the turns in flight, the pool's held bytes
+    (`Runtime.held_bytes`) and its own fit the budget; otherwise it waits, in
+    order, until a turn ends. One turn is always admitted, so an agent larger
+    than what is left still answers, alone: the pool then exceeds the budget
+    and warns (counted as `over_budget`)."""
+
+    def __init__(self):
+        self.in_use = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, need: int, budget: int | None, held: Callable[[], int] = lambda: 0) -> int:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_use == 0 or budget is None or self.in_use + need + held() <= budget)
+            self.in_use += need
+        return need
+
+    def release(self, need: int) -> None:
+        self.in_use -= need
+        asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.runtime = None
+        self.load_error: str | None = None
+        self.metrics = Metrics()
+        self.gate = MemoryGate()
+        self.inflight: dict[str, int] = {}
+        self.runs: set[TurnRun] = set()
+        self.agent_limiter = RateLimiter(config.agent_rpm) if config.agent_rpm else None
+        self.global_limiter = RateLimiter(config.global_rpm) if config.global_rpm else None
+        self.anon: OrderedDict[str, object] = OrderedDict()  # name -> messages list or text, LRU first
+        self._anon_lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+
+    # -- model -------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="agentcache-model-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        from ..kvcache import kv_mode
+        from ..runtime import Runtime
+
+        try:
+            kv_mode(self.config.kv)
+            rt = Runtime(model=self.config.model, cache_dir=self.config.cache_dir, kv_bits=self.config.kv, mla_mode=self.config.mla,
+                         max_tokens=self.config.default_max_tokens, temperature=self.config.temperature, seed=self.config.seed,
+                         budget_bytes=self.config.budget_bytes)
+            self._index_anonymous(rt)
+            self.runtime = rt
+        except Exception as e:  # reported by /health and every route
+            self.load_error = f"{type(e).__name__}: {e}"
+        finally:
+            import mlx.core as mx
+
+            mx.synchronize()
+            mx.clear_streams()  # this thread's MLX stream must not outlive it
+
+    def rt(self):
+        if self.runtime is not None:
+            return self.runtime
+        if self.load_error:
+            raise APIError(500, f"the model failed to load: {self.load_error}")
+        raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "2"})
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
+        for run in list(self.runs):
+            run.cancel()
+        if self.runtime is not None:
+            self.runtime.close()
+
+    @property
+    def model_names(self) -> list[str]:
+        names = [self.config.model] + [a for a in self.config.aliases if a != self.config.model]
+        if self.runtime is not None and self.runtime.model_name not in names:
+            names.insert(1, self.runtime.model_name)
+        return names
+
+    def check_model(self, model) -> str:
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "'model' is required (a string)", param="model")
+        if model not in self.model_names:
+            raise APIError(404, f"The model '{model}' does not exist here; this server runs {', '.join(self.model_names)}", code="model_not_found", param="model")
+        return model
+
+    # -- who is talking ------------------------------------------------------------
+    def pick_agent(self, request, body: dict, conversation) -> tuple[str, str]:
+        """(agent name, where the identity came from); see the module doc."""
+        explicit = request.headers.get(AGENT_HEADER)
+        if explicit is not None:
+            if not is_agent_name(explicit):
+                raise APIError(400, f"invalid X-Agent-Id {explicit!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit, without '..'",
+                               code="invalid_agent_id")
+            return explicit, "x-agent-id"
+        meta = body.get("metadata")
+        candidates = [("prompt_cache_key", body.get("prompt_cache_key")), ("user", body.get("user")),
+                      ("metadata.user_id", meta.get("user_id") if isinstance(meta, dict) else None)]
+        candidates += [(h, request.headers.get(h)) for h in SESSION_HEADERS]
+        for source, value in candidates:
+            if isinstance(value, str) and value:
+                return derived_name(value), source
+        return self._anonymous(conversation), "anonymous"
+
+    def _index_anonymous(self, rt) -> None:
+        for info in rt.agents():
+            if info["name"].startswith(ANON_PREFIX):
+                a = rt.agent(info["name"])
+                self.anon[info["name"]] = ([{"role": "system", "content": a.system}] if a.system else []) + list(a.messages)
+
+    def _anonymous(self, conversation) -> str:
+        """The anonymous agent whose stored conversation is the longest prefix of this one."""
+        with self._anon_lock:
+            best, best_len = None, -1
+            for name, stored in self.anon.items():
+                if name in self.inflight or type(stored) is not type(conversation) or len(stored) >= len(conversation):
+                    continue
+                if conversation[: len(stored)] == stored and len(stored) > best_len:
+                    best, best_len = name, len(stored)
+            if best is None:
+                best = ANON_PREFIX + uuid.uuid4().hex[:16]
+            self.anon[best] = conversation  # claimed; updated when the turn ends
+            self.anon.move_to_end(best)
+            return best
+
+    def _trim_anonymous(self) -> None:
+        rt = self.runtime
+        with self._anon_lock:
+            extra = [n for n in self.anon if n not in self.inflight][: max(len(self.anon) - self.config.anon_agents, 0)]
+            for n in extra:
+                self.anon.pop(n)
+        for n in extra:
+            rt.delete(n)
+
+    # -- turns -------------------------------------------------------------------------
+    def limit(self, agent: str) -> None:
+        for limiter, key, what in ((self.global_limiter, "*", "server"), (self.agent_limiter, agent, f"agent '{agent}'")):
+            if limiter is None:
+                continue
+            wait = limiter.take(key)
+            if wait > 0:
+                self.metrics.rate_limited += 1
+                raise APIError(429, f"rate limit of this {what} reached; retry in {math.ceil(wait)} s", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(math.ceil(wait))})
+
+    async def start_turn(self, request, agent: str, source: str, prompt: list[int], messages: list[dict] | None, max_tokens: int,
+                         temperature: float | None, seed: int | None, stop: list[str], tools: bool = False) -> TurnRun:
+        """Queue the turn on the scheduler once the memory gate admits it."""
+        rt = self.rt()
+        self.inflight[agent] = self.inflight.get(agent, 0) + 1  # before any await: anonymous matching skips it now
+        need = 0
+        try:
+            info = await asyncio.to_thread(rt.describe, agent)
+            want = max(rt.turn_bytes(len(prompt), max_tokens), info.get("file_bytes") or 0)
+            need = await until_disconnect(request, self.gate.acquire(want, rt.memory()["budget_bytes"], rt.held_bytes))
+            # In a thread: the turn may wait for another process's turn on the same agent (turnlock).
+            h = await asyncio.to_thread(rt.agent(agent).submit_prompt, prompt, messages, max_tokens=max_tokens,
+                                        temperature=temperature, seed=seed, stop=stop, tools=tools)
+        except BaseException as e:
+            self._release(agent, need)
+            if isinstance(e, TurnBusyError):
+                raise APIError(409, f"agent '{agent}' is in a turn in another process; retry later", code="agent_busy") from None
+            if isinstance(e, ValueError):  # an option the runtime does not accept (limits.LimitError)
+                raise APIError(400, str(e)) from None
+            raise
+        run = TurnRun(self, agent, source, h, max_tokens, stop, info.get("file_bytes", 0))
+        run.need = need
+        self.runs.add(run)
+        return run
+
+    def _release(self, agent: str, need: int) -> None:
+        n = self.inflight.get(agent, 1) - 1
+        if n > 0:
+            self.inflight[agent] = n
+        else:
+            self.inflight.pop(agent, None)
+        self.gate.release(need)
+
+    def turn_ended(self, run: TurnRun) -> None:
+        self.runs.discard(run)
+        self._release(run.agent, run.need)
+        live = [(r.handle.t_submit + r.stats.ttft_ms / 1000, now()) for r in self.runs if r.stats.ttft_ms > 0]
+        self.metrics.turn(run.stats, run.handle.t_submit, run.bytes_read, live)
+        if run.agent.startswith(ANON_PREFIX):
+            self._trim_anonymous()
+
+    def remember_anonymous(self, agent: str, conversation) -> None:
+        """After a turn: the anonymous agent's conversation now ends with the reply."""
+        if agent.startswith(ANON_PREFIX):
+            with self._anon_lock:
+                self.anon[agent] = conversation
+                self.anon.move_to_end(agent)
+
+    def busy(self, agent: str) -> bool:
+        return agent in self.inflight

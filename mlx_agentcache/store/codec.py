@@ -1,0 +1,311 @@
+"""An agent's KV cache as container tensors, and back.
+
+Two kinds of file share the container (container.py):
+
+* agent files (`FORMAT`): `tokens` (int32) and, per layer `i`,
+  `layers.i.k.j` / `layers.i.v.j` (j = 0 packed codes, 1 fp16 scales,
+  2 fp16 biases; one fp16 tensor for 16-bit caches). When the agent uses a
+  shared prefix, `prefix` in the metadata names it and the layer tensors hold
+  only the tokens after it.
+* prefix block files (`BLOCK_FORMAT`, see prefixes.py): the same tensors for
+  a run of full 256-token blocks that several agents start with.
+
+Metadata adds the model fingerprint, the quantization parameters and each
+layer's span. The tensor names are spelled here only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..kvcache import AgentCache, LayerCache, Segment, StoredShape
+from ..q4 import BLOCK_TOKENS, GROUP_SIZE
+from .container import CacheFileError, read_arrays, write_tensors
+from .layout import Layout
+
+FORMAT = "agentcache-kv"
+BLOCK_FORMAT = "agentcache-prefix"
+CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "group_size", "block_tokens", "n_tokens", "extra")
+
+
+def tensor_name(layer: int, part: str, j: int) -> str:
+    """`part` is "k" or "v"; `j` indexes the stored triple (codes, scales, biases) or the fp16 tensor."""
+    return f"layers.{layer}.{part}.{j}"
+
+
+def stored_views(layer: LayerCache, first: int) -> tuple[tuple, tuple | None]:
+    """Stored tokens [first, offset) of a layer; no copy when one segment holds them."""
+    parts, pos = [], layer.start
+    for s in layer.segments:
+        k, v = s.view()
+        if pos + s.length > first:
+            cut = max(first - pos, 0)
+            parts.append((tuple(x[..., cut:, :] for x in k), None if v is None else tuple(x[..., cut:, :] for x in v)))
+        pos += s.length
+    if len(parts) == 1:
+        return parts[0]
+    k = tuple(mx.concatenate(xs, axis=-2) for xs in zip(*(p[0] for p in parts)))
+    v = None if parts[0][1] is None else tuple(mx.concatenate(xs, axis=-2) for xs in zip(*(p[1] for p in parts)))
+    return k, v
+
+
+def layer_tensors(layers: list[LayerCache], first: Callable[[LayerCache], int]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Per-layer tensors from position `first(layer)` on, as numpy views of MLX memory."""
+    out, spans, arrays = {}, [], []
+    for i, layer in enumerate(layers):
+        a = first(layer)
+        k, v = stored_views(layer, a) if layer.offset > a else ((), None)
+        has_v = v is not None or any(s.values is not None for s in layer.segments)
+        spans.append({"start": a, "offset": layer.offset, "window": layer.window, "values": has_v})
+        for part, xs in (("k", k), ("v", v or ())):
+            for j, x in enumerate(xs):
+                arrays.append(x)
+                out[tensor_name(i, part, j)] = x
+    mx.eval(arrays)
+    return {n: np.array(x, copy=False) for n, x in out.items()}, spans
+
+
+def snapshot(cache: AgentCache, fingerprint: str, prefix: tuple[str, int] | None = None, extra: dict | None = None, model: str | None = None) -> tuple[dict, dict]:
+    """Everything a save needs, taken now: (tensors, metadata).
+
+    The tensors are views of the cache's current MLX buffers; MLX arrays are
+    never changed in place below a segment's length, so a writer thread can
+    checksum and write them while the agent goes on decoding.
+    """
+    n_prefix = prefix[1] if prefix else 0
+
+    def first(layer: LayerCache) -> int:
+        return n_prefix if prefix else layer.persisted_span()[0]
+
+    tensors, spans = layer_tensors(cache.layers, first)
+    tensors = {"tokens": np.asarray(cache.tokens, dtype=np.int32), **tensors}
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "model": model or "",
+        "kv_bits": str(cache.layers[0].bits),
+        "group_size": str(GROUP_SIZE),
+        "block_tokens": str(BLOCK_TOKENS),
+        "n_tokens": str(len(cache.tokens)),
+        "layers": json.dumps(spans),
+        "prefix": json.dumps({"hash": prefix[0], "tokens": n_prefix} if prefix else None),
+        "extra": json.dumps(extra or {}),
+    }
+    if cache.layers[0].rotate_keys:  # q4k: keys are stored Hadamard-rotated (kvcache.rotate)
+        meta["kv_keys"] = "hadamard"
+    return tensors, meta
+
+
+def block_snapshot(layers: list[tuple[tuple, tuple | None]], tokens: list[int], fingerprint: str, bits: int) -> tuple[dict, dict]:
+    """(tensors, metadata) of a prefix block file holding `layers` for `tokens`."""
+    caches = [LayerCache.restore(bits, None, 0, len(tokens), k, v) for k, v in layers]
+    tensors, spans = layer_tensors(caches, lambda layer: 0)
+    meta = {
+        "format": BLOCK_FORMAT,
+        "fingerprint": fingerprint,
+        "kv_bits": str(bits),
+        "tokens": json.dumps(tokens),
+        "layers": json.dumps(spans),
+    }
+    return tensors, meta
+
+
+def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = None, prefix: tuple[str, int] | None = None, model: str | None = None) -> int:
+    """Write `cache` to `path` atomically; returns bytes written.
+
+    `prefix` = (hash, tokens): the first `tokens` positions live in that
+    shared prefix block file and are not written here.
+    """
+    return write_tensors(path, *snapshot(cache, fingerprint, prefix, extra, model))
+
+
+PrefixSource = Callable[[str, int, list[int]], list[Segment]]
+
+
+def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None) -> tuple[AgentCache, dict]:
+    """Read, verify and rebuild an AgentCache. Raises CacheFileError on any doubt.
+
+    `prefix_source(hash, n, tokens)` returns one shared segment per layer for
+    a file that refers to a prefix block (see prefixes.py); without it the
+    block file of the same cache directory is read.
+    """
+    path = Path(path)
+
+    def same_model(meta: dict) -> None:
+        if meta.get("fingerprint") != fingerprint:
+            raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
+
+    arrays, meta = read_arrays(path, (FORMAT,), same_model)
+    try:
+        spans = json.loads(meta["layers"])
+        bits = int(meta["kv_bits"])
+        extra = json.loads(meta.get("extra", "{}"))
+        prefix = json.loads(meta.get("prefix", "null"))
+        tokens = arrays.pop("tokens")
+        if tokens.ndim != 1 or tokens.dtype != mx.int32:
+            raise ValueError("token ids must be one int32 vector")
+        tokens = tokens.tolist()
+        rotated = {"plain": False, "hadamard": True}[meta.get("kv_keys", "plain")]
+        if bits not in (4, 8, 16) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
+            raise ValueError("unsupported quantization")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CacheFileError(f"{path.name}: malformed metadata ({e})") from None
+    if expect_layers is not None and len(spans) != len(expect_layers):
+        raise CacheFileError(f"{path.name}: {len(spans)} layers, model has {len(expect_layers)}")
+    shared = None
+    if prefix is not None:
+        try:
+            h, n = str(prefix["hash"]), int(prefix["tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheFileError(f"{path.name}: malformed prefix reference") from None
+        if not 0 < n <= len(tokens) or n % BLOCK_TOKENS:
+            raise CacheFileError(f"{path.name}: prefix of {n} tokens does not fit the token list")
+        if prefix_source is None:
+            block = Layout(path.parent).block_file(h)
+            if not block.exists():
+                raise CacheFileError(f"{path.name}: shared prefix {h} is missing (no {block.relative_to(path.parent)})")
+            shared = [Segment(tuple(x[..., :n, :] for x in k), None if v is None else tuple(x[..., :n, :] for x in v), n, shared=True) for k, v in read_block(block, fingerprint, bits, tokens[:n])]
+        else:
+            shared = prefix_source(h, n, tokens[:n])
+    layers = []
+    parts = 3 if bits != 16 else 1
+    try:
+        for i, s in enumerate(spans):
+            window = expect_layers[i].window if expect_layers is not None else s["window"]
+            if window != s["window"] or s["offset"] != len(tokens):
+                raise CacheFileError(f"{path.name}: layer {i} does not match the model or the token list")
+            k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(parts) if tensor_name(i, "k", j) in arrays)
+            v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(parts) if tensor_name(i, "v", j) in arrays)
+            v = v if s["values"] else None
+            if k:
+                _check_layer(path, i, k, v, bits, expect_layers[i].expect if expect_layers is not None else None)
+            layers.append(_restore_layer(path, i, bits, window, s, k, v, None if shared is None else shared[i], rotated))
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
+    if arrays:
+        raise CacheFileError(f"{path.name}: unexpected tensors {sorted(arrays)[:3]}")
+    if expect_layers is not None and any((layer.bits, layer.rotate_keys) != (want.bits, want.rotate_keys) for layer, want in zip(layers, expect_layers)):
+        raise CacheFileError(f"{path.name}: stored with {layers[0].mode} KV, runtime uses {expect_layers[0].mode}")
+    return AgentCache(layers, tokens), extra
+
+
+def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expect: list[StoredShape | None] | None = None) -> list[tuple[tuple, tuple | None]]:
+    """A prefix block file, verified and checked to start with `tokens` (and,
+    with `expect`, to hold what each layer of the model stores): per-layer (k, v)."""
+    path = Path(path)
+
+    def same(meta: dict) -> None:
+        if meta.get("fingerprint") != fingerprint or meta.get("kv_bits") != str(bits):
+            raise CacheFileError(f"{path.name}: prefix block of another model or KV precision")
+        try:
+            ok = json.loads(meta["tokens"])[: len(tokens)] == list(tokens)
+        except (KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CacheFileError(f"{path.name}: prefix block does not hold these tokens")
+
+    arrays, meta = read_arrays(path, (BLOCK_FORMAT,), same)
+    n = len(json.loads(meta["tokens"]))
+    parts = 1 if bits == 16 else 3
+    out = []
+    try:
+        for i, s in enumerate(json.loads(meta["layers"])):
+            k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(parts))
+            v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(parts)) if s["values"] else None
+            _check_layer(path, i, k, v, bits, expect[i] if expect is not None and i < len(expect) else None)
+            if k[0].shape[-2] != n:
+                raise ValueError(f"layer {i} holds {k[0].shape[-2]} tokens, expected {n}")
+            out.append((k, v))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
+    if arrays or (expect is not None and len(out) != len(expect)):
+        raise CacheFileError(f"{path.name}: prefix block has {len(out)} layers or unexpected tensors")
+    return out
+
+
+def block_tokens(meta: dict) -> list[int]:
+    """The token ids a prefix block file holds (from its checked metadata)."""
+    return json.loads(meta["tokens"])
+
+
+def prefix_ref(meta: dict) -> dict | None:
+    """An agent file's shared-prefix reference {"hash", "tokens"}, or None."""
+    try:
+        ref = json.loads(meta.get("prefix", "null"))
+    except ValueError:
+        return None
+    return ref if isinstance(ref, dict) else None
+
+
+def inline_prefix(arrays: dict[str, np.ndarray], meta: dict, block: dict[str, np.ndarray], n: int) -> tuple[dict, dict]:
+    """An agent file's tensors with the first `n` tokens of its prefix block put back in:
+    (tensors, metadata) of a self-contained file (a cache card)."""
+    spans = json.loads(meta["layers"])
+    tensors = dict(arrays)
+    for i, s in enumerate(spans):
+        for part in ("k", "v"):
+            for j in range(3):
+                key = tensor_name(i, part, j)
+                if key in block:
+                    head = block[key][..., :n, :]
+                    tensors[key] = np.concatenate([head, arrays[key]], axis=-2) if key in arrays else np.ascontiguousarray(head)
+        s["start"] = 0
+    return tensors, {**meta, "layers": json.dumps(spans), "prefix": "null"}
+
+
+def _restore_layer(path, i, bits, window, span, k, v, shared: Segment | None, rotated: bool = False) -> LayerCache:
+    if shared is None:
+        return LayerCache.restore(bits, window, span["start"], span["offset"], k, v, rotated)
+    n = k[0].shape[-2] if k else 0
+    if window is not None or span["start"] != shared.length or span["start"] + n != span["offset"]:
+        raise CacheFileError(f"{path.name}: layer {i} does not continue its shared prefix")
+    layer = LayerCache(bits, window, rotated)
+    layer.offset = span["offset"]
+    layer.segments = [shared] + ([Segment(k, v, n)] if n else [])
+    return layer
+
+
+def _describe(shape: StoredShape) -> str:
+    parts = lambda t: "+".join(f"{d} {dt}" for d, dt in t)  # noqa: E731
+    return f"{shape.heads} heads x keys ({parts(shape.keys)})" + (f", values ({parts(shape.values)})" if shape.values else ", no values")
+
+
+def _finite(x) -> bool:
+    if isinstance(x, mx.array):
+        return bool(mx.all(mx.isfinite(x)).item())
+    return bool(np.isfinite(x).all())
+
+
+def _check_layer(path: Path, i: int, k: tuple, v: tuple | None, bits: int, expect: StoredShape | None = None) -> None:
+    """Shapes must agree with each other, (heads, tokens, dim) for every part, and
+    with what the model stores (`expect`); scales, biases and fp16 values must be finite."""
+    parts = list(k) + list(v or ())
+    n = {x.shape[-2] for x in parts if x.ndim == 3}
+    heads = {x.shape[0] for x in parts if x.ndim == 3}
+    if len(n) != 1 or len(heads) != 1 or any(x.ndim != 3 for x in parts):
+        raise CacheFileError(f"{path.name}: layer {i} tensors disagree on shape")
+    for t in (k, v or None):
+        if t is None:
+            continue
+        dt = [str(x.dtype).rsplit(".", 1)[-1] for x in t]  # numpy or MLX arrays
+        if bits == 16:
+            ok = dt == ["float16"]
+        else:
+            ok = (
+                dt == ["uint32", "float16", "float16"]
+                and t[1].shape == t[2].shape
+                and t[1].shape[-1] * GROUP_SIZE == t[0].shape[-1] * 32 // bits
+            )
+        if not ok:
+            raise CacheFileError(f"{path.name}: layer {i} quantization layout mismatch")
+        if not all(_finite(x) for x in (t if bits == 16 else t[1:])):
+            raise CacheFileError(f"{path.name}: layer {i} holds scales or values that are not finite")
+    if expect is not None:
+        got = StoredShape.of(k, v)
+        if got != expect:
+            raise CacheFileError(f"{path.name}: layer {i} stores {_describe(got)}; this model stores {_describe(expect)}")

@@ -1,0 +1,290 @@
+"""The checked container: safetensors files whose every byte is covered by a check.
+
+Layout: the standard safetensors container (8-byte little-endian header
+length, JSON header, raw tensor bytes), so any safetensors reader opens it.
+`__metadata__` carries a `format` string chosen by the caller, the container
+`VERSION`, a CRC32 per tensor, a CRC32 of the tensor table and a CRC32 of the
+metadata itself. A file is used only after every check passed; anything else
+raises `CacheFileError` with a one-line reason that names the file.
+
+Writes go to a temporary file in the same directory, are fsynced, renamed
+over the old file, and the directory is fsynced: a crash at any point leaves
+either the old or the new file. Reads open the file once, so a concurrent
+rename never mixes two versions. Nothing here knows what the tensors mean
+(see codec.py for the KV cache).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+import mlx.core as mx
+import numpy as np
+
+from .layout import bad_name, tmp_name
+
+VERSION = 2
+MAX_HEADER_BYTES = 64 << 20
+MAX_DIM = (1 << 31) - 1  # MLX array dimensions are 32-bit
+
+_DTYPES = {"U32": np.uint32, "F16": np.float16, "I32": np.int32, "F32": np.float32, "U8": np.uint8}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_MX_DTYPES = {"U32": mx.uint32, "F16": mx.float16, "I32": mx.int32, "F32": mx.float32, "U8": mx.uint8}
+_empty = getattr(mx, "empty", mx.zeros)
+
+
+class CacheFileError(Exception):
+    """A file that must not be used; the message says why."""
+
+
+class CacheWriteError(OSError):
+    """A save that did not happen; the previous file is untouched."""
+
+
+def crc(buf) -> int:
+    view = memoryview(buf)
+    return zlib.crc32(view.cast("B") if view.nbytes else b"") & 0xFFFFFFFF
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    """Write chunks to `path` so that readers see the old or the new file, never a mix."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+                written += len(c) if isinstance(c, bytes) else c.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even to look (EROFS), and nothing was created
+            pass
+        if isinstance(e, OSError):
+            raise CacheWriteError(e.errno, f"could not save {path.name}: {e.strerror or e}") from e
+        raise
+    return written
+
+
+def quarantine(path: Path, inode: int | None = None) -> Path | None:
+    """Move a refused file aside (never delete user data).
+
+    With `inode`, only moves the file if it is still the one that was read
+    (another process may have replaced it with a good one meanwhile).
+    """
+    path = Path(path)
+    try:
+        if inode is not None and path.stat().st_ino != inode:
+            return None
+        dst = bad_name(path)
+        os.replace(path, dst)
+    except FileNotFoundError:
+        return None
+    return dst
+
+
+# -- header ---------------------------------------------------------------------
+
+
+def _meta_crc(meta: dict) -> int:
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_crc32"}, sort_keys=True).encode()
+    return zlib.crc32(body) & 0xFFFFFFFF
+
+
+def _table_crc(entries: dict) -> int:
+    return zlib.crc32(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> int:
+    """Checksum `tensors`, build the header and write atomically; returns bytes written."""
+    entries, offset = {}, 0
+    for name, arr in tensors.items():
+        entries[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    arrays = [np.ascontiguousarray(a) for a in tensors.values()]
+    meta = {
+        **meta,
+        "version": str(VERSION),
+        "crc32": json.dumps({n: crc(a) for n, a in zip(tensors, arrays)}),
+        "table_crc32": str(_table_crc(entries)),
+        "saved_at": str(int(time.time())),
+    }
+    meta["meta_crc32"] = str(_meta_crc(meta))
+    raw = json.dumps({**entries, "__metadata__": meta}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    chunks = [struct.pack("<Q", len(raw)), raw] + [memoryview(a).cast("B") for a in arrays if a.nbytes]
+    return atomic_write(path, chunks)
+
+
+def _parse(f: BinaryIO, name: str) -> tuple[dict, dict, int, int]:
+    """The one reader of the preamble: (tensor entries, metadata, data start, file size), unchecked."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if size < 8 or len(head) < 8:
+        raise CacheFileError(f"{name}: truncated ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise CacheFileError(f"{name}: header of {n} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    if n > size - 8:
+        raise CacheFileError(f"{name}: truncated (header needs {n} bytes, file has {size - 8} after the length)")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors
+        raise CacheFileError(f"{name}: header is not valid JSON ({e.__class__.__name__})") from None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CacheFileError(f"{name}: not an agent cache (no string metadata)")
+    return header, meta, 8 + n, size
+
+
+def _check(header: dict, meta: dict, name: str, size: int, data_start: int, formats: tuple[str, ...]) -> None:
+    if meta.get("format") not in formats:
+        raise CacheFileError(f"{name}: not an agent cache file (format {meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise CacheFileError(f"{name}: format version {meta.get('version')} is not supported (expected {VERSION}); remove it with `agentcache agents gc`")
+    if meta.get("meta_crc32") != str(_meta_crc(meta)):
+        raise CacheFileError(f"{name}: metadata checksum mismatch")
+    if meta.get("table_crc32") != str(_table_crc(header)):
+        raise CacheFileError(f"{name}: tensor table checksum mismatch")
+    end = 0
+    try:
+        for tname, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dt = np.dtype(_DTYPES[e["dtype"]])
+            shape = [int(s) for s in e["shape"]]
+            a, b = (int(x) for x in e["data_offsets"])
+            if max(shape, default=0) > MAX_DIM:
+                raise CacheFileError(f"{name}: tensor {tname!r} has a dimension over {MAX_DIM}")
+            if a != end or min(shape, default=0) < 0 or b - a != dt.itemsize * math.prod(shape):
+                raise CacheFileError(f"{name}: tensor {tname!r} has inconsistent offsets")
+            end = b
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CacheFileError(f"{name}: malformed tensor table") from None
+    if data_start + end != size:
+        raise CacheFileError(f"{name}: truncated or padded ({size} bytes, header describes {data_start + end})")
+
+
+def _crcs(name: str, header: dict, meta: dict) -> dict:
+    try:
+        crcs = json.loads(meta["crc32"])
+        if not isinstance(crcs, dict) or set(crcs) != set(header):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise CacheFileError(f"{name}: checksum list does not match the tensors") from None
+    return crcs
+
+
+def _cannot_read(path: Path, e: BaseException) -> CacheFileError:
+    return CacheFileError(f"{path.name}: cannot read ({getattr(e, 'strerror', None) or e})")
+
+
+def read_header(path: Path, formats: tuple[str, ...]) -> tuple[dict, dict, int]:
+    """Parse and check the container: (tensor entries, metadata, data start). Reads the header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header, meta, data_start, size = _parse(f, path.name)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    _check(header, meta, path.name, size, data_start, formats)
+    return header, meta, data_start
+
+
+def peek_meta(path: Path) -> dict | None:
+    """Metadata without any check (None if the preamble is unreadable): for listings and gc."""
+    try:
+        with open(path, "rb") as f:
+            return _parse(f, Path(path).name)[1]
+    except (OSError, CacheFileError):
+        return None
+
+
+def read_tensors(path: Path, formats: tuple[str, ...], check: Callable[[dict], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Memory-map a file and verify it: ({name: read-only view}, metadata).
+
+    `check(meta)` runs before any tensor byte is read (e.g. the model
+    fingerprint), so a file for another model costs only its header.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header, meta, data_start, size = _parse(f, path.name)
+            _check(header, meta, path.name, size, data_start, formats)
+            if check is not None:
+                check(meta)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        raise _cannot_read(path, e) from None
+    crcs = _crcs(path.name, header, meta)
+    out = {}
+    for tname, e in header.items():
+        a, b = e["data_offsets"]
+        raw = np.frombuffer(mm, dtype=np.uint8, count=b - a, offset=data_start + a)
+        if crc(raw) != crcs[tname]:
+            raise CacheFileError(f"{path.name}: checksum mismatch in {tname}")
+        out[tname] = raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out, meta
+
+
+def read_arrays(path: Path, formats: tuple[str, ...], check: Callable[[dict], None] | None = None) -> tuple[dict[str, mx.array], dict]:
+    """Read a file straight into MLX memory and verify it: ({name: array}, metadata).
+
+    Every tensor is read with `readinto` into a freshly allocated MLX buffer
+    and checksummed there: its bytes are copied once, from the kernel into
+    the array, and nothing is used before every check passed. The file is
+    opened once, so a concurrent atomic replace cannot mix two versions.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            header, meta, data_start, size = _parse(f, path.name)
+            _check(header, meta, path.name, size, data_start, formats)
+            if check is not None:
+                check(meta)
+            crcs = _crcs(path.name, header, meta)
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            arrays = {name: _empty(tuple(e["shape"]), _MX_DTYPES[e["dtype"]]) for name, e in entries}
+            mx.eval(list(arrays.values()))
+            with ThreadPoolExecutor(1) as checker:  # checksums overlap the next reads (both release the GIL)
+                sums = []
+                for name, e in entries:
+                    a, b = e["data_offsets"]
+                    if b == a:
+                        continue
+                    view = np.array(arrays[name], copy=False).reshape(-1).view(np.uint8)
+                    f.seek(data_start + a)
+                    got = 0
+                    while got < b - a:
+                        k = f.readinto(view[got:])
+                        if not k:
+                            raise CacheFileError(f"{path.name}: truncated while reading {name}")
+                        got += k
+                    sums.append((name, checker.submit(crc, view)))
+                for name, c in sums:
+                    if c.result() != crcs[name]:
+                        raise CacheFileError(f"{path.name}: checksum mismatch in {name}")
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    return arrays, meta

@@ -1,0 +1,174 @@
+"""Where an agent's files live and what their names mean: the disk layout, spelled once.
+
+    <cache_dir>/<agent>.safetensors            the agent's KV cache (codec.FORMAT)
+    <cache_dir>/<agent>.json                   its conversation history
+    <cache_dir>/<agent>.safetensors.bad-<t>-<pid>  a refused file, moved aside (histories too)
+    <cache_dir>/.<file>.tmp<pid>               a save in progress (stale once <pid> is gone)
+    <cache_dir>/.locks/<agent>.lock            held by every writer of the agent's files
+    <cache_dir>/.locks/<agent>.turn            held by a turn from reading the history to its saves
+    <cache_dir>/blocks/<hash>.safetensors      a shared prefix (codec.BLOCK_FORMAT)
+    <cache_dir>/blocks/.lock                   held while a block is written or collected
+    <anything>.card.safetensors                an exported cache card
+
+Every other module asks a `Layout` for paths and never builds one itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+SUFFIX = ".safetensors"
+HISTORY_SUFFIX = ".json"
+CARD_SUFFIX = ".card" + SUFFIX
+BLOCKS_DIR = "blocks"
+LOCKS_DIR = ".locks"
+# Anchored at both ends (\Z, not $: `$` also matches before a trailing newline).
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+TMP_RE = re.compile(r"\A\..+\.tmp(\d+)\Z")
+BAD_MARK = ".bad-"
+BAD_RE = re.compile(r"\A.+\.(safetensors|json)\.bad-\d{8}-\d{6}-\d+\Z")
+# Parts of the store's own file names that an agent name must not contain:
+# a name holding one could make the agent's files look like a card, a file
+# set aside, which listings skip and gc removes. (Temporary names start with
+# a dot, which no agent name does.)
+RESERVED = (SUFFIX, HISTORY_SUFFIX + ".", BAD_MARK)
+
+
+def validate_agent_name(name: str) -> str:
+    """The one rule for agent names, which become file names: 1-64 letters,
+    digits, '_', '-', '.', starting with a letter or digit, no '..', and
+    nothing that the store's own file names use (see `RESERVED`, `.card`)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"invalid agent name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit, without '..'"
+        )
+    clash = next((r for r in RESERVED if r in name), None) or (CARD_SUFFIX[: -len(SUFFIX)] if name.endswith(CARD_SUFFIX[: -len(SUFFIX)]) else None)
+    if clash:
+        raise ValueError(f"invalid agent name {name!r}: {clash!r} is part of the cache directory's own file names")
+    return name
+
+
+def is_agent_name(name: str) -> bool:
+    try:
+        validate_agent_name(name)
+        return True
+    except ValueError:
+        return False
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary file a save writes first; the pid lets a later run remove leftovers."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def bad_name(path: Path) -> Path:
+    """Where a refused file is moved: never deleted, recognisable by `gc`."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{BAD_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_tmp(path: Path) -> bool:
+    """A temporary file whose writing process is gone."""
+    m = TMP_RE.match(Path(path).name)
+    return bool(m) and not pid_alive(int(m.group(1)))
+
+
+class Layout:
+    """Paths and names of one cache directory."""
+
+    def __init__(self, cache_dir: Path | str):
+        self.dir = Path(cache_dir)
+
+    # -- one agent ------------------------------------------------------------
+    def agent_file(self, name: str) -> Path:
+        return self.dir / (validate_agent_name(name) + SUFFIX)
+
+    def history_file(self, name: str) -> Path:
+        return self.dir / (validate_agent_name(name) + HISTORY_SUFFIX)
+
+    def lock_file(self, name: str) -> str:
+        """The per-agent lock file, shared by every process using this directory."""
+        d = self.dir / LOCKS_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d / f"{validate_agent_name(name)}.lock")
+
+    def turn_lock_file(self, name: str) -> Path:
+        """The per-agent turn lock (turnlock.py): one turn of an agent at a time, across processes.
+        The folder is not created here: a read-only directory is handled by the lock."""
+        return self.dir / LOCKS_DIR / f"{validate_agent_name(name)}.turn"
+
+    def agent_lock(self, name: str, timeout: float) -> FileLock:
+        return FileLock(self.lock_file(name), timeout=timeout)
+
+    # -- shared prefix blocks ---------------------------------------------------
+    @property
+    def blocks_dir(self) -> Path:
+        return self.dir / BLOCKS_DIR
+
+    def block_file(self, key: str) -> Path:
+        return self.blocks_dir / f"{key}{SUFFIX}"
+
+    def blocks_lock(self, timeout: float) -> FileLock:
+        self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.blocks_dir / ".lock"), timeout=timeout)
+
+    @staticmethod
+    def block_key(path: Path) -> str:
+        """The prefix hash a block file holds."""
+        return Path(path).name[: -len(SUFFIX)]
+
+    def is_block_file(self, path: Path) -> bool:
+        return Path(path).parent == self.blocks_dir
+
+    def block_files(self) -> list[Path]:
+        return sorted(self.blocks_dir.glob("*" + SUFFIX))
+
+    # -- listing ------------------------------------------------------------------
+    def agent_files(self) -> list[Path]:
+        """Agent cache files (not cards, not blocks, not files set aside)."""
+        return [p for p in sorted(self.dir.glob("*" + SUFFIX)) if self._listed(p.name[: -len(SUFFIX)])]
+
+    def cache_names(self) -> list[str]:
+        """Agents with a cache file."""
+        return [p.name[: -len(SUFFIX)] for p in self.agent_files()]
+
+    def names(self) -> list[str]:
+        """Agents with a cache file or a history."""
+        found = set(self.cache_names())
+        found |= {p.name[: -len(HISTORY_SUFFIX)] for p in self.dir.glob("*" + HISTORY_SUFFIX)}
+        return sorted(n for n in found if self._listed(n))
+
+    @staticmethod
+    def _listed(name: str) -> bool:
+        return is_agent_name(name) and not name.endswith(CARD_SUFFIX[: -len(SUFFIX)])
+
+    def set_aside_files(self) -> list[Path]:
+        """Refused cache files moved aside (exactly `bad_name`'s pattern: never a live agent's file)."""
+        return [p for p in sorted(self.dir.glob("*" + SUFFIX + BAD_MARK + "*")) if BAD_RE.fullmatch(p.name)]
+
+    def stale_tmp_files(self) -> list[Path]:
+        """Temporary files of saves whose process died."""
+        return [p for d in (self.dir, self.blocks_dir) for p in sorted(d.glob(".*.tmp*")) if is_stale_tmp(p)]
+
+    def remove_stale_tmp(self) -> None:
+        for p in self.stale_tmp_files():
+            p.unlink(missing_ok=True)

@@ -1,0 +1,99 @@
+"""The server's pure pieces: message conversion for the chat template, tool-call
+parsing, identities, rate limits and the restore-overlap measure."""
+
+import pytest
+
+from mlx_agentcache.server import conversation as conv
+from mlx_agentcache.server.errors import APIError
+from mlx_agentcache.server.metrics import _union_overlap
+from mlx_agentcache.server.state import RateLimiter, derived_name
+
+
+def test_openai_messages_join_text_parts_and_map_developer_to_system():
+    out = conv.openai_messages([
+        {"role": "developer", "content": "Be kind."},
+        {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ])
+    assert out[0] == {"role": "system", "content": "Be kind."}
+    assert out[1] == {"role": "user", "content": "Hello"}
+    assert out[2]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
+    assert out[3] == {"role": "tool", "content": "2", "tool_call_id": "c1"}
+
+
+@pytest.mark.parametrize("bad", [[], "hi", [{"role": "wizard", "content": "x"}], [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]])
+def test_openai_messages_refuse_what_cannot_be_rendered(bad):
+    with pytest.raises(APIError) as e:
+        conv.openai_messages(bad)
+    assert e.value.status == 400
+
+
+def test_anthropic_messages_put_system_first_and_split_tool_results():
+    out = conv.anthropic_messages([{"type": "text", "text": "Sys"}], [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}, {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "42"}]}, {"type": "text", "text": "So?"}]},
+    ])
+    assert out[0] == {"role": "system", "content": "Sys"}
+    assert out[2]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"a": 1}} and out[2]["content"] == "Let me look."
+    assert out[3] == {"role": "tool", "tool_call_id": "t1", "content": "42"} and out[4] == {"role": "user", "content": "So?"}
+
+
+def test_tool_calls_are_parsed_out_of_the_reply():
+    text, calls = conv.parse_tool_calls('Sure. <tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>')
+    assert text == "Sure." and calls[0]["name"] == "get_time" and calls[0]["arguments"] == {"tz": "UTC"}
+    assert conv.parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+def test_identities_that_are_not_agent_names_are_hashed():
+    assert derived_name("sess-1") == "sess-1"
+    long = "user_" + "a" * 80 + "_account__session_x"
+    assert derived_name(long).startswith("id-") and derived_name(long) == derived_name(long) != derived_name(long + "y")
+    assert derived_name("../x").startswith("id-") and derived_name("a@b").startswith("id-")
+
+
+def test_rate_limiter_allows_a_burst_then_says_how_long_to_wait():
+    lim = RateLimiter(2)
+    assert lim.take("a") == 0 and lim.take("a") == 0
+    wait = lim.take("a")
+    assert 25 < wait <= 30  # 2 a minute: the next in about 30 s
+    assert lim.take("b") == 0  # buckets are per key
+
+
+def test_union_overlap_counts_each_instant_once():
+    assert _union_overlap(0, 10, [(1, 3), (2, 4), (8, 20)]) == pytest.approx(5)
+    assert _union_overlap(0, 10, []) == 0
+
+
+def test_memory_gate_queues_turns_that_would_overrun_the_budget():
+    import asyncio
+
+    from mlx_agentcache.server.state import MemoryGate
+
+    async def scenario():
+        gate = MemoryGate()
+        held = [0]
+        first = await gate.acquire(60, 100, lambda: held[0])
+        second = asyncio.ensure_future(gate.acquire(60, 100, lambda: held[0]))  # 60 more would be 120 > 100
+        await asyncio.sleep(0.05)
+        assert first == 60 and not second.done()
+        gate.release(first)
+        assert await asyncio.wait_for(second, 1) == 60
+        gate.release(60)
+        held[0] = 50  # pinned agents the pool cannot evict
+        third = await gate.acquire(40, 100, lambda: held[0])  # 40 + 50 fits
+        fourth = asyncio.ensure_future(gate.acquire(20, 100, lambda: held[0]))  # 40 + 20 + 50 does not
+        await asyncio.sleep(0.05)
+        assert not fourth.done()
+        gate.release(third)
+        assert await asyncio.wait_for(fourth, 1) == 20
+        gate.release(20)
+        alone = await asyncio.wait_for(gate.acquire(500, 100, lambda: held[0]), 1)  # over the budget: admitted alone
+        late = asyncio.ensure_future(gate.acquire(1, 100, lambda: held[0]))
+        await asyncio.sleep(0.05)
+        assert alone == 500 and not late.done()
+        gate.release(alone)
+        assert await asyncio.wait_for(late, 1) == 1
+
+    asyncio.run(scenario())
