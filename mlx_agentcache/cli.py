@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import limits
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, default_home
 from .turnlock import TurnBusyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -422,16 +422,28 @@ def agents_import(
     card: Annotated[Path, typer.Argument(help="A card written by `agents export`.")],
     name: Annotated[Optional[str], typer.Option("--name", help="Import under this name [default: the card's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing agent of that name.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the card against this model (loads it): "
+                                                 "its fingerprint, KV mode and every layer's shapes.")] = None,
+    kv: Annotated[str, typer.Option("--kv", help="With --model: the KV mode the card must be in.")] = "q4",
     cache_dir: CacheDir = None,
 ):
-    """Install a cache card as an agent, after checking every byte of it."""
+    """Install a cache card as an agent, after checking every byte of it (and, with --model, that it is that model's)."""
     from . import catalog
     from .store.container import CacheFileError, CacheWriteError
 
     if name is not None and not name:
         _fail("--name must not be empty (leave it out to use the card's name)", 2)
+    expect = None
+    if model is not None:
+        from .models.runner import ModelRunner
+
+        try:
+            runner = ModelRunner.load(model, default_home(), kv_bits=kv)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e), 2)
+        expect = (runner.fingerprint, runner.new_cache().layers)
     try:
-        got = catalog.import_card(_cache_dir(cache_dir), card, name, force)
+        got = catalog.import_card(_cache_dir(cache_dir), card, name, force, model=expect)
     except (FileNotFoundError, FileExistsError, ValueError, CacheFileError) as e:
         _fail(str(e))
     except OSError as e:  # CacheWriteError included: a read-only or full directory; nothing is left half-imported

@@ -141,9 +141,9 @@ class TurnLocks:
                     self._releasing.discard(threading.current_thread())
 
         t = threading.Thread(target=run, name=f"agentcache-turnlock-{name}", daemon=True)
-        with self._mu:
+        with self._mu:  # started before `wait` can see it (joining an unstarted thread raises)
             self._releasing.add(t)
-        t.start()
+            t.start()
 
     def held(self, name: str) -> bool:
         with self._mu:

@@ -385,6 +385,21 @@ def test_cli_import_empty_name_is_an_error(tmp_path):
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
 
 
+def test_cli_import_with_model_refuses_another_kv_mode_at_import(tmp_path, model_home):
+    """`agents import --model M --kv K` checks the card against that model before writing anything."""
+    d, other = tmp_path / "d", tmp_path / "other"
+    r, _ = agentcache("say", "--agent", "src", "--cache-dir", str(d), "--max-tokens", "2", "Hello.", home=model_home)
+    assert r.returncode == 0, r.stderr
+    card = tmp_path / "src.card.safetensors"
+    r, _ = agentcache("agents", "export", "src", "-o", str(card), "--cache-dir", str(d), home=model_home)
+    assert r.returncode == 0, r.stderr
+    r, _ = agentcache("agents", "import", str(card), "--model", "smollm2-135m", "--kv", "q8", "--cache-dir", str(other), home=model_home)
+    assert_clean_error(r, 1, "this model stores")  # a q4 card's layers are not a q8 cache's
+    assert not other.exists() or not any(other.glob("*.safetensors"))
+    r, _ = agentcache("agents", "import", str(card), "--model", "smollm2-135m", "--cache-dir", str(other), home=model_home)
+    assert r.returncode == 0 and (other / "src.safetensors").exists(), r.stderr
+
+
 # -- context length, on real models ------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_context_model(tmp_path_factory) -> Path:
