@@ -26,7 +26,7 @@ typedef int blas_int; /* LP64: scipy-openblas32 uses 32-bit integers, as MLX doe
     }
 
 /* Every product goes to sgemm, one-row products included: OpenBLAS's sgemv ran MLX's
- * decode-shaped products up to 4x faster here, but it sums in another order than
+ * decode-shaped products up to 5x faster here, but it sums in another order than
  * sgemm, so a decode step alone and the same step in a batch gave different logits
  * and a sampled turn diverged (tests/test_scheduler.py). One kernel keeps a batched
  * agent's tokens identical to its solo tokens. */
