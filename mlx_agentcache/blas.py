@@ -114,12 +114,14 @@ def _site_file(package: str, *parts: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
-def _shim_path() -> str | None:
+def shim_library() -> str | None:
+    """The compiled CBLAS shim (blas_shim.c), if `pip install` could build it."""
     spec = importlib.util.find_spec("mlx_agentcache._blas_shim")
     return spec.origin if spec is not None and spec.origin else None
 
 
-def _mkl_path() -> str | None:
+def mkl_library() -> str | None:
+    """libmkl_rt from the `mkl` wheel, if installed (it lives in <prefix>/lib, not in site-packages)."""
     for prefix in dict.fromkeys([sys.prefix, sys.base_prefix]):
         hits = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
         if hits:
@@ -160,7 +162,7 @@ def plan(cpu: CpuInfo, requested: str, system: str | None = None) -> tuple[str, 
 
 def _open_openblas() -> BlasChoice:
     lib = _site_file("scipy_openblas32", "lib", "libscipy_openblas.so")
-    shim = _shim_path()
+    shim = shim_library()
     if lib is None:
         raise OSError("the scipy-openblas32 package is not installed")
     if shim is None:
@@ -175,7 +177,7 @@ def _open_openblas() -> BlasChoice:
 
 
 def _open_mkl() -> BlasChoice:
-    lib = _mkl_path()
+    lib = mkl_library()
     if lib is None:
         raise OSError("the mkl package is not installed")
     threads = _threads("MKL_NUM_THREADS")
@@ -183,12 +185,11 @@ def _open_mkl() -> BlasChoice:
     return BlasChoice("Intel MKL (mkl wheel)", library=lib, threads=threads)
 
 
-def load_optimized_blas(environ: dict | None = None) -> BlasChoice:
+def load_optimized_blas() -> BlasChoice:
     """Pick and open the BLAS; call once, before anything imports mlx.core."""
     global CHOICE
-    env = os.environ if environ is None else environ
     cpu = read_cpuinfo()
-    requested = env.get("AGENTCACHE_BLAS", "auto").strip().lower() or "auto"
+    requested = os.environ.get("AGENTCACHE_BLAS", "auto").strip().lower() or "auto"
     if requested not in CHOICES:
         CHOICE = BlasChoice("MLX reference BLAS", f"AGENTCACHE_BLAS={requested!r} is not one of {', '.join(CHOICES)}", cpu=cpu)
         _say(CHOICE.reason)

@@ -43,7 +43,7 @@ from .q4 import BLOCK_TOKENS
 from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shared_bytes
 from .store import codec, container
 from .store.container import CacheFileError, CacheWriteError
-from .store.layout import NAME_RE, Layout, validate_agent_name  # noqa: F401  (NAME_RE: for callers that check names)
+from .store.layout import Layout, validate_agent_name
 from .store.workers import Writer
 
 LOCK_TIMEOUT_S = 30.0

@@ -133,9 +133,9 @@ print("RESULT " + json.dumps(res))
 def engines() -> list[tuple[str, dict]]:
     """Every engine that can run here, with the environment that selects it."""
     out = [("mlx + OpenBLAS (scipy-openblas32)", {"AGENTCACHE_BLAS": "openblas"})]
-    from mlx_agentcache.blas import _mkl_path, plan, read_cpuinfo
+    from mlx_agentcache.blas import mkl_library, plan, read_cpuinfo
 
-    if _mkl_path() and plan(read_cpuinfo(), "mkl")[0] == "mkl":
+    if mkl_library() and plan(read_cpuinfo(), "mkl")[0] == "mkl":
         out.append(("mlx + Intel MKL", {"AGENTCACHE_BLAS": "mkl"}))
     out.append(("mlx + reference BLAS (wheel default)", {"AGENTCACHE_BLAS": "reference"}))
     out.append(("numpy", {}))

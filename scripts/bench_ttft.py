@@ -42,7 +42,7 @@ import mlx.core as mx
 
 from mlx_agentcache import blas
 from mlx_agentcache.store import codec
-from mlx_agentcache.models.model_store import gguf_file, resolve_model
+from mlx_agentcache.models.model_store import gguf_file
 from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.config import default_home
 

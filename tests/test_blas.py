@@ -141,7 +141,7 @@ import mlx_agentcache
 from mlx_agentcache import blas
 import numpy as np
 
-shim = ctypes.CDLL(blas._shim_path())
+shim = ctypes.CDLL(blas.shim_library())
 f, i = ctypes.c_float, ctypes.c_int
 shim.cblas_sgemm.argtypes = [i, i, i, i, i, i, f, ctypes.c_void_p, i, ctypes.c_void_p, i, f, ctypes.c_void_p, i]
 rng = np.random.default_rng(1)
