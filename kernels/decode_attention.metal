@@ -5,11 +5,18 @@
 //
 // Template: T (query/output dtype), D and DV (key/value head dims: 64, 128,
 //           256 or 512), R (query heads per kv head, GQA), RT (query heads
-//           per threadgroup, <= R), NSG (SIMD groups per threadgroup).
+//           per threadgroup, <= R), NSG (SIMD groups per threadgroup),
+//           KC and VS: the layout (0, 0: q4; 128, 32: q4c, see below).
 // Inputs:   queries (B, n_kv*R, 1, D) T; query head h uses kv head h / R.
 //           k_packed (B, n_kv, N, D/8) uint32, k_scales/k_biases
 //           (B, n_kv, N, D/64) float16; v_* the same with DV.
-//           lengths (B,) int32: tokens [0, lengths[b]) of sequence b count.
+//           q4c (KC > 0, VS > 0): k_scales/k_biases (B, n_kv, N/KC, D), one
+//           pair per channel and group of KC rows (N a multiple of KC);
+//           v_scales (B, n_kv, N, DV/VS) symmetric (value = d * (code - 8)),
+//           v_biases unused (any array).
+//           lengths (B,) int32: tokens [0, lengths[b]) of sequence b count;
+//           first (1,) int32: but not those before it (0 for q4; q4c's sink
+//           rows, read exactly by the host instead).
 //           scale (1,) float32; n_tokens (1,) int32 = N, the cache row count.
 // Outputs:  partial (B, n_kv*R, S, DV) float32: sum_i exp(s_i - M) v_i over
 //           the split's tokens; maxes and sums (B, n_kv*R, S) float32: M and
@@ -31,6 +38,8 @@
 
 constexpr int KW = D / 8, VW = DV / 8;       // uint32 words per key / value row
 constexpr int KG = D / 64, VG = DV / 64;     // groups (scale, bias) per row
+constexpr int KCG = KC > 0 ? KC : 1;         // q4c divisors (never 0, also where unused)
+constexpr int VSG = VS > 0 ? VS : 1;
 constexpr int KWL = KW > 32 ? KW / 32 : 1;   // key words per lane
 constexpr int VWL = VW > 32 ? VW / 32 : 1;   // value words per lane
 constexpr int KL = KW / KWL;                 // lanes per key row
@@ -52,8 +61,9 @@ const uint split = threadgroup_position_in_grid.z;
 const uint n_split = threadgroups_per_grid.z;
 const int N = n_tokens[0];
 const int len = metal::min(int(lengths[b]), N);
-const int per_split = (len + int(n_split) - 1) / int(n_split);
-const int start = metal::min(len, int(split) * per_split);
+const int row_first = metal::min(int(first[0]), len);  // rows before it are skipped (q4c sinks)
+const int per_split = (len - row_first + int(n_split) - 1) / int(n_split);
+const int start = metal::min(len, row_first + int(split) * per_split);
 const int end = metal::min(len, start + per_split);
 const size_t row0 = (size_t(b) * n_kv + h) * size_t(N);  // first cache row
 const int r0 = int(tile) * RT;                            // first query head of the tile
@@ -95,19 +105,34 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
   }
   if (valid) {
     const size_t row = row0 + tok;
-    const float ks = static_cast<float>(k_scales[row * KG + kw0 / 8]);
-    const float kb = static_cast<float>(k_biases[row * KG + kw0 / 8]);
-    for (int i = 0; i < KWL; i++) {
-      const uint32_t word = k_packed[row * KW + kw0 + i];
-      for (int j = 0; j < 8; j++) {
-        const float c = float((word >> (4 * j)) & 15u);
-        for (int r = 0; r < RT; r++) {
-          s[r] += q[r][i * 8 + j] * c;
+    if (KC > 0) {
+      // q4c: a scale and a bias per channel of the row's group (row0 is a multiple of KC)
+      const size_t p0 = (row / KCG) * D + kw0 * 8;
+      for (int i = 0; i < KWL; i++) {
+        const uint32_t word = k_packed[row * KW + kw0 + i];
+        for (int j = 0; j < 8; j++) {
+          const float k = static_cast<float>(k_scales[p0 + i * 8 + j]) * float((word >> (4 * j)) & 15u) +
+                          static_cast<float>(k_biases[p0 + i * 8 + j]);
+          for (int r = 0; r < RT; r++) {
+            s[r] += q[r][i * 8 + j] * k;
+          }
         }
       }
-    }
-    for (int r = 0; r < RT; r++) {
-      s[r] = ks * s[r] + kb * qsum[r];
+    } else {
+      const float ks = static_cast<float>(k_scales[row * KG + kw0 / 8]);
+      const float kb = static_cast<float>(k_biases[row * KG + kw0 / 8]);
+      for (int i = 0; i < KWL; i++) {
+        const uint32_t word = k_packed[row * KW + kw0 + i];
+        for (int j = 0; j < 8; j++) {
+          const float c = float((word >> (4 * j)) & 15u);
+          for (int r = 0; r < RT; r++) {
+            s[r] += q[r][i * 8 + j] * c;
+          }
+        }
+      }
+      for (int r = 0; r < RT; r++) {
+        s[r] = ks * s[r] + kb * qsum[r];
+      }
     }
   }
   for (int r = 0; r < RT; r++) {
@@ -142,8 +167,10 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
     }
     if (j < KT && vtok < end) {
       const size_t row = row0 + vtok;
-      const float vs = static_cast<float>(v_scales[row * VG + vw0 / 8]);
-      const float vb = static_cast<float>(v_biases[row * VG + vw0 / 8]);
+      // q4c: symmetric groups of VS (the lane's VWL words lie in one group), bias -8 d
+      const float vs = VS > 0 ? static_cast<float>(v_scales[row * (DV / VSG) + vw0 * 8 / VSG])
+                              : static_cast<float>(v_scales[row * VG + vw0 / 8]);
+      const float vb = VS > 0 ? -8.0f * vs : static_cast<float>(v_biases[row * VG + vw0 / 8]);
       for (int i = 0; i < VWL; i++) {
         const uint32_t word = v_packed[row * VW + vw0 + i];
         for (int e = 0; e < 8; e++) {

@@ -14,7 +14,8 @@ quantized codes directly:
 mlx-lm's attention modules call `scaled_dot_product_attention(..., cache=cache)`;
 the runner routes that call here for our caches, so mlx-lm's model
 definitions are used unchanged. `rotate` is the Hadamard rotation of mode
-`q4k`: keys are stored rotated and queries rotated the same way.
+`q4k` (keys are stored rotated and queries rotated the same way) and of
+q4c's values (stored rotated; the output is rotated back).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import q4
-from .q4 import GROUP_SIZE
+from .encodings import decode
+from .q4 import GROUP_SIZE, KEY_GROUP
 
 
 def rotate(x: mx.array) -> mx.array:
@@ -51,12 +53,9 @@ def _expand(n_queries: int) -> bool:
     return n_queries >= EXPAND_MIN_QUERIES and _on_cpu()
 
 
-def _expanded(t: tuple, bits: int, dtype) -> mx.array:
+def _expanded(t: tuple, encoding: str, part: str, dtype) -> mx.array:
     """One layer's blocks as a transient float array (the same codes, exact scale*q+bias)."""
-    if bits == 16:
-        return t[0].astype(dtype)
-    packed, scales, biases = t
-    return mx.dequantize(packed, scales.astype(dtype), biases.astype(dtype), group_size=GROUP_SIZE, bits=bits)
+    return decode(t, encoding, part, dtype)
 
 
 def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
@@ -77,16 +76,20 @@ def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
     return mx.array(e)
 
 
-def _scores(q: mx.array, k: tuple, bits: int, expand: bool) -> mx.array:
-    if bits == 16 or expand:
-        return q @ _expanded(k, bits, q.dtype).swapaxes(-1, -2)
-    return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=bits)
+def _scores(q: mx.array, k: tuple, encoding: str, expand: bool) -> mx.array:
+    if encoding == "fp16" or expand:
+        return q @ _expanded(k, encoding, "k", q.dtype).swapaxes(-1, -2)
+    if encoding == "q4c":
+        return q4.key_scores(q, k)  # q4c-tail keys are q8: below
+    return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
 
-def _mix(p: mx.array, v: tuple, bits: int, expand: bool) -> mx.array:
-    if bits == 16 or expand:
-        return p @ _expanded(v, bits, p.dtype)
-    return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=bits)
+def _mix(p: mx.array, v: tuple, encoding: str, expand: bool) -> mx.array:
+    if encoding == "fp16" or expand:
+        return p @ _expanded(v, encoding, "v", p.dtype)
+    if encoding in ("q4c", "q4c-tail"):
+        return q4.mix_values(p, v)
+    return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
 
 def attend(layer, queries: mx.array, scale: float, values_from_keys=None) -> mx.array:
@@ -100,44 +103,100 @@ def attend(layer, queries: mx.array, scale: float, values_from_keys=None) -> mx.
         if values_from_keys is not None:
             raise ValueError("rotated keys cannot serve as values (latent caches use q4, not q4k)")
         queries = rotate(queries)
-    if _fused_decode_applies(layer, L, values_from_keys):
-        s = layer.segments[0]
-        kq, vq = (q4.Q4(*(x[None] for x in t)) for t in (s.keys, s.values))
-        return q4.decode_attention(queries, kq, vq, scale, mx.array([s.length], dtype=mx.int32))
-    views = [s.view() for s in layer.segments]
+    fused = _fused_decode(layer, queries, scale, values_from_keys)
+    if fused is not None:
+        return rotate(fused) if layer.rotate_values else fused
+    segments = layer.segments
+    views = [s.view() for s in segments]
     Hkv = views[0][0][0].shape[0]
     rep = Hq // Hkv
     # The query heads sharing a kv head become rows of one matrix product per kv head.
     q = (queries * scale).reshape(B, Hkv, rep * L, D)
     expand = _expand(L)
-    scores = [_scores(q, tuple(x[None] for x in k), layer.bits, expand) for k, _ in views]
+    scores = [_scores(q, tuple(x[None] for x in k), seg.encoding, expand) for seg, (k, _) in zip(segments, views)]
     s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
+    s = _own_group_at_8_bits(layer, q, s, L)
+    n_sink = layer.sink_count
+    if n_sink:  # the exact sinks stand in for the first stored rows
+        sink_k, sink_v = (x[None].astype(q.dtype) for x in layer.sinks)
+        s = mx.concatenate([q @ sink_k.swapaxes(-1, -2), s[..., n_sink:]], axis=-1)
     T = s.shape[-1]
     allowed = mask(layer, L, T)
     if allowed is not None and rep > 1:  # rows are (query head, position) pairs
         allowed = mx.broadcast_to(allowed[None], (rep, L, T)).reshape(rep * L, T)
     p = _softmax(s, allowed, expand)
     out, a = None, 0
-    for k, v in views:
+    if n_sink:
+        out = p[..., :n_sink] @ sink_v
+        p = mx.concatenate([mx.zeros_like(p[..., :n_sink]), p[..., n_sink:]], axis=-1)
+    for seg, (k, v) in zip(segments, views):
         t = _tokens(k)
         pv = p[..., a : a + t]
         v = v if values_from_keys is None else values_from_keys(k)
-        o = _mix(pv, tuple(x[None] for x in v), layer.bits, expand)
+        o = _mix(pv, tuple(x[None] for x in v), seg.encoding, expand)
         out = o if out is None else out + o
         a += t
-    return out.reshape(B, Hq, L, -1)
+    out = out.reshape(B, Hq, L, -1)
+    return rotate(out) if layer.rotate_values else out
 
 
-def _fused_decode_applies(layer, L: int, values_from_keys) -> bool:
-    """A decode step on an Apple GPU reads the Q4 blocks in place with the fused kernel.
+def _own_group_at_8_bits(layer, q: mx.array, s: mx.array, L: int) -> mx.array:
+    """q4c: a query reads the keys of its own 128-token group at 8 bits, the way a decode step
+    finds them in the tail; a prefill chunk has already quantized whole groups to 4 bits, so
+    those scores are taken from the chunk's 8-bit keys (`LayerCache.fresh`) instead."""
+    fresh = layer.fresh
+    if fresh is None or layer.encoding != "q4c":
+        return s
+    layer.fresh = None  # read once: the copy is not kept with the cache
+    f0, k8 = fresh
+    a, n = f0 - layer.start, k8.shape[-2]
+    if a < 0 or a + n != s.shape[-1] or n > KEY_GROUP + L:  # not this append's keys
+        return s
+    qpos = mx.arange(layer.offset - L, layer.offset)[:, None]
+    kpos = mx.arange(f0, f0 + n)[None]
+    same = (kpos // KEY_GROUP == qpos // KEY_GROUP) & (kpos <= qpos)
+    rep = s.shape[-2] // L
+    if rep > 1:
+        same = mx.broadcast_to(same[None], (rep, L, n)).reshape(rep * L, n)
+    s8 = q @ k8[None].astype(q.dtype).swapaxes(-1, -2)
+    return mx.concatenate([s[..., :a], mx.where(same, s8, s[..., a:])], axis=-1)
 
-    It takes one contiguous segment (the whole buffer, spare capacity
-    included, limited by a length: no copy) and no mask; shared-prefix
-    segments, latent caches and window layers past their window take the
-    general path.
+
+def _fused_decode(layer, queries: mx.array, scale: float, values_from_keys) -> mx.array | None:
+    """A decode step on an Apple GPU reads the quantized blocks in place with a fused kernel.
+
+    It takes one contiguous quantized segment (the whole buffer, spare
+    capacity included, limited by a length: no copy) and no mask: for q4,
+    the segment alone; for q4c, the body (its sink rows skipped) with its
+    8-bit tail and exact sinks, which the kernel path merges as one more split. Shared-prefix segments, latent
+    caches and window layers past their window take the general path.
+    None where it does not apply.
     """
-    return (L == 1 and layer.bits == 4 and values_from_keys is None and len(layer.segments) == 1
-            and mask(layer, 1, layer.stored) is None and q4.fused_decode_available())
+    if queries.shape[2] != 1 or values_from_keys is not None or not q4.fused_decode_available():
+        return None
+    if mask(layer, 1, layer.stored) is not None:
+        return None
+    segs = layer.segments
+    body = [s for s in segs if s.encoding in ("q4", "q4c")]
+    if len(body) != 1:
+        return None
+    s = body[0]
+    length = mx.array([s.length], dtype=mx.int32)
+    kq, vq = (tuple(x[None] for x in t) for t in (s.keys, s.values))
+    if s.encoding == "q4":
+        return q4.decode_attention(queries, q4.Q4(*kq), q4.Q4(*vq), scale, length) if len(segs) == 1 else None
+    # q4c: body [q4c-tail] plus the sinks, which replace the body's first rows; the tail and the
+    # sinks go to the kernel path decoded (float32). The step that fills a group reads it at
+    # 8 bits (_own_group_at_8_bits): the general path.
+    if segs[0] is not s or len(segs) > 2 or layer.fresh is not None:
+        return None
+    exact = [(decode(k, x.encoding, "k", mx.float32), decode(v, x.encoding, "v", mx.float32))
+             for x in segs[1:] for k, v in [x.view()]]
+    if layer.sink_count:
+        exact.append(tuple(x.astype(mx.float32) for x in layer.sinks))
+    ek = mx.concatenate([k for k, _ in exact], axis=-2)[None] if exact else None
+    ev = mx.concatenate([v for _, v in exact], axis=-2)[None] if exact else None
+    return q4.decode_attention_q4c(queries, kq, vq, scale, length, ek, ev, first=layer.sink_count)
 
 
 def mask(layer, L: int, T: int) -> mx.array | None:

@@ -2,7 +2,8 @@
 
 Every read-side view lives here, on top of store/: nothing loads a model or
 a cache into memory, so `agentcache agents ...` answers at once and can
-manage caches of models that are not installed. A "cache card" is one
+manage caches of models that are not installed. An agent archive (the
+"card" of `agents export`; not a cards.py cache card) is one
 self-contained agent file (shared prefix blocks inlined, conversation
 history in its metadata) that can be imported under another name, on
 another machine with the same model.
@@ -48,7 +49,7 @@ def describe(cache_dir: Path, name: str, verify: bool = False) -> dict:
         return info
     info.update(bytes=st.st_size, file_bytes=st.st_size, last_used=_when(st.st_mtime))
     try:
-        _, meta, _ = container.read_header(path, (codec.FORMAT,))
+        _, meta, _ = container.read_header(path, codec.FORMATS)
         if verify:  # every checksum, and the structure (spans, shapes, dtypes, finite scales)
             codec.load(path, meta.get("fingerprint", ""))
         ref = codec.prefix_ref(meta)
@@ -96,7 +97,7 @@ def export_card(cache_dir: Path, name: str, out: Path) -> Path:
     path = layout.agent_file(name)
     if not path.exists():
         raise FileNotFoundError(f"agent '{name}' has no cache file in {layout.dir}")
-    arrays, meta = container.read_tensors(path, (codec.FORMAT,))
+    arrays, meta = container.read_tensors(path, codec.FORMATS)
     ref = codec.prefix_ref(meta)
     tensors = dict(arrays)
     if ref:  # inline the shared prefix: the card must not depend on the blocks folder
@@ -125,7 +126,7 @@ def import_card(cache_dir: Path, card: Path, name: str | None = None, force: boo
     model's, in that KV mode, with the shapes each of its layers stores."""
     layout = Layout(cache_dir)
     card = Path(card)
-    arrays, meta = container.read_tensors(card, (codec.FORMAT,))
+    arrays, meta = container.read_tensors(card, codec.FORMATS)
     fingerprint, expect = model if model is not None else (meta.get("fingerprint", ""), None)
     codec.load(card, fingerprint, expect)
     try:
@@ -147,6 +148,8 @@ def import_card(cache_dir: Path, card: Path, name: str | None = None, force: boo
     layout.dir.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in meta.items() if k != "card"}
     hist = {"name": name, "system": card_history["system"], "messages": card_history["messages"]}
+    if card_history.get("context") is not None:  # tokens handed over by cache cards (cards.py)
+        hist["context"] = card_history["context"]
     with layout.agent_lock(name, LOCK_TIMEOUT_S):
         container.write_tensors(path, arrays, meta)
         try:
@@ -188,7 +191,7 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
     plan, used = [], set()
     for p in layout.agent_files():
         meta = container.peek_meta(p)
-        if meta is None or meta.get("format") != codec.FORMAT:
+        if meta is None or meta.get("format") not in codec.FORMATS:
             continue  # not ours, or damaged: it is moved aside when an agent tries to use it
         if meta.get("version") != str(container.VERSION):
             plan.append((p, f"older cache format (version {meta.get('version')})"))

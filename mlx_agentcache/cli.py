@@ -15,19 +15,21 @@ from typing import Annotated, Optional
 import typer
 
 from . import limits
-from .config import DEFAULT_MODEL, default_home
+from .config import DEFAULT_KV, DEFAULT_MODEL, default_home
 from .turnlock import TurnBusyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 agents_app = typer.Typer(no_args_is_help=True, help="List and manage agent caches.")
 app.add_typer(agents_app, name="agents")
+card_app = typer.Typer(no_args_is_help=True, help="Hand an agent's context to another as a quantized cache card (no re-prefill).")
+app.add_typer(card_app, name="card")
 
 Model = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, gemma3-270m, deepseek-v2-tiny-random, or an MLX model folder.")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where agent caches live [default: $AGENTCACHE_HOME or ~/.agentcache].")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens generated per turn.")]
 Seed = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 means greedy.")]
-Kv = Annotated[str, typer.Option("--kv", "--kv-bits", help="KV cache: q4 (default), q4k (Q4 with Hadamard-rotated keys), q8 or fp16; 4, 8, 16 also accepted.")]
+Kv = Annotated[str, typer.Option("--kv", "--kv-bits", help="KV cache: q4c (default: 4-bit, per-channel keys), q4, q4k (Q4 with Hadamard-rotated keys), q8 or fp16; 4, 8, 16 also accepted.")]
 Mla = Annotated[str, typer.Option("--mla", help="DeepSeek-V2 only: cache the compressed latent (default) or mlx-lm's full per-head K/V.")]
 Budget = Annotated[Optional[str], typer.Option("--cache-budget", help="Memory for hot caches, e.g. 2GiB [default: 40% of available memory].")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
@@ -39,7 +41,7 @@ def parse_size(text: str | None, option: str = "--cache-budget") -> int | None:
     return limits.parse_size(text, option)
 
 
-def _runtime(model, cache_dir, max_tokens, seed, temperature, kv="q4", budget=None, mla="latent"):
+def _runtime(model, cache_dir, max_tokens, seed, temperature, kv=DEFAULT_KV, budget=None, mla="latent"):
     from .kvcache import kv_mode
     from .runtime import Runtime
 
@@ -100,11 +102,11 @@ def chat(
     max_tokens: MaxTokens = 256,
     seed: Seed = 0,
     temperature: Temperature = 0.0,
-    kv: Kv = "q4",
+    kv: Kv = DEFAULT_KV,
     mla: Mla = "latent",
     cache_budget: Budget = None,
 ):
-    """Talk to several named agents: '@name text' picks one, /agents, /stats, /quit."""
+    """Talk to several named agents: '@name text' picks one, /agents, /stats, /handoff A -> B, /quit."""
     _check_names(agent)
     rt = _runtime(model, cache_dir, max_tokens, seed, temperature, kv, cache_budget, mla)
     agents = {n: _agent(rt, n, system) for n in agent}
@@ -136,8 +138,23 @@ def chat(
         if line == "/stats":
             typer.echo(_stats_line(last) if last else "no turn yet")
             continue
+        if line.startswith("/handoff"):
+            m = re.fullmatch(r"/handoff\s+(\S+)\s*->\s*(\S+)(?:\s+--bits\s+(\S+))?", line)
+            if not m:
+                typer.echo("usage: /handoff FROM -> TO [--bits B]")
+                continue
+            try:
+                src, dst = rt.agent(m[1]), agents.get(m[2]) or rt.agent(m[2], system=system)
+                card = src.export_card(bits=float(m[3] or 4.0))
+                s = dst.inject(card)
+            except (ValueError, TurnBusyError, OSError) as e:
+                typer.secho(f"error: {e}", fg="red", err=True)
+                continue
+            agents[m[2]] = dst
+            typer.echo(f"handed {card.n} tokens of {m[1]} to {m[2]} at {card.avg_bits:.2f} bits ({s.total_ms:.0f} ms); {m[2]} continues from them")
+            continue
         if line.startswith("/"):
-            typer.echo("commands: /agents /stats /quit; '@name text' to address an agent")
+            typer.echo("commands: /agents /stats /handoff FROM -> TO [--bits B] /quit; '@name text' to address an agent")
             continue
         if line.startswith("@"):
             name, _, line = line[1:].partition(" ")
@@ -174,7 +191,7 @@ def say(
     max_tokens: MaxTokens = 256,
     seed: Seed = 0,
     temperature: Temperature = 0.0,
-    kv: Kv = "q4",
+    kv: Kv = DEFAULT_KV,
     mla: Mla = "latent",
     json_out: Json = False,
 ):
@@ -208,7 +225,7 @@ def run(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens generated per turn, 1 or more [default: the workflow's, else 256].")] = None,
     seed: Seed = 0,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 means greedy [default: the workflow's, else 0].")] = None,
-    kv: Kv = "q4",
+    kv: Kv = DEFAULT_KV,
     mla: Mla = "latent",
     cache_budget: Budget = None,
     reset: Annotated[bool, typer.Option("--reset", help="Start the workflow's agents with empty histories.")] = False,
@@ -239,7 +256,7 @@ def run(
         s = r.stats
         if not json_out:
             how = f"{s.tier}, prefetched" if s.prefetched else s.tier
-            typer.secho(f"\n  [{r.agent}: {how} | ttft {s.ttft_ms:.0f} ms | load {s.load_ms:.0f} ms | prefilled {s.prefilled_tokens} | "
+            typer.secho(f"\n  [{r.handoff_from + ' -> ' if r.handoff_from else ''}{r.agent}: {how} | ttft {s.ttft_ms:.0f} ms | load {s.load_ms:.0f} ms | prefilled {s.prefilled_tokens} | "
                         f"generated {s.generated_tokens} ({s.decode_tokens_per_s:.1f} tok/s)]", dim=True)
 
     try:
@@ -249,7 +266,7 @@ def run(
     finally:
         rt.close()
     if json_out:
-        typer.echo(json.dumps({"workflow": wf.name, "turns": [{"agent": r.agent, "message": r.message, "reply": r.reply, **r.stats.as_dict()} for r in results]}))
+        typer.echo(json.dumps({"workflow": wf.name, "turns": [{"agent": r.agent, "message": r.message, "reply": r.reply, **r.stats.as_dict(), **({"handoff_from": r.handoff_from} if r.handoff_from else {})} for r in results]}))
     failed = sorted({*rt.histories.errors(), *rt.pool.flush()})
     if failed:
         reasons = "; ".join(_save_error(rt, n, None) or "not saved" for n in failed)
@@ -263,7 +280,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     cache_dir: CacheDir = None,
     cache_budget: Budget = None,
-    kv: Kv = "q4",
+    kv: Kv = DEFAULT_KV,
     mla: Mla = "latent",
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="AGENTCACHE_API_KEY", help="Require this key on every route but /health.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens generated when a request does not say.")] = 256,
@@ -406,7 +423,7 @@ def agents_export(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Card file [default: NAME.card.safetensors].")] = None,
     cache_dir: CacheDir = None,
 ):
-    """Write a cache card: one checked file with the agent's cache (shared blocks inlined) and history."""
+    """Write an agent archive: one checked file with the agent's whole cache (shared blocks inlined) and history."""
     from . import catalog
     from .store.container import CacheFileError, CacheWriteError
 
@@ -419,15 +436,15 @@ def agents_export(
 
 @agents_app.command("import")
 def agents_import(
-    card: Annotated[Path, typer.Argument(help="A card written by `agents export`.")],
+    card: Annotated[Path, typer.Argument(help="An agent archive written by `agents export`.")],
     name: Annotated[Optional[str], typer.Option("--name", help="Import under this name [default: the card's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing agent of that name.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the card against this model (loads it): "
                                                  "its fingerprint, KV mode and every layer's shapes.")] = None,
-    kv: Annotated[str, typer.Option("--kv", help="With --model: the KV mode the card must be in.")] = "q4",
+    kv: Annotated[str, typer.Option("--kv", help="With --model: the KV mode the card must be in.")] = DEFAULT_KV,
     cache_dir: CacheDir = None,
 ):
-    """Install a cache card as an agent, after checking every byte of it (and, with --model, that it is that model's)."""
+    """Install an agent archive as an agent, after checking every byte of it (and, with --model, that it is that model's)."""
     from . import catalog
     from .store.container import CacheFileError, CacheWriteError
 
@@ -511,6 +528,46 @@ def doctor(json_out: Json = False):
         typer.echo(f"{k:<17} {v}")
 
 
+@app.command()
+def bench(
+    which: Annotated[str, typer.Argument(help="all, or one of: ttft, quality, capacity, decode, interleave, handoff, server (comma separated).")] = "all",
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes: checks that everything runs (minutes), numbers not comparable.")] = False,
+    models: Annotated[Optional[str], typer.Option("--models", help="Comma separated models for the benchmarks that take them.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where the JSON, plots and REPORT.md go.")] = Path("bench_results"),
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only rewrite REPORT.md and the plots from the JSON in --out.")] = False,
+    readme: Annotated[Optional[Path], typer.Option("--readme", help="Also regenerate this README's performance section from --out.")] = None,
+):
+    """Run the benchmarks (scripts/ of a source checkout), record the machine, write REPORT.md with plots."""
+    from . import benchreport
+
+    names = list(benchreport.BENCHES) if which == "all" else [n.strip() for n in which.split(",") if n.strip()]
+    unknown = [n for n in names if n not in benchreport.BENCHES]
+    if unknown or not names:
+        _fail(f"unknown benchmark {', '.join(unknown) or repr(which)}; choose all or from {', '.join(benchreport.BENCHES)}", 2)
+    failed = []
+    if not report_only:
+        try:
+            benchreport.checkout_root()
+        except benchreport.NotACheckout as e:
+            _fail(str(e), 2)
+        out.mkdir(parents=True, exist_ok=True)
+        from .config import default_home
+
+        typer.echo("recording the machine (CPU, memory, MLX, BLAS, peers, disk read bandwidth)...")
+        info = benchreport.machine(default_home(), (64 if quick else 256) << 20)
+        (out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
+        runs = benchreport.run(names, out, quick, models.split(",") if models else None, typer.echo)
+        failed = [n for n in names if runs.get(n, {}).get("rc") not in (0, None)]
+    elif not out.is_dir():
+        _fail(f"{out} is not a directory of benchmark results", 2)
+    typer.echo(f"wrote {benchreport.report(out)}")
+    if readme is not None:
+        benchreport.update_readme(readme, out)
+        typer.echo(f"updated the performance section of {readme}")
+    if failed:
+        _fail(f"failed: {', '.join(failed)} (logs in {out / 'logs'})")
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Measure what a quantized KV cache costs in quality.")
 app.add_typer(eval_app, name="eval")
 
@@ -519,7 +576,7 @@ app.add_typer(eval_app, name="eval")
 def eval_ppl(
     file: Annotated[Path, typer.Argument(help="UTF-8 text to score.", exists=True, dir_okay=False)],
     model: Model = DEFAULT_MODEL,
-    kv: Annotated[str, typer.Option("--kv", help="KV cache: fp16, q8, q4, or q4k (Q4 with Hadamard-rotated keys).")] = "q4",
+    kv: Annotated[str, typer.Option("--kv", help="KV cache: q4c (default), fp16, q8, q4, or q4k.")] = DEFAULT_KV,
     context: Annotated[int, typer.Option("--context", help="Window length in tokens; each window starts from an empty cache.")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N tokens of FILE.")] = None,
     json_out: Json = False,
@@ -555,3 +612,98 @@ def eval_ppl(
 
 if __name__ == "__main__":
     app()
+
+
+# -- cache cards (cards.py) ----------------------------------------------------------
+
+
+def _span(text: str):
+    """--range: all, last-turn, or a message span I:J."""
+    if text in ("all", "last-turn"):
+        return text
+    m = re.fullmatch(r"(\d+):(\d+)", text)
+    if not m:
+        _fail(f"--range must be all, last-turn or I:J (messages I to J-1), got {text!r}", 2)
+    return int(m[1]), int(m[2])
+
+
+@card_app.command("export")
+def card_export(
+    out: Annotated[Path, typer.Argument(help="The card file to write, e.g. plan.card.")],
+    agent: Annotated[str, typer.Option("--agent", "-a", help="The agent whose context is handed over.")],
+    bits: Annotated[float, typer.Option("--bits", help="Average bits per stored value, scales included (2.5 at least).")] = 4.0,
+    span: Annotated[str, typer.Option("--range", help="all, last-turn, or I:J (messages I to J-1).")] = "all",
+    uniform: Annotated[bool, typer.Option("--uniform", help="One width for every token instead of per-token widths.")] = False,
+    model: Model = DEFAULT_MODEL,
+    cache_dir: CacheDir = None,
+    kv: Kv = DEFAULT_KV,
+    mla: Mla = "latent",
+    json_out: Json = False,
+):
+    """Write a cache card of an agent's context: per-token 2/3/4/8-bit keys and values under a bit budget."""
+    from .store.container import CacheWriteError
+
+    _check_names([agent])
+    rng = _span(span)
+    rt = _runtime(model, cache_dir, 1, 0, 0.0, kv, mla=mla)
+    try:
+        card = rt.agent(agent).export_card(out, bits=bits, span=rng, mode="uniform" if uniform else "mixed")
+    except (ValueError, TurnBusyError, CacheWriteError) as e:
+        _fail(str(e))
+    finally:
+        rt.close()
+    info = card.summary()
+    typer.echo(json.dumps(info) if json_out else f"exported {info['tokens']} tokens of '{agent}' to {out} ({_kib(info['bytes'])}, {info['avg_bits']:.3f} bits, hop {info['hops']})")
+
+
+@card_app.command("show")
+def card_show(
+    card: Annotated[Path, typer.Argument(help="A card written by `card export`.")],
+    json_out: Json = False,
+):
+    """What a card holds: tokens, bytes, average bits, hops, source, model (every checksum verified)."""
+    from . import cards
+    from .store.container import CacheFileError
+
+    try:
+        info = cards.read(card).summary()
+    except (FileNotFoundError, ValueError, CacheFileError) as e:
+        _fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    for k in ("source", "model", "created", "tokens", "bytes", "avg_bits", "budget", "hops", "mode", "first_position", "widths", "layers"):
+        typer.echo(f"{k:<15} {info[k]}")
+
+
+@card_app.command("inject")
+def card_inject(
+    card: Annotated[Path, typer.Argument(help="A card written by `card export`.")],
+    agent: Annotated[str, typer.Option("--agent", "-a", help="The receiving agent (created if new).")],
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt of a new receiving agent.")] = None,
+    model: Model = DEFAULT_MODEL,
+    cache_dir: CacheDir = None,
+    kv: Kv = DEFAULT_KV,
+    mla: Mla = "latent",
+    json_out: Json = False,
+):
+    """Append a card's context to an agent's: its next turn reuses it (restored_tokens) and prefills only its own message."""
+    from .store.container import CacheFileError
+
+    _check_names([agent])
+    rt = _runtime(model, cache_dir, 1, 0, 0.0, kv, mla=mla)
+    try:
+        a = _agent(rt, agent, system)
+        s = a.inject(card)
+        tokens = len(a.context["tokens"])
+        error = _save_error(rt, agent, s)
+    except (FileNotFoundError, ValueError, CacheFileError, TurnBusyError) as e:
+        _fail(str(e))
+    finally:
+        rt.close()
+    if json_out:
+        typer.echo(json.dumps({"agent": agent, "context_tokens": tokens, **s.as_dict(), "saved": error is None, "save_error": error}))
+    else:
+        typer.echo(f"injected {card} into '{agent}': its context is now {tokens} tokens ({s.total_ms:.0f} ms)")
+    if error:
+        _fail(f"agent '{agent}' was not saved to disk ({error})", EXIT_NOT_SAVED)

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+DEFAULT_KV = "q4c"  # kvcache.KV_MODES; docs/quality.md
 DEFAULT_MODEL = "smollm2-135m"
 HOME_ENV = "AGENTCACHE_HOME"
 

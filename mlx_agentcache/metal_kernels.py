@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .q4_format import GROUP_SIZE, Q4
+from .q4_format import GROUP_SIZE, KEY_GROUP, VALUE_GROUP, Q4
 
 # Installed wheels carry kernels/ inside the package; a source checkout has it at the top.
 _HERE = Path(__file__).resolve().parent
@@ -30,10 +30,12 @@ KERNEL_DIR = next((d for d in (_HERE / "kernels", _HERE.parent / "kernels") if d
 _SPECS = {
     # name: (source file, input names, output names)
     "quantize": ("quantize.metal", ["x"], ["packed", "scales", "biases"]),
+    "quantize_keys": ("quantize_keys.metal", ["x"], ["packed", "scales", "biases"]),
+    "quantize_values": ("quantize_values.metal", ["x"], ["packed", "scales"]),
     "decode_attention": (
         "decode_attention.metal",
         ["queries", "k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases",
-         "lengths", "scale", "n_tokens"],
+         "lengths", "first", "scale", "n_tokens"],
         ["partial", "maxes", "sums"],
     ),
     "decode_combine": ("decode_combine.metal", ["partial", "maxes", "sums", "n_split"], ["out"]),
@@ -82,6 +84,39 @@ def quantize(x: mx.array) -> Q4:
         output_dtypes=[mx.uint32, mx.float16, mx.float16],
     )
     return Q4(*out)
+
+
+def quantize_keys(x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """q4c keys (..., T, D); the bytes equal q4_format.quantize_keys (CPU mx.quantize per channel)."""
+    x = x.astype(mx.float16)
+    *lead, t, d = x.shape
+    if t % KEY_GROUP or d % 8:
+        raise ValueError(f"keys ({t}, {d}) are not whole {KEY_GROUP}-token groups of 8-channel words")
+    n = x.size // KEY_GROUP // 8
+    return tuple(_kernel("quantize_keys")(
+        inputs=[x],
+        template=[("KC", KEY_GROUP), ("D", d)],
+        grid=(n, 1, 1),
+        threadgroup=(min(256, n), 1, 1),
+        output_shapes=[(*lead, t, d // 8), (*lead, t // KEY_GROUP, d), (*lead, t // KEY_GROUP, d)],
+        output_dtypes=[mx.uint32, mx.float16, mx.float16],
+    ))
+
+
+def quantize_values(x: mx.array) -> tuple[mx.array, mx.array]:
+    """q4c values (..., D); the bytes equal q4_format.quantize_values."""
+    x = x.astype(mx.float16)
+    *lead, d = x.shape
+    if d % VALUE_GROUP:
+        raise ValueError(f"last axis {d} is not a multiple of {VALUE_GROUP}")
+    n = x.size // VALUE_GROUP
+    return tuple(_kernel("quantize_values")(
+        inputs=[x],
+        grid=(n, 1, 1),
+        threadgroup=(min(256, n), 1, 1),
+        output_shapes=[(*lead, d // 8), (*lead, d // VALUE_GROUP)],
+        output_dtypes=[mx.uint32, mx.float16],
+    ))
 
 
 class DecodePlan(NamedTuple):
@@ -147,9 +182,45 @@ def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
     Same contract as `q4_format.decode_attention_q4`; output (B, H, 1, Dv) in
     the queries' dtype. Raises ValueError for shapes `decode_plan` refuses.
     """
+    partial, maxes, sums, s = _decode_pass(queries, kq, vq, scale, lengths, splits, q4c=False, first=0)
+    return _combine(partial, maxes, sums, queries.dtype)
+
+
+def decode_attention_q4c(queries: mx.array, kq: tuple, vq: tuple, scale: float, lengths: mx.array,
+                         exact_k: mx.array | None = None, exact_v: mx.array | None = None,
+                         first: int = 0, splits: int | None = None) -> mx.array:
+    """Fused attention over a q4c body (the kernel, KC/VS layout) plus fp16 extra tokens.
+
+    Same contract as `q4_format.decode_attention_q4c_ref`. The extra tokens
+    (sinks and tail, a few hundred at most) are one more split, computed
+    with MLX ops in the form pass 1 writes, and merged by the same combine."""
+    partial, maxes, sums, _ = _decode_pass(queries, kq, vq, scale, lengths, splits, q4c=True, first=first)
+    return merge_exact(partial, maxes, sums, queries, scale, exact_k, exact_v)
+
+
+def merge_exact(partial: mx.array, maxes: mx.array, sums: mx.array, queries: mx.array, scale: float,
+                exact_k: mx.array | None, exact_v: mx.array | None, combine=None) -> mx.array:
+    """Pass 2 of q4c decode: pass 1's splits plus the fp16 tokens as one more split, merged
+    by `combine` (the combine kernel's launch; the CPU harness passes its own)."""
+    if exact_k is not None:
+        b, h, _, d = queries.shape
+        n_kv = exact_k.shape[1]
+        q = queries.astype(mx.float32).reshape(b, n_kv, h // n_kv, d) * scale
+        s = q @ exact_k.astype(mx.float32).swapaxes(-1, -2)  # (B, n_kv, R, E)
+        m = mx.max(s, axis=-1, keepdims=True)
+        p = mx.exp(s - m)
+        extra = (p @ exact_v.astype(mx.float32)).reshape(b, h, 1, -1)
+        partial = mx.concatenate([partial, extra], axis=2)
+        maxes = mx.concatenate([maxes, m.reshape(b, h, 1)], axis=2)
+        sums = mx.concatenate([sums, p.sum(axis=-1).reshape(b, h, 1)], axis=2)
+    return (combine or _combine)(partial, maxes, sums, queries.dtype)
+
+
+def _decode_pass(queries, kq, vq, scale, lengths, splits, q4c: bool, first: int):
+    """Pass 1: per split of each sequence, the unnormalised sum, its max and its denominator."""
     b, h, one, d = queries.shape
-    _, n_kv, n, _ = kq.packed.shape
-    dv = vq.packed.shape[-1] * 8
+    _, n_kv, n, _ = kq[0].shape
+    dv = vq[0].shape[-1] * 8
     if one != 1 or h % n_kv:
         raise ValueError("need queries (B, n_kv*R, 1, D)")
     plan = decode_plan(queries.dtype, d, dv, h // n_kv, **device_limits())
@@ -158,21 +229,30 @@ def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
     s = splits or split_count(n_kv * plan.tiles * b, n)
     if lengths is None:
         lengths = mx.full((b,), n, dtype=mx.int32)
+    if q4c and n % KEY_GROUP:
+        raise ValueError(f"q4c body of {n} rows is not whole {KEY_GROUP}-token groups")
+    vq = (*vq, vq[1]) if q4c else vq  # symmetric values: v_biases is not read
     partial, maxes, sums = _kernel("decode_attention")(
-        inputs=[queries, *kq, *vq, lengths.astype(mx.int32),
+        inputs=[queries, *kq, *vq, lengths.astype(mx.int32), mx.array([first], dtype=mx.int32),
                 mx.array([scale], dtype=mx.float32), mx.array([n], dtype=mx.int32)],
         template=[("T", queries.dtype), ("D", d), ("DV", dv), ("R", plan.r), ("RT", plan.rows),
-                  ("NSG", SIMD_GROUPS)],
+                  ("NSG", SIMD_GROUPS), ("KC", KEY_GROUP if q4c else 0), ("VS", VALUE_GROUP if q4c else 0)],
         grid=(n_kv * plan.tiles * plan.threads, b, s),
         threadgroup=(plan.threads, 1, 1),
         output_shapes=[(b, h, s, dv), (b, h, s), (b, h, s)],
         output_dtypes=[mx.float32] * 3,
     )
+    return partial, maxes, sums, s
+
+
+def _combine(partial: mx.array, maxes: mx.array, sums: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Pass 2: merge the splits (B, H, S, .) into the normalised output (B, H, 1, Dv)."""
+    b, h, s, dv = partial.shape
     return _kernel("decode_combine")(
         inputs=[partial, maxes, sums, mx.array([s], dtype=mx.int32)],
-        template=[("T", queries.dtype), ("DV", dv)],
+        template=[("T", dtype), ("DV", dv)],
         grid=(dv, b * h, 1),
         threadgroup=(min(dv, 256), 1, 1),
         output_shapes=[(b, h, 1, dv)],
-        output_dtypes=[queries.dtype],
+        output_dtypes=[dtype],
     )[0]

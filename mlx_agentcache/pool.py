@@ -50,8 +50,6 @@ LOCK_TIMEOUT_S = 30.0
 BUDGET_FRACTION = 0.4  # of available memory; 10.2 of 24 GB on the reference M4 Pro is 0.42
 PIN_SHARE = 0.5  # pinned agents hold at most this share of the budget: the others always have room
 TURN_SLACK_TOKENS = 32  # the chat template's closing tokens after a reply (Scheduler._align)
-_ITEMSIZE = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2,
-             "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8}
 
 
 def available_memory() -> int:
@@ -81,16 +79,11 @@ class PinError(ValueError):
     every other agent), or cannot be evicted because it is pinned."""
 
 
-def token_bytes(cache: AgentCache) -> int:
-    """Bytes one token takes across all layers, from the shapes the model
-    stores (`LayerCache.expect`); 0 when a layer does not know them."""
-    total = 0
-    for layer in cache.layers:
-        e = layer.expect
-        if e is None:
-            return 0
-        total += e.heads * sum(dim * _ITEMSIZE.get(dtype, 4) for dim, dtype in e.keys + (e.values or ()))
-    return total
+def bytes_for(cache: AgentCache, n: int) -> int:
+    """Upper bound of a cache holding n tokens, from the shapes the model
+    stores (`LayerCache.bytes_for`); 0 when a layer does not know them."""
+    sizes = [layer.bytes_for(n) for layer in cache.layers]
+    return 0 if 0 in sizes else sum(sizes)
 
 
 @dataclass
@@ -167,7 +160,7 @@ class CachePool:
         self._lock = threading.RLock()
         self._over = False  # in an over-budget episode (warned once per episode)
         probe = new_cache()
-        self._token_bytes = token_bytes(probe)
+        self._probe = probe  # knows the model's shapes: turn_bytes asks it
         self.prefixes = PrefixIndex(fingerprint, probe.layers[0].bits) if share_prefixes and eligible(probe) else None
         self._writer = Writer(warn=self.warn, describe=lambda name, e: f"warning: agent '{name}' was not saved ({getattr(e, 'strerror', None) or e}); it stays in memory") if write_behind else None
         self.layout.remove_stale_tmp()
@@ -201,7 +194,7 @@ class CachePool:
                 self.prefixes.add(self.layout.block_key(p), tokens)
         for name in self.layout.cache_names():
             try:
-                _, meta, _ = container.read_header(self.path(name), (codec.FORMAT,))
+                _, meta, _ = container.read_header(self.path(name), codec.FORMATS)
             except CacheFileError:
                 continue
             ref = codec.prefix_ref(meta)
@@ -242,10 +235,9 @@ class CachePool:
 
     def turn_bytes(self, prompt_tokens: int, max_tokens: int = 0) -> int:
         """Upper bound of an agent's own cache at the end of a turn: prompt, reply
-        and the template's closing tokens, in whole 256-token blocks. 0 when the
-        caches do not know their model's shapes (then only live sizes count)."""
-        n = prompt_tokens + max_tokens + TURN_SLACK_TOKENS
-        return -(-n // BLOCK_TOKENS) * BLOCK_TOKENS * self._token_bytes
+        and the template's closing tokens, in whole blocks. 0 when the caches do
+        not know their model's shapes (then only live sizes count)."""
+        return bytes_for(self._probe, prompt_tokens + max_tokens + TURN_SLACK_TOKENS)
 
     def held_bytes(self) -> int:
         """Memory a new turn cannot get back by eviction, apart from other turns:

@@ -61,8 +61,10 @@ def chain_hashes(tokens: list[int], salt: str) -> list[str]:
 
 
 def eligible(cache: AgentCache) -> bool:
-    """Global-attention caches only; q4k (rotated keys) is not shared: blocks are keyed by bits alone."""
-    return all(layer.window is None and layer.start == 0 and not layer.rotate_keys for layer in cache.layers)
+    """Global-attention caches in q4, q8 or fp16 only: blocks are keyed by bits alone, so q4k
+    (rotated keys) is not shared, and q4c (sinks and 128-token key groups that a 256-token
+    block boundary cuts) is not either."""
+    return all(layer.window is None and layer.start == 0 and layer.mode in ("q4", "q8", "fp16") for layer in cache.layers)
 
 
 def prefix_of(cache: AgentCache) -> tuple[str, int] | None:
@@ -75,13 +77,13 @@ def prefix_of(cache: AgentCache) -> tuple[str, int] | None:
 
 
 def own_bytes(cache: AgentCache) -> int:
-    """Memory an agent holds apart from shared prefixes (allocated capacity)."""
+    """Memory an agent holds apart from shared prefixes (allocated capacity, q4c sinks)."""
     return sum(
         sum(x.nbytes for x in s.keys) + sum(x.nbytes for x in s.values or ())
         for layer in cache.layers
         for s in layer.segments
         if not isinstance(s, SharedSegment)
-    )
+    ) + sum(x.nbytes for layer in cache.layers if layer.sinks is not None for x in layer.sinks)
 
 
 def shared_bytes(cache: AgentCache) -> int:

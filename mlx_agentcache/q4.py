@@ -21,10 +21,14 @@ import numpy as np
 
 from . import q4_format
 from .config import warn
-from .q4_format import BITS, BLOCK_TOKENS, GROUP_SIZE, STORE_DTYPE, Q4, bytes_per_token, decode_attention_q4
+from .q4_format import (BITS, BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, STORE_DTYPE, VALUE_GROUP, Q4, bytes_per_token,
+                        decode_attention_q4, decode_attention_q4c_ref, dequantize_keys, dequantize_values, key_scores,
+                        mix_values)
 
-__all__ = ["BITS", "BLOCK_TOKENS", "GROUP_SIZE", "STORE_DTYPE", "Q4", "bytes_per_token", "decode_attention_q4",
-           "quantize", "decode_attention", "fused_decode_available", "CheckedKernels"]
+__all__ = ["BITS", "BLOCK_TOKENS", "GROUP_SIZE", "KEY_GROUP", "VALUE_GROUP", "STORE_DTYPE", "Q4", "bytes_per_token",
+           "decode_attention_q4", "decode_attention_q4c_ref", "dequantize_keys", "dequantize_values", "key_scores",
+           "mix_values", "quantize", "quantize_keys", "quantize_values", "decode_attention", "decode_attention_q4c",
+           "fused_decode_available", "CheckedKernels"]
 
 # Max |kernel - reference| / max |reference| a decode configuration may show on its check.
 CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
@@ -56,11 +60,24 @@ def check_groups() -> np.ndarray:
     return np.concatenate([np.stack(groups), random]).astype(np.float16)
 
 
-def _same_q4(got: Q4, want: Q4) -> bool:
-    """Packed codes equal, scale and bias bits equal (a NaN scale or bias only needs to be NaN)."""
-    if not mx.array_equal(got.packed, want.packed).item():
+def value_check_groups() -> np.ndarray:
+    """32-value fp16 groups for the symmetric value rule: ties of magnitude (first wins), signed
+    zeros, NaN first or everywhere, Inf, a subnormal scale, the clamp at +8 d."""
+    half = np.arange(32) % 9 - 4.0
+    groups = [
+        np.concatenate([[3.0, -3.0], half[2:]]), np.concatenate([[-3.0, 3.0], half[2:]]),
+        np.concatenate([[-0.0], np.zeros(31)]), np.zeros(32), np.concatenate([[np.nan], half[1:]]),
+        np.full(32, np.nan), np.concatenate([[np.inf], half[1:]]), np.concatenate([[-np.inf], half[1:]]),
+        half * 2.0**-22, np.concatenate([[-8.0, 8.0], half[2:]]), np.linspace(-7.5, 8.5, 32), half + 0.5,
+    ]
+    return np.stack(groups).astype(np.float16)
+
+
+def _same_parts(got: tuple, want: tuple) -> bool:
+    """Same shapes; codes equal; fp16 parts bit-equal (a NaN only needs to be NaN)."""
+    if len(got) != len(want) or not mx.array_equal(got[0], want[0]).item():
         return False
-    for g, w in ((got.scales, want.scales), (got.biases, want.biases)):
+    for g, w in zip(got[1:], want[1:]):
         g, w = np.array(g), np.array(w)
         if g.shape != w.shape:
             return False
@@ -81,10 +98,15 @@ class CheckedKernels:
     """
 
     def __init__(self, quantize_kernel: Callable, decode_kernel: Callable,
-                 decode_config: Callable[..., Hashable | None]):
+                 decode_config: Callable[..., Hashable | None], quantize_keys_kernel: Callable | None = None,
+                 quantize_values_kernel: Callable | None = None, decode_q4c_kernel: Callable | None = None):
+        """The q4c launches are optional: without them q4c takes the portable path."""
         self.quantize_kernel = quantize_kernel
         self.decode_kernel = decode_kernel
         self.decode_config = decode_config
+        self.quantize_keys_kernel = quantize_keys_kernel
+        self.quantize_values_kernel = quantize_values_kernel
+        self.decode_q4c_kernel = decode_q4c_kernel
         self.verdicts: dict = {}
 
     def _trusted(self, config: Hashable, check: Callable[[], None]) -> bool:
@@ -112,8 +134,74 @@ class CheckedKernels:
         x = mx.array(check_groups()).reshape(4, -1, 64 * 2)
         got = self.quantize_kernel(x)
         mx.eval(*got)
-        if not _same_q4(got, q4_format.quantize(x, stream=mx.cpu)):
+        if not _same_parts(got, q4_format.quantize(x, stream=mx.cpu)):
             raise RuntimeError("quantize kernel differs from mx.quantize")
+
+    def _checked(self, name: str, kernel: Callable | None, check: Callable[[], None], portable: Callable, *args):
+        """`kernel(*args)` once its check has passed, else `portable(*args)`."""
+        if kernel is not None and self._trusted((name,), check):
+            try:
+                return kernel(*args)
+            except Exception as e:
+                self._disable((name,), e)
+        return portable(*args)
+
+    def quantize_keys(self, x: mx.array) -> tuple:
+        return self._checked("quantize_keys", self.quantize_keys_kernel, self._check_quantize_keys, q4_format.quantize_keys, x)
+
+    def quantize_values(self, x: mx.array) -> tuple:
+        return self._checked("quantize_values", self.quantize_values_kernel, self._check_quantize_values,
+                             q4_format.quantize_values, x)
+
+    def _check_quantize_keys(self) -> None:
+        """The special groups run down the channels: each channel's 128 tokens are two of them."""
+        seqs = check_groups().reshape(-1, 128)
+        seqs = np.concatenate([seqs, seqs[: (-len(seqs)) % 8]])
+        x = mx.array(np.ascontiguousarray(seqs.T.reshape(1, 128, -1)))
+        x = mx.concatenate([x, x[:, ::-1] * 3], axis=1)  # two groups
+        if not _same_parts(self.quantize_keys_kernel(x), q4_format.quantize_keys(x, stream=mx.cpu)):
+            raise RuntimeError("q4c key kernel differs from q4_format.quantize_keys")
+
+    def _check_quantize_values(self) -> None:
+        x = mx.array(np.concatenate([check_groups().reshape(-1, 32), value_check_groups()]).reshape(2, -1, 64))
+        if not _same_parts(self.quantize_values_kernel(x), q4_format.quantize_values(x, stream=mx.cpu)):
+            raise RuntimeError("q4c value kernel differs from q4_format.quantize_values")
+
+    def decode_attention_q4c(self, queries: mx.array, kq: tuple, vq: tuple, scale: float, lengths: mx.array,
+                             exact_k: mx.array | None = None, exact_v: mx.array | None = None, first: int = 0) -> mx.array:
+        _, h, _, d = queries.shape
+        n_kv, dv = kq[0].shape[1], vq[0].shape[-1] * 8
+        base = self.decode_config(queries.dtype, d, dv, h // n_kv) if h % n_kv == 0 else None
+        config = None if base is None or self.decode_q4c_kernel is None else ("q4c", base)
+        if config is not None and self._trusted(config, lambda: self._check_decode_q4c(queries.dtype, d, dv, h // n_kv)):
+            try:
+                return self.decode_q4c_kernel(queries, kq, vq, scale, lengths, exact_k, exact_v, first)
+            except Exception as e:
+                self._disable(config, e)
+        return q4_format.decode_attention_q4c_ref(queries, kq, vq, scale, lengths, exact_k, exact_v, first)
+
+    def _check_decode_q4c(self, dtype: mx.Dtype, d: int, dv: int, r: int) -> None:
+        """Three sequences of a 384-row body (full, partial, empty) with fp16 extra tokens, one and three splits."""
+        rng = np.random.default_rng(d * 11 + dv + r)
+        n, e = 384, 6
+        k = rng.standard_normal((3, 1, n, d)) * 2.0 + rng.standard_normal((1, 1, 1, d)) * 4.0  # outlier channels
+        v = rng.standard_normal((3, 1, n, dv))
+        kq = q4_format.quantize_keys(mx.array(k.astype(np.float32)), stream=mx.cpu)
+        vq = q4_format.quantize_values(mx.array(v.astype(np.float32)))
+        ek = mx.array(rng.standard_normal((3, 1, e, d)).astype(np.float16))
+        ev = mx.array(rng.standard_normal((3, 1, e, dv)).astype(np.float16))
+        queries = mx.array(rng.standard_normal((3, r, 1, d)).astype(np.float32)).astype(dtype)
+        lengths = mx.array([n, 200, 0], dtype=mx.int32)
+        for extra, first in (((ek, ev), 4), ((None, None), 0)):
+            want = q4_format.decode_attention_q4c_ref(queries, kq, vq, d**-0.5, lengths, *extra, first).astype(mx.float32)
+            top = mx.max(mx.abs(want)).item()
+            for splits in (None, 3):
+                got = self.decode_q4c_kernel(queries, kq, vq, d**-0.5, lengths, *extra, first, splits=splits)
+                if got.shape != want.shape or got.dtype != dtype:
+                    raise RuntimeError(f"q4c decode kernel returned {got.shape} {got.dtype}")
+                err = mx.max(mx.abs(got.astype(mx.float32) - want)).item() / top
+                if not err <= CHECK_TOLERANCE[dtype] or (extra[0] is None and mx.any(got[2] != 0).item()):
+                    raise RuntimeError(f"q4c decode kernel differs from the reference (error {err:.2e}, splits {splits})")
 
     def decode_attention(self, queries: mx.array, kq: Q4, vq: Q4, scale: float,
                          lengths: mx.array | None = None) -> mx.array:
@@ -160,7 +248,8 @@ def _metal_kernels() -> CheckedKernels | None:
     def config(dtype, d, dv, r):
         return metal_kernels.decode_plan(dtype, d, dv, r, **metal_kernels.device_limits())
 
-    return CheckedKernels(metal_kernels.quantize, metal_kernels.decode_attention, config)
+    return CheckedKernels(metal_kernels.quantize, metal_kernels.decode_attention, config, metal_kernels.quantize_keys,
+                          metal_kernels.quantize_values, metal_kernels.decode_attention_q4c)
 
 
 def _kernels() -> CheckedKernels | None:
@@ -189,3 +278,25 @@ def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
     if queries.shape[2] == 1 and kernels is not None:
         return kernels.decode_attention(queries, kq, vq, scale, lengths)
     return decode_attention_q4(queries, kq, vq, scale, lengths)
+
+
+def quantize_keys(x: mx.array) -> tuple:
+    """q4c keys (..., T, D), T whole KEY_GROUPs: codes per token, scales and biases per channel and group."""
+    kernels = _kernels()
+    return kernels.quantize_keys(x) if kernels is not None else q4_format.quantize_keys(x)
+
+
+def quantize_values(x: mx.array) -> tuple:
+    """q4c values (..., D): symmetric groups of VALUE_GROUP, codes and fp16 scales."""
+    kernels = _kernels()
+    return kernels.quantize_values(x) if kernels is not None else q4_format.quantize_values(x)
+
+
+def decode_attention_q4c(queries: mx.array, kq: tuple, vq: tuple, scale: float, lengths: mx.array,
+                         exact_k: mx.array | None = None, exact_v: mx.array | None = None, first: int = 0) -> mx.array:
+    """Decode-step attention over a q4c body (rows from `first` on) plus exact tokens (sinks,
+    tail): the fused kernel where checked."""
+    kernels = _kernels()
+    if queries.shape[2] == 1 and kernels is not None:
+        return kernels.decode_attention_q4c(queries, kq, vq, scale, lengths, exact_k, exact_v, first)
+    return decode_attention_q4c_ref(queries, kq, vq, scale, lengths, exact_k, exact_v, first)

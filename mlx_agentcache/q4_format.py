@@ -10,10 +10,26 @@ fused Metal kernel must match. Which backend runs is decided in `q4`; the
 custom kernels of kernels/ (`metal_kernels`) produce the bytes of MLX's CPU
 `mx.quantize`, so a block is encoded identically on every machine. See
 kernels/README.md for the byte layout.
+
+The default cache mode, `q4c`, stores keys and values differently (same 4
+bits, better placed; docs/quality.md):
+
+* keys per channel: each channel of a head is quantized over groups of
+  KEY_GROUP tokens (affine, fp16 scale and bias per channel and group), as
+  KIVI does, because keys have outlier channels that a per-token group
+  cannot absorb. The codes stay one row per token, packed along the head dim
+  exactly as above, so a token's row is read like a Q4 row; the scales and
+  biases are (..., tokens / KEY_GROUP, D).
+* values per token, symmetric in groups of VALUE_GROUP (llama.cpp's q4_0
+  rule): one fp16 scale `d` per group, `x ~= d * (code - 8)`.
+
+Both are 4.25 / 4.5 bits per value. `quantize_keys` / `quantize_values` are
+the portable implementations the Metal kernels must reproduce bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -22,6 +38,8 @@ BITS = 4
 GROUP_SIZE = 64
 BLOCK_TOKENS = 256
 STORE_DTYPE = mx.float16
+KEY_GROUP = 128   # q4c: tokens per channel group of keys
+VALUE_GROUP = 32  # q4c: values per symmetric group
 
 
 class Q4(NamedTuple):
@@ -77,3 +95,146 @@ def bytes_per_token(n_kv_heads: int, k_dim: int, v_dim: int, bits: int = BITS, g
         return d * bits // 8 + (d // group_size) * 2 * 2
 
     return n_kv_heads * (one(k_dim) + (one(v_dim) if v_dim else 0))
+
+
+# -- q4c: channel-wise keys, symmetric values ---------------------------------
+
+_SHIFTS = mx.array([4 * i for i in range(8)], dtype=mx.uint32)
+
+
+def pack(codes: mx.array) -> mx.array:
+    """uint32 codes 0..15 (..., D) -> (..., D/8) words, element 8w+i in bits 4i..4i+3."""
+    c = codes.astype(mx.uint32).reshape(*codes.shape[:-1], -1, 8)
+    return mx.sum(c << _SHIFTS, axis=-1).astype(mx.uint32)
+
+
+def unpack(packed: mx.array) -> mx.array:
+    """(..., D/8) words -> (..., D) uint32 codes."""
+    return ((packed[..., None] >> _SHIFTS) & 15).reshape(*packed.shape[:-1], -1)
+
+
+def quantize_keys(x: mx.array, stream=None) -> tuple[mx.array, mx.array, mx.array]:
+    """Keys (..., T, D), T a multiple of KEY_GROUP -> (codes (..., T, D/8), scales, biases (..., T/KEY_GROUP, D)).
+
+    Each channel's KEY_GROUP tokens form one affine group with exactly the
+    rule of `mx.quantize` (so of the Q4 kernel); only the packing differs:
+    codes are packed along the head dim, one row per token."""
+    *lead, t, d = x.shape
+    if t % KEY_GROUP:
+        raise ValueError(f"{t} key tokens is not a whole number of {KEY_GROUP}-token groups")
+    xt = x.astype(STORE_DTYPE).swapaxes(-1, -2)  # (..., D, T): groups run along tokens
+    packed_t, scales, biases = mx.quantize(xt, group_size=KEY_GROUP, bits=BITS, stream=stream)
+    codes = unpack(packed_t).swapaxes(-1, -2)  # (..., T, D)
+    return pack(codes), scales.swapaxes(-1, -2), biases.swapaxes(-1, -2)
+
+
+def dequantize_keys(k: tuple, dtype=mx.float32) -> mx.array:
+    """(codes, scales, biases) of `quantize_keys` -> keys (..., T, D)."""
+    packed, scales, biases = k
+    *lead, t, _ = packed.shape
+    g = scales.shape[-2]
+    codes = unpack(packed).astype(dtype).reshape(*lead, g, t // g, -1)
+    out = codes * scales.astype(dtype)[..., None, :] + biases.astype(dtype)[..., None, :]
+    return out.reshape(*lead, t, -1)
+
+
+def key_scores(q: mx.array, k: tuple) -> mx.array:
+    """q (..., M, D) times channel-quantized keys (..., T, D), transposed: (..., M, T), without expanding the keys.
+
+    score = sum_c (q_c s_gc) code_tc + sum_c q_c b_gc: the queries are scaled per
+    group of tokens and multiply the bare codes (a quantized matmul with unit
+    scales); the bias term is one product per group."""
+    packed, scales, biases = k
+    *lead, t, w = packed.shape
+    g = scales.shape[-2]
+    qs = q[..., None, :, :] * scales.astype(q.dtype)[..., :, None, :]  # (..., G, M, D)
+    codes = packed.reshape(*lead, g, t // g, w)
+    ones, zeros = _unit_parameters((*lead, g, t // g, w * 8 // GROUP_SIZE), q.dtype)
+    s = mx.quantized_matmul(qs, codes, ones, zeros, transpose=True, group_size=GROUP_SIZE, bits=BITS)
+    s = s + (q @ biases.astype(q.dtype).swapaxes(-1, -2)).swapaxes(-1, -2)[..., None]  # (..., G, M, t/g)
+    return s.swapaxes(-3, -2).reshape(*lead, q.shape[-2], t)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_parameters(shape: tuple, dtype) -> tuple[mx.array, mx.array]:
+    """Scales of 1 and biases of 0 (built once per shape: a decode step reuses them)."""
+    ones = mx.ones(shape, dtype=dtype)
+    zeros = mx.zeros(shape, dtype=dtype)
+    mx.eval(ones, zeros)
+    return ones, zeros
+
+
+def quantize_values(x: mx.array, stream=None) -> tuple[mx.array, mx.array]:
+    """Values (..., D) -> (codes (..., D/8), scales (..., D/VALUE_GROUP) fp16), symmetric.
+
+    Per group: the element of largest magnitude (first one on a tie, NaN left
+    out) gives d = fp16(m / -8), so it decodes exactly as code 0; every value
+    gets code rint(x / d) + 8 clamped to [0, 15] (NaN: 0), computed as
+    rint(x * (1 / d)) with the fp16 d (a zero d gives codes 8). `stream`: where the
+    ops run (the kernels' check compares with the CPU's IEEE arithmetic)."""
+    if stream is not None:
+        with mx.stream(stream):
+            return quantize_values(x)
+    *lead, d = x.shape
+    g = x.astype(STORE_DTYPE).astype(mx.float32).reshape(*lead, d // VALUE_GROUP, VALUE_GROUP)
+    finite = mx.where(mx.isnan(g), 0.0, g)
+    peak = mx.take_along_axis(finite, mx.argmax(mx.abs(finite), axis=-1, keepdims=True), axis=-1)
+    scale = (peak / -8.0).astype(STORE_DTYPE)
+    sf = scale.astype(mx.float32)
+    inv = mx.where(sf != 0, 1.0 / mx.where(sf != 0, sf, 1.0), 0.0)
+    c = mx.round(g * inv) + 8.0
+    codes = mx.where(c > 15.0, 15.0, mx.where(c > 0.0, c, 0.0)).astype(mx.uint32)
+    return pack(codes.reshape(*lead, d)), scale.reshape(*lead, d // VALUE_GROUP)
+
+
+def value_biases(scales: mx.array, dtype=mx.float32) -> mx.array:
+    """The affine bias of a symmetric group (-8 d), so MLX's affine kernels read the values."""
+    return scales.astype(dtype) * -8.0
+
+
+def dequantize_values(v: tuple, dtype=mx.float32) -> mx.array:
+    packed, scales = v
+    return mx.dequantize(packed, scales.astype(dtype), value_biases(scales, dtype), group_size=VALUE_GROUP, bits=BITS)
+
+
+def mix_values(p: mx.array, v: tuple) -> mx.array:
+    """p (..., M, T) times symmetric values (..., T, Dv)."""
+    packed, scales = v
+    return mx.quantized_matmul(p, packed, scales.astype(p.dtype), value_biases(scales, p.dtype),
+                               transpose=False, group_size=VALUE_GROUP, bits=BITS)
+
+
+def decode_attention_q4c_ref(queries: mx.array, kq: tuple, vq: tuple, scale: float, lengths: mx.array,
+                             exact_k: mx.array | None = None, exact_v: mx.array | None = None, first: int = 0) -> mx.array:
+    """Attention of queries over a q4c body and fp16 extra tokens, with MLX ops: the reference of the fused kernel.
+
+    queries (B, H, L, D); kq = (codes (B, H_kv, N, D/8), scales, biases
+    (B, H_kv, N/KEY_GROUP, D)), vq = (codes (B, H_kv, N, Dv/8), scales
+    (B, H_kv, N, Dv/VALUE_GROUP)); body rows [first, lengths[b]) count;
+    exact_k/exact_v (B, H_kv, E, D/Dv) float tokens (sinks and tail, decoded) all
+    count. Token order does not matter to attention, so the extra tokens
+    are simply more columns. Scores, softmax and the sum are float32.
+    """
+    b, h, l, d = queries.shape
+    n_kv, n = kq[0].shape[1], kq[0].shape[2]
+    q = queries.astype(mx.float32).reshape(b, n_kv, (h // n_kv) * l, d) * scale
+    s = key_scores(q, kq)
+    rows = mx.arange(n)[None, :]
+    valid = ((rows < lengths.astype(mx.int32)[:, None]) & (rows >= first))[:, None, None, :]
+    s = mx.where(valid, s, -mx.inf)
+    if exact_k is not None:
+        s = mx.concatenate([s, q @ exact_k.astype(mx.float32).swapaxes(-1, -2)], axis=-1)
+    p = mx.softmax(s, axis=-1, precise=True)
+    o = mix_values(p[..., :n], vq)
+    if exact_k is not None:
+        o = o + p[..., n:] @ exact_v.astype(mx.float32)
+    else:
+        o = mx.where((lengths > first)[:, None, None, None], o, 0.0)
+    return o.reshape(b, h, l, -1).astype(queries.dtype)
+
+
+def q4c_bits_per_value(d: int, dv: int) -> float:
+    """Average stored bits per cached key/value element of a full q4c group (codes plus fp16 parameters)."""
+    key = BITS + 32 / KEY_GROUP
+    value = BITS + 16 / VALUE_GROUP
+    return (key * d + value * dv) / (d + dv)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import catalog, limits
-from .config import DEFAULT_MODEL, default_home, warn as _warn
+import numpy as np
+
+from . import cards, catalog, limits
+from .config import DEFAULT_KV, DEFAULT_MODEL, default_home, warn as _warn
 from .models.runner import ModelRunner
 from .pool import CachePool, PinError
 from .scheduler import MAX_BATCH, Handle, Scheduler, Turn, TurnStats
@@ -64,12 +66,14 @@ class Agent:
         self.name = validate_agent_name(name)
         self._history_path = Layout(runtime.cache_dir).history_file(name)
         self.messages: list[dict] = []
+        self.context: dict | None = None  # tokens handed over by cache cards (see prompt_tokens, inject)
         self.system = system
         self.own_system = system is not None  # else the saved one, re-read with the history
         self._seen = _signature(self._history_path)  # the history file as this agent last read or wrote it
         saved = self._load_history()
         if saved is not None:
             self.messages = saved.get("messages", [])
+            self.context = saved.get("context")
             self.system = system if system is not None else saved.get("system")
         self.last_stats: TurnStats | None = None
 
@@ -85,6 +89,7 @@ class Agent:
                 self._seen = now
                 saved = self._load_history()
                 self.messages = saved.get("messages", []) if saved else []
+                self.context = saved.get("context") if saved else None
                 if not self.own_system:
                     self.system = saved.get("system") if saved else None
 
@@ -111,10 +116,16 @@ class Agent:
         return self.runtime.pool.tier(self.name)
 
     def prompt_tokens(self, text: str | None, generation: bool = True) -> list[int]:
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        if text is not None:
-            msgs = msgs + [{"role": "user", "content": text}]
-        return list(self.runtime.runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=generation, tokenize=True))
+        """The conversation through the chat template. After a cache card was injected
+        (`inject`): the handed-over token ids, then the later messages rendered as
+        their continuation, so the cache's prefix reuse finds the card's tokens."""
+        msgs = self.messages + ([{"role": "user", "content": text}] if text is not None else [])
+        if self.context is None:
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + msgs
+            return list(self.runtime.runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=generation, tokenize=True))
+        c = self.context
+        system = None if c["system"] else self.system
+        return c["tokens"] + cards.continuation(self.runtime.runner.tokenizer, msgs[c["covers"] :], system, generation)
 
     def extend(self, text: str | None = None, messages: list[dict] | None = None, role: str = "user") -> "TurnStats":
         """Append context for a later phase without generating (tool output, documents,
@@ -135,6 +146,8 @@ class Agent:
         cut at the first token that differs and only the rest is prefilled."""
         self._hold()
         try:
+            if self.context is not None and (messages[: self.context["covers"]] != self.messages[: self.context["covers"]] or system not in (None, self.system)):
+                self.context = None  # the handed-over tokens no longer lead the history
             self.messages = list(messages)
             if system is not None:
                 self.system, self.own_system = system, True
@@ -250,6 +263,7 @@ class Agent:
             system = messages[0] if messages and messages[0].get("role") == "system" else None
             self.system, self.own_system = (system["content"] if system else None), True
             self.messages = [m for m in messages if m is not system] + [{"role": "assistant", "content": reply}]
+            self.context = None  # the request is the history
             self._queue_history()
             return None if tools else self.prompt_tokens(None, generation=False)
 
@@ -280,17 +294,17 @@ class Agent:
         """Save the history now, on this thread (a pending background save is superseded)."""
         self.runtime.histories.cancel(self.name)
         try:
-            history.write(self._history_path, self.name, self.system, self.messages)
+            history.write(self._history_path, self.name, self.system, self.messages, self.context)
             self._seen = _signature(self._history_path)
         except CacheWriteError as e:
             _warn(f"warning: {e}")
 
     def _queue_history(self) -> None:
         """Save the history on the runtime's writer thread (the latest state wins)."""
-        path, name, system, messages = self._history_path, self.name, self.system, list(self.messages)
+        path, name, system, messages, context = self._history_path, self.name, self.system, list(self.messages), self.context
 
         def save() -> None:
-            history.write(path, name, system, messages)
+            history.write(path, name, system, messages, context)
             self._seen = _signature(path)
 
         self.runtime.histories.submit(name, save)
@@ -298,11 +312,115 @@ class Agent:
     def reset(self) -> None:
         """Forget the conversation and the cache."""
         self.messages = []
+        self.context = None
         self.runtime.scheduler.discard(self.name)
         self.runtime.pool.remove(self.name)
         self.runtime.histories.cancel(self.name)
         self._history_path.unlink(missing_ok=True)
         self._seen = None
+
+    # -- cache cards (cards.py) ---------------------------------------------------------
+    def _position(self, i: int) -> int:
+        """Where message i starts in the rendered history (0: the very start)."""
+        c = self.context
+        if i == 0:
+            return 0
+        if c is None:
+            return len(self.runtime.render(([{"role": "system", "content": self.system}] if self.system else []) + self.messages[:i], generation=False))
+        if i <= c["covers"]:
+            return c["marks"][i]
+        tok = self.runtime.runner.tokenizer
+        return len(c["tokens"]) + len(cards.continuation(tok, self.messages[c["covers"] : i], None if c["system"] else self.system, False))
+
+    def _span(self, span: str | tuple[int, int]) -> tuple[int, int, list[dict]]:
+        """Token positions [a, b) of a range of the history ("all", "last-turn" or
+        messages (i, j)) and the agent's own messages in it."""
+        end = len(self.prompt_tokens(None, generation=False)) if (self.messages or self.context) else 0
+        if span == "all":
+            return 0, end, list(self.messages)
+        if span == "last-turn":
+            users = [k for k, m in enumerate(self.messages) if m["role"] == "user"]
+            if not users:
+                raise cards.CardError(f"agent '{self.name}' has no turn to hand over")
+            i, j = users[-1], len(self.messages)
+        else:
+            i, j = span
+            if not 0 <= i < j <= len(self.messages):
+                raise cards.CardError(f"message span [{i}, {j}) is not in agent '{self.name}''s {len(self.messages)} messages")
+        return self._position(i), (end if j == len(self.messages) else self._position(j)), self.messages[i:j]
+
+    def export_card(self, path: str | Path | None = None, bits: float = 4.0, span: str | tuple[int, int] = "all",
+                    mode: str = "mixed", importance: str = "energy") -> "cards.CacheCard":
+        """A cache card of a range of this agent's context at `bits` average bits per
+        value (cards.py), written to `path` when given. Tokens that came from a card
+        keep at most their width there, and the card counts one more hop."""
+        rt = self.runtime
+        out: dict = {}
+        self._hold()
+        try:
+            a, b, msgs = self._span(span)
+            if b <= a:
+                raise cards.CardError(f"agent '{self.name}' has no context to hand over")
+            cap = np.full(b - a, 16)
+            hops = 0
+            for e in (self.context or {}).get("cards", []):
+                lo, hi = max(a, e["at"]), min(b, e["at"] + len(e["widths"]))
+                if lo < hi:
+                    cap[lo - a : hi - a] = e["widths"][lo - e["at"] : hi - e["at"]]
+                    hops = max(hops, e["hops"])
+
+            def record(h: Handle) -> None:
+                out["card"] = cards.export(h.cache, a, b, bits, source=self.name, hops=hops + 1, cap=cap, mode=mode,
+                                           importance=importance, messages=msgs, model=rt.model_name, fingerprint=rt.runner.fingerprint)
+                return None
+
+            h = rt.scheduler.submit(Turn(self.name, self.prompt_tokens(None, generation=False), 0, record=record, ended=self._turn_ended))
+        except BaseException:
+            self._turn_ended()
+            raise
+        h.wait()
+        card = out["card"]
+        if path is not None:
+            cards.write(card, path, rt.runner.fingerprint)
+        return card
+
+    def inject(self, card: "cards.CacheCard | str | Path") -> TurnStats:
+        """Append a cache card's tokens after this agent's context (a new agent: at
+        its start, its own system prompt following). The next turn reuses them
+        (`restored_tokens`) and prefills only its own message. A card of another
+        model, or a damaged one, is refused and nothing changes."""
+        rt = self.runtime
+        if not isinstance(card, cards.CacheCard):
+            card = cards.read(card, rt.runner.fingerprint, rt.model_name)
+        elif card.header.get("fingerprint") != rt.runner.fingerprint:
+            raise cards.CardError(f"the card was made by another model ({card.header.get('model') or card.header.get('fingerprint')}); this agent runs {rt.model_name}")
+        self._hold()
+        try:
+            old = self.context
+            here = self.prompt_tokens(None, generation=False) if (self.messages or old) else []
+            limits.check_context(here + card.tokens, 1, limits.context_length(rt.runner.config), self.name)
+            marks = [self._position(k) for k in range(len(self.messages))] + [len(here)]
+            consumed = (old["system"] or (self.system is not None and len(here) > len(old["tokens"]))) if old else bool(self.messages)
+
+            def record(h: Handle) -> None:
+                at = cards.inject(card, h.cache, rt.runner)
+                entry = {"at": at, "hops": card.hops, "widths": card.widths.tolist(), "source": card.header.get("source"),
+                         "messages": card.header.get("messages") or []}
+                self.context = {"tokens": here + card.tokens, "covers": len(self.messages), "system": consumed, "marks": marks,
+                                "cards": (old["cards"] if old else []) + [entry]}
+                self._queue_history()
+                return None
+
+            h = rt.scheduler.submit(Turn(self.name, here, 0, record=record, ended=self._turn_ended))
+        except BaseException:
+            self._turn_ended()
+            raise
+        try:
+            h.wait()
+        finally:
+            h.stats.ttft_ms = h.stats.total_ms
+            self.last_stats = h.stats
+        return h.stats
 
 
 class Runtime:
@@ -312,7 +430,7 @@ class Runtime:
         self,
         model: str = DEFAULT_MODEL,
         cache_dir: str | Path | None = None,
-        kv_bits: int | str = 4,
+        kv_bits: int | str = DEFAULT_KV,
         mla_mode: str = "latent",
         max_tokens: int = 256,
         temperature: float = 0.0,
@@ -323,7 +441,7 @@ class Runtime:
         max_batch: int = MAX_BATCH,
         turn_wait: float = TURN_WAIT_S,
     ):
-        """`kv_bits`: 4, 8, 16 or a mode name of kvcache.KV_MODES ("q4k");
+        """`kv_bits`: a mode name of kvcache.KV_MODES (default "q4c") or 4, 8, 16;
         `mla_mode`: DeepSeek-V2's cache, "latent" or "full" (see mla.py);
         `runner`: an already loaded model to use instead of loading `model`;
         `turn_wait`: seconds a turn waits for a turn of the same agent in another
@@ -470,6 +588,11 @@ class Runtime:
             raise ValueError(f"the card was made by another model or cache mode ({info.get('model') or info.get('fingerprint')}), not {self.model_name}")
         self._agents.pop(got, None)  # its history is the card's now
         return got
+
+    def handoff(self, source: str, target: str, bits: float = 4.0, span: str | tuple[int, int] = "all", mode: str = "mixed") -> TurnStats:
+        """Hand `source`'s context (or a range of it) to `target` as a cache card
+        (cards.py): no file, no re-prefill. Returns the injection's stats."""
+        return self.agent(target).inject(self.agent(source).export_card(bits=bits, span=span, mode=mode))
 
     def agents(self) -> list[dict]:
         """Every agent known in the cache directory, with tier, tokens and bytes."""

@@ -13,6 +13,9 @@
     script:
       - planner: "Plan this: {task}"
       - executor: "Carry out this plan:\\n{last}"
+  a script step can also hand one agent's context to another as a cache card
+  (cards.py: no text passed, no re-prefill), optionally with `bits` and `range`:
+      - handoff: {from: planner, to: executor, bits: 4, range: last-turn}
 
 In messages (and system prompts, from `vars`), `{last}` is the previous turn's reply, `{last_agent}` who said
 it, `{<agent>}` that agent's latest reply, and any name from `vars`; other
@@ -63,6 +66,7 @@ class WorkflowError(ValueError):
 class Step:
     agent: str
     message: str
+    handoff: dict | None = None  # {"from", "bits", "range"}: a cache card from that agent to `agent`
 
 
 @dataclass
@@ -273,9 +277,28 @@ def _script(data: object, agents: dict) -> list[Step]:
         if not isinstance(item, dict) or len(item) != 1:
             raise WorkflowError(f"script[{i}] must be one 'agent: message' pair, got {limits.show(item)}")
         ((agent, message),) = item.items()
+        if agent == "handoff" and isinstance(message, dict):
+            steps.append(_handoff(message, agents, f"script[{i}].handoff"))
+            continue
         agent = _declared(agent, agents, f"script[{i}]")
         steps.append(Step(agent, _text(message, f"script[{i}].{agent}")))
     return steps
+
+
+def _handoff(data: dict, agents: dict, key: str) -> Step:
+    _unknown(data, ("from", "to", "bits", "range"), f" in {key}")
+    if "from" not in data or "to" not in data:
+        raise WorkflowError(f"{key} needs 'from' and 'to' agents")
+    src, dst = _declared(data["from"], agents, key + ".from"), _declared(data["to"], agents, key + ".to")
+    if src == dst:
+        raise WorkflowError(f"{key}: an agent cannot hand its context to itself")
+    bits = data.get("bits", 4.0)
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 2.5 <= bits <= 16:
+        raise WorkflowError(f"{key}.bits must be a number from 2.5 to 16, got {limits.show(bits)}")
+    span = data.get("range", "all")
+    if span not in ("all", "last-turn"):
+        raise WorkflowError(f"{key}.range must be 'all' or 'last-turn', got {limits.show(span)}")
+    return Step(dst, f"[cache card from {src}]", {"from": src, "bits": float(bits), "range": span})
 
 
 def _rounds(data: dict, agents: dict) -> list[Step]:
@@ -326,7 +349,7 @@ def parse(data: object, default_name: str = "workflow") -> Workflow:
     for agent, system in wf.agents.items():
         if system is not None:
             render(system, wf.vars, f"agents.{agent}.system")
-    for text in {s.message for s in wf.steps}:  # replies are filled in later; vars are known now
+    for text in {s.message for s in wf.steps if s.handoff is None}:  # replies are filled in later; vars are known now
         render(text, wf.vars, "a message")
     return wf
 
@@ -350,6 +373,7 @@ class TurnResult:
     message: str
     reply: str
     stats: object
+    handoff_from: str | None = None  # a cache card handed from that agent (no reply)
 
 
 def run(
@@ -370,6 +394,17 @@ def run(
     values = dict(wf.vars, last="", last_agent="")
     results = []
     for i, step in enumerate(wf.steps):
+        if step.handoff is not None:
+            src = step.handoff["from"]
+            if on_start:
+                on_start(i, f"{src} -> {step.agent}", step.message)
+            stats = rt.handoff(src, step.agent, step.handoff["bits"], step.handoff["range"])
+            if on_text:
+                on_text(step.message)
+            results.append(TurnResult(i, step.agent, step.message, "", stats, handoff_from=src))
+            if on_end:
+                on_end(results[-1])
+            continue
         message = render(step.message, values, f"the message of turn {i + 1} ({step.agent})")
         h = rt.submit(step.agent, message, max_tokens=max_tokens, temperature=temperature)
         nxt = wf.steps[i + 1].agent if i + 1 < len(wf.steps) else None

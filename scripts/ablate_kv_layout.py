@@ -57,6 +57,11 @@ LAYOUTS = {
     "K chan g64, V sym-mse g32, 4 sinks": (("chan", 64, 4), ("sym-mse", 32, 4), {"sinks": 4}),
     "K chan g64, V rot sym g32, 4 sinks": (("chan", 64, 4), ("sym", 32, 4), {"sinks": 4, "vrot": True}),
     "K chan g64, V sym g64, 4 sinks": (("chan", 64, 4), ("sym", 64, 4), {"sinks": 4}),
+    "K chan g128, V sym g32, 4 sinks": (("chan", 128, 4), ("sym", 32, 4), {"sinks": 4}),
+    "K chan g128, V rot sym g32, 4 sinks": (("chan", 128, 4), ("sym", 32, 4), {"sinks": 4, "vrot": True}),
+    "K chan g128, 4 sinks; V exact": (("chan", 128, 4), ("none", 32, 16), {"sinks": 4}),
+    "K exact; V rot sym g32, 4 sinks": (("none", 32, 16), ("sym", 32, 4), {"sinks": 4, "vrot": True}),
+    "K chan g64, V rot sym g32, 4 sinks, 8-bit recent 64": (("chan", 64, 4), ("sym", 32, 4), {"sinks": 4, "vrot": True}),
 }
 RESIDUAL = ("asym", 64, 8)  # channel-wise keys: tokens of a group that has not filled yet
 
@@ -95,6 +100,8 @@ def sym(x: mx.array, g: int, bits: int, factors=(1.0,)) -> mx.array:
 
 def per_token(x: mx.array, part) -> mx.array:
     kind, g, bits = part
+    if kind == "none":
+        return x
     g = min(g, x.shape[-1])
     if kind == "asym":
         return asym(x, g, bits)
@@ -198,7 +205,7 @@ def texts() -> dict[str, str]:
     return {"code": CODE_TEXT.read_text(), "prose": "\n\n".join(topics.topics[k] for k in sorted(topics.topics))}
 
 
-def run_model(name: str, context: int, n_windows: int, layouts: list[str], text_names: list[str]) -> dict:
+def run_model(name: str, context: int, n_windows: int, layouts: list[str], text_names: list[str], chunk: int = 256) -> dict:
     model, tokenizer = mlx_lm_load(str(resolve_model(name, default_home())))
     dequantize_model(model)
     model.set_dtype(mx.float32)
@@ -211,11 +218,11 @@ def run_model(name: str, context: int, n_windows: int, layouts: list[str], text_
         size = context - len(bos)
         windows = [bos + ids[i * size : (i + 1) * size] for i in range(n_windows)]
         t = time.perf_counter()
-        ref, ref_logps = score(model, windows, None)
+        ref, ref_logps = score(model, windows, None, chunk=chunk)
         rows = {"fp32 cache": {**ref, "bits": 32.0, "seconds": time.perf_counter() - t}}
         for lname in layouts:
             t = time.perf_counter()
-            r, _ = score(model, windows, LAYOUTS[lname], ref_logps)
+            r, _ = score(model, windows, LAYOUTS[lname], ref_logps, chunk=chunk)
             r.update(bits=bits_per_value(LAYOUTS[lname], head_dim, context), ppl_change=r["ppl"] / ref["ppl"] - 1,
                      seconds=time.perf_counter() - t)
             rows[lname] = r
@@ -247,6 +254,7 @@ def main():
     ap.add_argument("--texts", default="code,prose")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk (the product's is 512)")
     ap.add_argument("--layouts", default=None, help="'|'-separated names from LAYOUTS [all]")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()
@@ -254,7 +262,7 @@ def main():
     res = {"context": args.context, "windows": args.windows,
            "machine": {"cpu": blas.read_cpuinfo().model, "cores": __import__("os").cpu_count(), "blas": blas.CHOICE.summary(),
                        "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")},
-           "models": [run_model(m, args.context, args.windows, layouts, args.texts.split(",")) for m in args.models.split(",")]}
+           "chunk": args.chunk, "models": [run_model(m, args.context, args.windows, layouts, args.texts.split(","), args.chunk) for m in args.models.split(",")]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kv_layout_ablation.json").write_text(json.dumps(res, indent=1))
     (args.out / "kv_layout_ablation.md").write_text(markdown(res))

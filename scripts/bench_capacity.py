@@ -4,18 +4,24 @@
 
 On SmolLM2-135M (real weights), this measures:
 
-1. bytes per token of real Q4 and fp16 agent caches (prefilled, then nbytes);
+1. bytes per token of real agent caches in fp16, q4 and the default mode
+   (prefilled, then nbytes);
 2. how many agents fit at 1K/4K/8K context in the budget scaled from the
    published 10.2 GB of a 24 GB M4 Pro to this machine's memory: fp16, Q4,
-   and Q4 with a 2K-token system prompt shared by all agents (counts are
-   extrapolated from the measured bytes per token, in 256-token blocks);
+   and Q4 with a 2K-token system prompt shared by all agents. These counts
+   are COMPUTED (budget / bytes per agent, in 256-token blocks) and checked
+   by one real run: agents checked into a real pool under a small budget,
+   counting how many stay hot in each mode;
 3. a 10-agent workflow whose agents share a ~2K-token system prompt: memory
    and disk bytes with shared prefix blocks vs one copy per agent (real run);
 4. restore throughput of a warm agent vs a plain sequential read of the same
    bytes, with a cold page cache when this process may drop it (root on
-   Linux), and with a warm one;
+   Linux), and with a warm one; median of --repeats, alternating, min-max kept;
 5. a 10-agent round robin with room for 3 hot agents: persistence (evicted
-   agents restore from disk) vs re-prefill on eviction (real runs).
+   agents restore from disk) vs re-prefill on eviction (real runs, the two
+   alternating within each of --repeats repeats).
+
+MB is 10^6 bytes, MiB 2^20.
 
 Writes bench_results/capacity.json and bench_results/capacity.md.
 """
@@ -26,14 +32,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_agentcache.kvcache import AgentCache, LayerCache, encode
+from mlx_agentcache import kvcache
+from mlx_agentcache.kvcache import AgentCache
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.q4 import BLOCK_TOKENS
 from mlx_agentcache.models.runner import ModelRunner
@@ -77,13 +84,50 @@ def blocks(n: int) -> int:
 # -- 1, 2: bytes per token and capacity ---------------------------------------
 
 
+def modes() -> list[str]:
+    """fp16, q4, and the default mode when it is another one."""
+    return list(dict.fromkeys(["q4", "fp16", getattr(kvcache, "DEFAULT_KV", "q4")]))
+
+
 def bytes_per_token(runner: ModelRunner, n: int = 256) -> dict:
     ids = runner.tokenizer.encode(TEXT)[:n]
     out = {}
-    for name, bits in (("q4", 4), ("fp16", 16)):
-        cache = runner.new_cache(bits=bits)
+    for name in modes():
+        cache = runner.new_cache(name)
         runner.prefill(ids, cache)
         out[name] = cache.nbytes / n
+    return out
+
+
+def copies(runner: ModelRunner, src: AgentCache, n: int):
+    """`n` caches holding what `src` holds, each with its own arrays (separate agents own
+    separate storage): saved once, read back n times, which works in every mode."""
+    from mlx_agentcache.store import codec
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "src.safetensors"
+        codec.save(path, src, runner.fingerprint)
+        for _ in range(n):
+            yield codec.load(path, runner.fingerprint)[0]
+
+
+def pool_check(runner: ModelRunner, bpt: dict, context: int, fit_q4: int = 12) -> dict:
+    """The computed counts checked once for real: agents of `context` tokens are checked
+    into a memory-only pool whose budget holds `fit_q4` Q4 agents by the arithmetic; how
+    many stay hot in each mode?"""
+    ids = runner.tokenizer.encode(TEXT)[:context]
+    budget = int(fit_q4 * blocks(context) * bpt["q4"] + bpt["q4"] * BLOCK_TOKENS / 2)
+    out = {"context": context, "budget_bytes": budget, "modes": {}}
+    for mode in modes():
+        base = runner.new_cache(mode)
+        runner.prefill(ids, base)
+        with tempfile.TemporaryDirectory() as d:
+            pool = CachePool(d, runner.fingerprint, lambda: runner.new_cache(mode), budget, share_prefixes=False, persist=False)
+            for i, c in enumerate(copies(runner, base, int(budget // base.nbytes) + 3)):
+                pool.checkin(f"a{i}", c, persist=False)
+            hot = len(pool.hot)
+            pool.close()
+        out["modes"][mode] = {"hot_agents": hot, "computed_agents": int(budget // (blocks(context) * bpt[mode])), "agent_bytes": base.nbytes}
     return out
 
 
@@ -144,26 +188,29 @@ def shared_prompt_workflow(runner: ModelRunner, max_tokens: int, agents: int = 1
 # -- 4: restore throughput -------------------------------------------------------
 
 
-def drop_page_cache() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
+def drop_page_cache(path: Path) -> bool:
+    """Make the next read of `path` come from the disk (this file only: the machine may be shared)."""
+    if not hasattr(os, "posix_fadvise"):
         return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
 
 
-def synthetic_cache(layers: int, heads: int, dim: int, n: int) -> AgentCache:
-    """A cache with SmolLM2's exact layout and random contents (restore speed does not depend on values)."""
-    out = []
-    for i in range(layers):
-        k, v = mx.random.normal((2, heads, n, dim), key=mx.random.key(i))
-        layer = LayerCache(4)
-        layer.append(encode(k, 4), encode(v, 4))
-        out.append(layer)
-    mx.eval([s.keys + s.values for layer in out for s in layer.segments])
-    return AgentCache(out, list(range(n)))
+def synthetic_cache(runner: ModelRunner, heads: int, dim: int, n: int) -> AgentCache:
+    """A cache in the runner's mode with the model's exact layout and random contents (restore
+    speed does not depend on values), appended 512 tokens at a time as a prefill would."""
+    cache = runner.new_cache()
+    for i, layer in enumerate(cache.layers):
+        for a in range(0, n, 512):
+            k, v = mx.random.normal((2, 1, heads, min(512, n - a), dim), key=mx.random.key(i * 1000 + a))
+            layer.update_and_fetch(k, v)
+        mx.eval([s.keys for s in layer.segments])
+    cache.tokens = list(range(n))
+    return cache
 
 
 def read_file(path: Path) -> float:
@@ -175,40 +222,40 @@ def read_file(path: Path) -> float:
     return time.perf_counter() - t
 
 
-def restore_throughput(runner: ModelRunner, n: int = 8192, repeats: int = 3) -> dict:
+def restore_throughput(runner: ModelRunner, n: int = 8192, repeats: int = 5) -> dict:
     cfg = runner.config
     heads = cfg["num_key_value_heads"]
     dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     layers = len(runner.windows)
 
-    def new_cache():
-        return AgentCache([LayerCache(4) for _ in range(layers)])
-
-    out = {"tokens": n, "layout": f"{layers} layers x {heads} KV heads x {dim} dims, Q4"}
+    new_cache = runner.new_cache
+    out = {"tokens": n, "layout": f"{layers} layers x {heads} KV heads x {dim} dims, {runner.kv_bits}"}
     with tempfile.TemporaryDirectory(dir=ROOT) as d:
-        pool = CachePool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
-        pool.save("big", synthetic_cache(layers, heads, dim, n))
+        pool = CachePool(d, runner.fingerprint, new_cache, write_behind=False, share_prefixes=False)
+        pool.save("big", synthetic_cache(runner, heads, dim, n))
         path = pool.path("big")
         size = path.stat().st_size
         out["file_bytes"] = size
         for label, cold in (("cold", True), ("warm", False)):
-            if cold and not drop_page_cache():
+            if cold and not drop_page_cache(path):
                 out["cold"] = None
                 continue
             restore, read = [], []
             for _ in range(repeats):
-                cold and drop_page_cache()
-                p = CachePool(d, "bench", new_cache, write_behind=False, share_prefixes=False)
+                cold and drop_page_cache(path)
+                p = CachePool(d, runner.fingerprint, new_cache, write_behind=False, share_prefixes=False)
                 t = time.perf_counter()
                 cache, tier = p.checkout("big")
-                mx.eval([s.keys + s.values for layer in cache.layers for s in layer.segments])
+                mx.eval([s.keys for layer in cache.layers for s in layer.segments])
                 restore.append(time.perf_counter() - t)
                 assert tier == "warm"
                 del cache
-                cold and drop_page_cache()
+                cold and drop_page_cache(path)
                 read.append(read_file(path))
-            r, s = size / min(restore) / 1e6, size / min(read) / 1e6
-            out[label] = {"restore_MBps": round(r), "sequential_read_MBps": round(s), "ratio": round(r / s, 3)}
+            r, s = size / statistics.median(restore) / 1e6, size / statistics.median(read) / 1e6
+            out[label] = {"restore_MBps": round(r), "sequential_read_MBps": round(s), "ratio": round(r / s, 3),
+                          "restore_MBps_min_max": [round(size / max(restore) / 1e6), round(size / min(restore) / 1e6)],
+                          "read_MBps_min_max": [round(size / max(read) / 1e6), round(size / min(read) / 1e6)], "repeats": repeats}
     return out
 
 
@@ -247,6 +294,7 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of the restore timing and of the round robin (modes alternate)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     ap.add_argument("--quick", action="store_true", help="Small sizes, to check the script (results are not comparable).")
     ap.add_argument("--report", type=Path, help="Only rewrite capacity.md from this capacity.json.")
@@ -266,21 +314,31 @@ def main() -> None:
     bpt = bytes_per_token(runner, 32 if q else 256)
     res["bytes_per_token"] = {k: round(v, 1) for k, v in bpt.items()}
     res["capacity"] = capacity(bpt, budget)
+    res["capacity_computed"] = True  # arithmetic from measured bytes per token; pool_check is the real run
     print("bytes/token", res["bytes_per_token"], f"({time.perf_counter() - t:.0f} s)", flush=True)
+    res["pool_check"] = pool_check(runner, bpt, 256 if q else 1024, 4 if q else 12)
+    print("pool check", res["pool_check"], flush=True)
 
-    res["restore"] = restore_throughput(runner, 1024 if q else 8192)
+    res["restore"] = restore_throughput(runner, 1024 if q else 8192, 2 if q else args.repeats)
     print("restore", res["restore"], flush=True)
 
     res["shared_prompt_workflow"] = shared_prompt_workflow(runner, args.max_tokens, 3 if q else 10, 256 if q else SHARED_PROMPT)
     print("shared prompt", {k: v for k, v in res["shared_prompt_workflow"].items() if k != "turns"}, flush=True)
 
     agents, ctx = (4, 60) if q else (10, 300)
-    res["round_robin"] = {
-        "agents": agents, "hot_room": 3, "context_tokens": ctx, "max_tokens": args.max_tokens,
-        "persistence": round_robin(runner, bpt["q4"], True, args.rounds, args.max_tokens, agents, ctx),
-        "re_prefill": round_robin(runner, bpt["q4"], False, args.rounds, args.max_tokens, agents, ctx),
-    }
-    print("round robin", res["round_robin"], flush=True)
+    repeats = 1 if q else args.repeats
+    runs = {"persistence": [], "re_prefill": []}
+    for r in range(repeats):  # the two alternate, so a busy minute hits both
+        for label in (("persistence", "re_prefill") if r % 2 == 0 else ("re_prefill", "persistence")):
+            runs[label].append(round_robin(runner, bpt[modes()[-1]], label == "persistence", args.rounds, args.max_tokens, agents, ctx))
+            print(f"round robin {r + 1}/{repeats} {label}: {runs[label][-1]['total_seconds']} s", flush=True)
+    res["round_robin"] = {"agents": agents, "hot_room": 3, "context_tokens": ctx, "max_tokens": args.max_tokens, "repeats": repeats}
+    for label, xs in runs.items():
+        totals = [x["total_seconds"] for x in xs]
+        res["round_robin"][label] = xs[len(xs) // 2] | {"total_seconds": statistics.median(totals), "total_seconds_all": totals}
+    res["round_robin"]["persistence_vs_re_prefill"] = round(
+        statistics.median(a["total_seconds"] / b["total_seconds"] for a, b in zip(runs["persistence"], runs["re_prefill"])), 3)
+    print("round robin", {k: v for k, v in res["round_robin"].items() if not isinstance(v, dict)}, flush=True)
 
     c4 = next(r for r in res["capacity"] if r["context"] == 4096)
     ratio = res["restore"]["cold"] or res["restore"]["warm"]
@@ -288,6 +346,8 @@ def main() -> None:
         "q4_vs_fp16_agents_4k": round(c4["q4_agents"] / c4["fp16_agents"], 2),
         "restore_vs_disk_bandwidth": ratio["ratio"],
         "restore_page_cache": "cold" if res["restore"]["cold"] else "warm",
+        "round_robin_persistence_vs_re_prefill": res["round_robin"]["persistence_vs_re_prefill"],
+        "pool_check_q4_vs_fp16_hot_agents": round(res["pool_check"]["modes"]["q4"]["hot_agents"] / max(1, res["pool_check"]["modes"]["fp16"]["hot_agents"]), 2),
     }
     res["quick"] = q
     res.setdefault("load_average", [round(x, 1) for x in os.getloadavg()])
@@ -315,9 +375,9 @@ def report(r: dict) -> str:
         f"Q4: {r['bytes_per_token']['q4']} B/token; fp16: {r['bytes_per_token']['fp16']} B/token "
         f"({r['bytes_per_token']['fp16'] / r['bytes_per_token']['q4']:.2f}x).",
         "",
-        f"## Agents that fit in {r['budget']['bytes'] / 1e9:.2f} GB",
+        f"## Agents that fit in {r['budget']['bytes'] / 1e9:.2f} GB (computed)",
         "",
-        f"Budget: {r['budget']['rule']}. Per-agent bytes are measured bytes/token times the context rounded up to 256-token blocks; "
+        f"Budget: {r['budget']['rule']}. **Computed**, not run: per-agent bytes are measured bytes/token times the context rounded up to 256-token blocks; "
         "'shared' keeps one copy of a common system prompt (2K tokens, or half the context at 1K) for all agents. Model weights are outside the budget.",
         "",
         "| context | fp16 agents | Q4 agents | Q4 vs fp16 | fp16 + shared | Q4 + shared |",
@@ -325,6 +385,11 @@ def report(r: dict) -> str:
     ]
     for c in r["capacity"]:
         lines.append(f"| {c['context']} | {c['fp16_agents']:,} | {c['q4_agents']:,} | {c['q4_agents'] / c['fp16_agents']:.2f}x | {c['fp16_shared_agents']:,} | {c['q4_shared_agents']:,} |")
+    pc = r.get("pool_check")
+    if pc:
+        lines += ["", f"Checked by a real run: agents of {pc['context']} tokens (real prefill, each its own copy) checked into a memory-only pool "
+                  f"with a {pc['budget_bytes'] / 2**20:.1f} MiB budget until it evicts: "
+                  + ", ".join(f"{m} {x['hot_agents']} hot (computed {x['computed_agents']}, {x['agent_bytes'] / 2**20:.2f} MiB each)" for m, x in pc["modes"].items()) + "."]
     s = r["shared_prompt_workflow"]
     lines += [
         "",
@@ -345,7 +410,7 @@ def report(r: dict) -> str:
         "",
         f"One agent file of {mib(r['restore']['file_bytes'])} ({r['restore']['tokens']} tokens, {r['restore']['layout']}, random contents). "
         "Restore = open, check the header, read every tensor into a fresh MLX buffer and check its CRC (pool checkout of a warm agent); "
-        "read = `readinto` of the same file in 4 MiB chunks. Best of 3; cold = page cache dropped before each.",
+        "read = `readinto` of the same file in 4 MiB chunks. Median of the repeats (restore and read alternate); cold = the file dropped from the page cache before each (posix_fadvise). MB = 10^6 bytes.",
         "",
         "| page cache | restore MB/s | sequential read MB/s | ratio |",
         "|---|---:|---:|---:|",
@@ -363,11 +428,14 @@ def report(r: dict) -> str:
     ]
     for label in ("persistence", "re_prefill"):
         x = rr[label]
+        totals = x.get("total_seconds_all")
         lines.append(
-            f"| {label.replace('_', '-')} | {x['total_seconds']} | {', '.join(str(p['seconds']) for p in x['rounds'])} | "
+            f"| {label.replace('_', '-')} | {x['total_seconds']}{f' ({min(totals)}-{max(totals)})' if totals else ''} | {', '.join(str(p['seconds']) for p in x['rounds'])} | "
             f"{', '.join(str(p['mean_ttft_ms']) for p in x['rounds'])} | {x['tiers']} | {x['evictions']} |"
         )
-    lines += ["", "The first round is cold in both runs; later rounds restore evicted agents from disk (persistence) or prefill them again (re-prefill).", ""]
+    lines += ["", f"Median total of {rr.get('repeats', 1)} alternating runs each (min-max); per-round columns are from the median run; "
+              f"persistence / re-prefill = {rr.get('persistence_vs_re_prefill')} (median of per-repeat ratios). "
+              "The first round is cold in both runs; later rounds restore evicted agents from disk (persistence) or prefill them again (re-prefill).", ""]
     return "\n".join(lines)
 
 

@@ -1,302 +1,354 @@
-"""Do SSD reloads hide behind other agents' decoding? And what does batching buy?
+"""Do reloads from disk hide behind other agents' decoding? And what does batching buy?
 
-    python scripts/bench_interleave.py [--model smollm2-135m] [--agents 10]
-        [--contexts 1024,4096] [--rounds 1] [--max-tokens 8] [--repeats 2]
+    python scripts/bench_interleave.py [--runs llama3-8b-geometry-random:4096,smollm2-135m:1024]
+        [--agents 10] [--fit 3] [--repeats 5] [--max-tokens 4] [--batch-sizes 1,2,4,8] [--quick] [--out DIR]
 
-A round-robin workflow of N agents, each holding C tokens of context, under
-a memory budget that fits only 3 agents, run four ways:
+For each model:context in --runs, N agents each hold C tokens of context and
+take turns round-robin under a memory budget that fits `--fit` of them:
 
-  (a) re-prefill: an evicted agent's context is computed again. Estimated:
-      the hot makespan plus one prefill of C tokens per miss, timed at the
-      first context size and scaled linearly to the others (a lower bound:
-      attention cost grows with position; --measure-prefill times each).
-  (b) reload:   warm agents are read from disk when their turn starts.
-  (c) overlap:  the next agent's cache is read (prefetch hint) while the
-      current one decodes.
-  (d) hot:      no budget, every agent in memory.
+  hot        no budget: every agent in memory (the reference)
+  overlap    budget; the next agent's cache is read (prefetch hint) while the
+             current one decodes
+  reload     budget; a warm agent's cache is read when its turn starts, on
+             the engine thread (everything waits)
+  reprefill  COMPUTED, not run: hot makespan + one prefill of C tokens per
+             miss, the prefill timed once for real at C tokens
 
-Agents' caches are built once per C from random keys and values (the
-timings depend on sizes, not on contents) and copied to each run's cache
-directory. Then batch throughput: aggregate decode tokens/s at batch
-1, 2, 4, 8 at the first context size. Writes bench_results/interleave.json
-(headline: overlap_vs_hot = makespan c / d, batch4_speedup) and .md.
-Timings on a shared machine are noisy: compare within one run.
+The modes alternate within each repeat (the order rotates from repeat to
+repeat), after one untimed warm-up run of each; medians of the repeats with
+min-max. Before each timed run every agent file is dropped from the page
+cache, so a reload reads the disk.
+
+`llama3-8b-geometry-random` is a seeded RANDOM model with Llama 3.1 8B's KV
+geometry (32 layers, 8 KV heads, head_dim 128; tiny_models.py): its Q4 cache
+is about 150 MB at 4K tokens, as large as the real model's, so a reload costs
+what it would on an 8B model. Caches are filled with random keys and values
+(the timings depend on sizes, not contents).
+
+Then batched decode: aggregate tokens/s at each batch size, sizes alternating
+within each repeat after an untimed step of each; median step time with
+min-max.
+
+Writes <out>/interleave.json (headline: overlap_vs_hot and batch4_speedup for
+the last run, no_overlap_vs_hot_8b_geometry and overlap_vs_hot_8b_geometry)
+and interleave.md. The CPU may be shared: compare within one run.
 """
 
 import mlx_agentcache  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_agentcache.pool import CachePool
-from mlx_agentcache.models.runner import ModelRunner
+from mlx_agentcache import blas
 from mlx_agentcache.config import default_home
+from mlx_agentcache.models.runner import ModelRunner
+from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.scheduler import Scheduler
+from mlx_agentcache.store import codec
 
+ROOT = Path(__file__).resolve().parent.parent
+GEOMETRY_8B = "llama3-8b-geometry-random"
+MODES = ("hot", "overlap", "reload")
 SYSTEM = "You are one of several analysts. Answer in one short sentence."
-DOC = " ".join(f"Record {i}: shipment {i * 37 % 101} left depot {'north' if i % 3 else 'south'} on day {i % 28 + 1}." for i in range(2000))
+DOC = " ".join(f"Record {i}: shipment {i * 37 % 101} left depot {'north' if i % 3 else 'south'} on day {i % 28 + 1}." for i in range(3000))
 
 
-def document(runner, n_tokens: int) -> str:
-    """Text whose chat rendering with SYSTEM is about `n_tokens` long."""
-    ids = runner.tokenizer.encode(DOC)[: max(n_tokens - 40, 8)]
-    return runner.tokenizer.decode(ids)
+def spread(xs: list[float]) -> dict:
+    """Median with min and max, rounded for the report."""
+    return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4), "n": len(xs)}
 
 
-def synthetic_cache(runner, tokens: list[int]):
-    """A cache of len(tokens) positions with random keys/values of the model's shapes."""
+def kv_shapes(runner: ModelRunner) -> list[tuple[int, int, int]]:
+    """(kv heads, key dim, value dim) per layer, read from a 16-bit cache after two tokens."""
+    probe = runner.new_cache("fp16")
+    runner.prefill([1, 2], probe)
+    out = []
+    for layer in probe.layers:
+        k, v = layer.contiguous()
+        out.append((k[0].shape[0], k[0].shape[-1], 0 if v is None else v[0].shape[-1]))
+    return out
+
+
+def synthetic_cache(runner: ModelRunner, tokens: list[int], seed: int = 0):
+    """A cache of len(tokens) positions with random keys/values of the model's shapes,
+    appended in 512-token chunks as a prefill would (works for every KV mode)."""
+    mx.random.seed(seed)
     cache = runner.new_cache()
-    probe = runner.new_cache()
-    runner.prefill(tokens[:2], probe)  # learn per-layer K/V shapes
-    for layer, p in zip(cache.layers, probe.layers):
-        k, v = p.contiguous()
-        heads, dim = k[0].shape[0], k[0].shape[-1] * 32 // layer.bits if layer.bits != 16 else k[0].shape[-1]
-        vdim = None if v is None else (v[0].shape[-1] * 32 // layer.bits if layer.bits != 16 else v[0].shape[-1])
+    for layer, (heads, kdim, vdim) in zip(cache.layers, kv_shapes(runner)):
         for a in range(0, len(tokens), 512):
             n = min(512, len(tokens) - a)
-            keys = mx.random.normal((1, heads, n, dim))
-            values = None if vdim is None else mx.random.normal((1, heads, n, vdim))
+            keys = mx.random.normal((1, heads, n, kdim))
+            values = mx.random.normal((1, heads, n, vdim)) if vdim else None
             layer.update_and_fetch(keys, values)
         mx.eval([s.keys for s in layer.segments])
     cache.tokens = list(tokens)
     return cache
 
 
-def make_agents(runner, root: Path, n_agents: int, context: int) -> Path:
-    """Agent files + histories for one context size, shared by every mode's copy."""
+def make_agents(runner: ModelRunner, root: Path, n_agents: int, context: int) -> tuple[Path, int]:
+    """Agent files + histories for one context size: (directory, bytes of one agent's file)."""
     src = root / f"agents-{context}"
     rt = Runtime(cache_dir=src, runner=runner, budget_bytes=float("inf"))
-    doc = document(runner, context)
     first = rt.agent("agent0", system=SYSTEM)
+    ids = runner.tokenizer.encode(DOC)
+    while len(ids) < context:
+        ids = ids + ids
+    doc = runner.tokenizer.decode(ids[: max(context - 40, 8)])
     first.messages = [{"role": "user", "content": doc}, {"role": "assistant", "content": "Noted."}]
-    tokens = first.prompt_tokens(None, generation=False)
-    cache = synthetic_cache(runner, tokens)
+    cache = synthetic_cache(runner, first.prompt_tokens(None, generation=False))
     for i in range(n_agents):
         a = rt.agent(f"agent{i}", system=SYSTEM)
         a.messages = list(first.messages)
         a._save_history()
         rt.pool.save(a.name, cache)
     rt.close()
-    return src
+    return src, (src / "agent0.safetensors").stat().st_size
 
 
-def run_mode(runner, src: Path, root: Path, mode: str, n_agents: int, rounds: int, max_tokens: int, budget: float) -> dict:
-    """One round-robin workflow; returns makespan, per-turn TTFT and the engine timeline."""
-    d = root / f"run-{src.name}-{mode}"
-    shutil.copytree(src, d)
+def release() -> None:
+    """Give back the memory of finished runs (MLX keeps freed buffers for reuse): ten agents
+    of 150 MB per run would otherwise pile up across runs."""
+    gc.collect()
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):  # glibc keeps freed memory in per-thread arenas; each run starts new threads
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def drop_page_cache(directory: Path) -> None:
+    """Make the next read of every file under `directory` come from the disk."""
+    for p in directory.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_mode(runner, src: Path, root: Path, mode: str, n_agents: int, fit: int, max_tokens: int, budget: float) -> dict:
+    """One round-robin workflow in a hard-linked copy of the agents (saves replace files
+    atomically, so the originals stay as built); returns makespan and per-turn stats."""
+    d = root / f"run-{mode}"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, d, copy_function=os.link)
     rt = Runtime(cache_dir=d, runner=runner, max_tokens=max_tokens)
     rt.scheduler.close()
     rt.pool = CachePool(d, runner.fingerprint, runner.new_cache, budget, share_prefixes=False)
     rt.scheduler = Scheduler(runner, rt.pool, overlap=mode != "reload")
     names = [f"agent{i}" for i in range(n_agents)]
-    for name in names if mode == "hot" else names[:3]:  # untimed warm-up: what fits is in memory
+    for name in names if mode == "hot" else names[:fit]:  # untimed: what fits starts in memory
         cache, _ = rt.pool.checkout(name)
         rt.pool.checkin(name, cache, persist=False)
         rt.pool.unsaved.discard(name)
-    order = names * rounds
+    drop_page_cache(d)
     turns = []
     t0 = time.perf_counter()
-    for i, name in enumerate(order):
-        h = rt.submit(name, f"Round {i // n_agents + 1}: which depot sent shipment {i * 13 % 101}?")
-        if mode == "overlap" and i + 1 < len(order):
-            rt.prefetch(order[i + 1])
+    for i, name in enumerate(names):
+        h = rt.submit(name, f"Which depot sent shipment {i * 13 % 101}?")
+        if mode == "overlap" and i + 1 < len(names):
+            rt.prefetch(names[i + 1])
         h.wait()
         s = h.stats
-        turns.append({"agent": name, "tier": s.tier, "ttft_ms": round(s.ttft_ms, 1), "load_ms": round(s.load_ms, 1), "queue_ms": round(s.queue_ms, 1), "prefetched": s.prefetched, "generated": s.generated_tokens})
+        turns.append({"tier": s.tier, "ttft_ms": round(s.ttft_ms, 1), "load_ms": round(s.load_ms, 1), "queue_ms": round(s.queue_ms, 1), "prefetched": s.prefetched})
     makespan = time.perf_counter() - t0
-    timeline = list(rt.scheduler.timeline)
+    steps = [(t1 - t0) * 1000 for kind, _, t0, t1 in rt.scheduler.timeline if kind == "decode"]
+    loads = [(t1 - t0) * 1000 for kind, _, t0, t1 in rt.scheduler.timeline if kind == "load"]
     rt.close()
+    del rt
+    release()
     shutil.rmtree(d, ignore_errors=True)
-    waited = sum(t["queue_ms"] for t in turns)  # submit to admission: a reload the turn had to wait for
-    return {"makespan_s": round(makespan, 3), "reload_wait_ms": round(waited, 1), "read_ms": round(sum(t["load_ms"] for t in turns), 1), "turns": turns, "timeline": timeline, "evictions": rt.pool.stats.evictions}
+    return {"makespan_s": makespan, "misses": sum(t["tier"] != "hot" for t in turns), "waited_ms": sum(t["queue_ms"] for t in turns),
+            "decode_step_ms": statistics.median(steps) if steps else None, "load_ms": statistics.median(loads) if loads else None, "turns": turns}
 
 
-def step_times(timeline) -> dict:
-    """Decode step times with and without a cache read running at the same time."""
-    loads = [(t0, t1) for kind, _, t0, t1 in timeline if kind == "load"]
-    during, alone = [], []
-    for kind, _, t0, t1 in timeline:
-        if kind == "decode":
-            (during if any(a < t1 and b > t0 for a, b in loads) else alone).append((t1 - t0) * 1000)
-    med = lambda xs: round(statistics.median(xs), 1) if xs else None  # noqa: E731
-    return {"steps_during_load": len(during), "median_ms_during_load": med(during), "steps_without_load": len(alone), "median_ms_without_load": med(alone)}
-
-
-def decode_under_reload(runner, src: Path, root: Path, n_agents: int, batch: int = 4, tokens: int = 24) -> dict:
-    """`batch` hot agents decode while the other agents' caches are read over and over."""
-    d = root / f"reload-{src.name}"
-    shutil.copytree(src, d)
-    rt = Runtime(cache_dir=d, runner=runner, max_tokens=tokens)
-    rt.scheduler.close()
-    rt.pool = CachePool(d, runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=False)
-    rt.scheduler = Scheduler(runner, rt.pool)
-    names = [f"agent{i}" for i in range(n_agents)]
-    for name in names[:batch]:
-        cache, _ = rt.pool.checkout(name)
-        rt.pool.checkin(name, cache, persist=False)
-        rt.pool.unsaved.discard(name)
-    handles = [rt.submit(n, "List every depot you know, one per line.", max_tokens=tokens) for n in names[:batch]]
-    i = 0
-    while not all(h.done for h in handles):
-        name = names[batch + i % (n_agents - batch)]
-        if all(h.status == "decode" for h in handles) and rt.prefetch(name):
-            while name not in rt.scheduler._ready and not all(h.done for h in handles):
-                time.sleep(0.002)
-            rt.scheduler.discard(name)  # give it back unused, so it is read again later
-            rt.pool.forget(name)
-            i += 1
-            steps = sum(x[0] == "decode" for x in rt.scheduler.timeline)
-            while sum(x[0] == "decode" for x in rt.scheduler.timeline) < steps + 2 and not all(h.done for h in handles):
-                time.sleep(0.005)  # leave steps without a read, to compare with
-        time.sleep(0.005)
-    timeline = list(rt.scheduler.timeline)
-    rt.close()
-    shutil.rmtree(d, ignore_errors=True)
-    out = step_times([x for x in timeline if x[0] != "decode" or len(x[1]) == batch])
-    out["loads"] = sum(x[0] == "load" for x in timeline)
-    out["batch"] = batch
+def bench_interleave(runner, src: Path, root: Path, agent_bytes: int, args) -> dict:
+    budget = (args.fit + 0.5) * agent_bytes  # `fit` agents (they grow a little per turn), never one more
+    run = lambda mode: run_mode(runner, src, root, mode, args.agents, args.fit, args.max_tokens, float("inf") if mode == "hot" else budget)  # noqa: E731
+    for mode in MODES:  # untimed warm-up of each mode
+        run(mode)
+    samples = {m: [] for m in MODES}
+    for r in range(args.repeats):
+        order = MODES[r % 3 :] + MODES[: r % 3]  # rotate, so no mode always runs first
+        for mode in order:
+            got = run(mode)
+            samples[mode].append(got)
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30 if Path("/proc/self/statm").exists() else 0
+            print(f"  repeat {r + 1}/{args.repeats} {mode:8s} makespan {got['makespan_s']:.2f} s, {got['misses']} reloads (process memory {rss:.1f} GiB)", flush=True)
+    out = {"budget_bytes": int(budget), "agent_file_bytes": agent_bytes}
+    for mode in MODES:
+        runs = samples[mode]
+        out[mode] = {"makespan_s": spread([x["makespan_s"] for x in runs]), "misses": runs[0]["misses"],
+                     "waited_ms": spread([x["waited_ms"] for x in runs]),
+                     "decode_step_ms": spread([x["decode_step_ms"] for x in runs if x["decode_step_ms"] is not None]),
+                     "load_ms": spread([x["load_ms"] for x in runs]) if all(x["load_ms"] is not None for x in runs) else None,
+                     "makespans_s": [round(x["makespan_s"], 3) for x in runs], "turns_last_run": runs[-1]["turns"]}
+    for mode in ("overlap", "reload"):  # per-repeat ratios: both runs of a repeat saw the same minute of the machine
+        ratios = [a["makespan_s"] / h["makespan_s"] for a, h in zip(samples[mode], samples["hot"])]
+        out[mode]["vs_hot"] = spread(ratios)
     return out
 
 
-def batch_throughput(runner, context: int, sizes=(1, 2, 4, 8), steps: int = 4, repeats: int = 3) -> dict:
-    """Aggregate decode tokens/s per batch size: fastest of `repeats` alternating timings."""
-    tokens = runner.tokenizer.encode(DOC)[:context]
-    base = synthetic_cache(runner, tokens)
+def measured_prefill(runner: ModelRunner, context: int) -> float:
+    """Seconds for one real prefill of `context` tokens (after a short untimed one)."""
+    ids = runner.tokenizer.encode(DOC)
+    while len(ids) < context:
+        ids = ids + ids
+    runner.prefill(ids[:64], runner.new_cache())
+    t0 = time.perf_counter()
+    mx.eval(runner.prefill(ids[:context], runner.new_cache()))
+    return time.perf_counter() - t0
+
+
+def batch_scaling(runner, agent_file: Path, sizes: list[int], steps: int, repeats: int) -> dict:
+    """Aggregate decode tokens/s per batch size: sizes alternate within each repeat. Every
+    row is the agent file read back (its own storage, as separate agents have)."""
     rows = {}
     for b in sizes:
-        caches = []
-        for _ in range(b):  # each row its own storage, as separate agents have
-            c = runner.new_cache()
-            for dst, src in zip(c.layers, base.layers):
-                k, v = src.contiguous()
-                dst.append(tuple(mx.array(x) for x in k), None if v is None else tuple(mx.array(x) for x in v))
-            c.tokens = list(tokens)
-            caches.append(c)
-        mx.eval(runner.decode([5] * b, caches))  # warm-up
+        caches = [codec.load(agent_file, runner.fingerprint)[0] for _ in range(b)]
+        context = len(caches[0].tokens)
+        mx.eval(runner.decode([5] * b, caches))  # untimed warm-up of this size
         rows[b] = caches
-    best = {b: float("inf") for b in sizes}
-    for _ in range(repeats):
-        for b in sizes:
+    release()
+    samples = {b: [] for b in sizes}
+    for r in range(repeats):
+        for b in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
+            for c in rows[b]:
+                c.trim_to(context)  # every repeat decodes at the same context length
             t0 = time.perf_counter()
             for _ in range(steps):
                 mx.eval(runner.decode([5] * b, rows[b]))
-            best[b] = min(best[b], (time.perf_counter() - t0) / steps)
-    out = {b: {"step_ms": round(best[b] * 1000, 1), "tokens_per_s": round(b / best[b], 2)} for b in sizes}
+            samples[b].append((time.perf_counter() - t0) / steps)
+    out = {}
     for b in sizes:
-        out[b]["speedup_vs_1"] = round(out[b]["tokens_per_s"] / out[1]["tokens_per_s"], 2)
+        step = spread([s * 1000 for s in samples[b]])
+        out[b] = {"step_ms": step, "tokens_per_s": round(b / step["median"] * 1000, 2)}
+    for b in sizes:
+        out[b]["speedup_vs_1"] = round(out[b]["tokens_per_s"] / out[sizes[0]]["tokens_per_s"], 3)
     return out
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--runs", default=f"{GEOMETRY_8B}:4096,smollm2-135m:1024", help="model:context, comma separated")
     ap.add_argument("--agents", type=int, default=10)
-    ap.add_argument("--contexts", default="1024,4096")
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2, help="Runs per mode; the fastest is reported (noise from other processes).")
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--measure-prefill", action="store_true", help="Time a prefill at every context size (slow at 4K on CPU) instead of scaling the first one.")
-    ap.add_argument("--out", default="bench_results")
+    ap.add_argument("--fit", type=int, default=3, help="agents the budget holds")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=4, help="tokens per turn")
+    ap.add_argument("--kv", default="q4", help="KV cache mode (default q4, the layout of the published figures)")
+    ap.add_argument("--batch-sizes", default="1,2,4,8")
+    ap.add_argument("--batch-steps", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="small sizes to check the script (numbers not comparable)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()
-    runner = ModelRunner.load(args.model, default_home())
-    root = Path(tempfile.mkdtemp(prefix="bench-interleave-"))
-    results = {"model": args.model, "agents": args.agents, "rounds": args.rounds, "max_tokens": args.max_tokens, "repeats": args.repeats,
-               "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} on {mx.default_device()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}", "contexts": {}}
-    prefill_per_token, measured = None, None
+    if args.quick:
+        args.runs, args.agents, args.repeats, args.batch_sizes, args.batch_steps = f"{GEOMETRY_8B}:512", 5, 2, "1,2,4", 2
+    if args.repeats < 1 or args.agents <= args.fit:
+        ap.error("need --repeats >= 1 and more --agents than --fit")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    mx.set_cache_limit(0)  # freed buffers go back at once: runs of 1.5 GB of caches follow each other
+    home = default_home()
+    root = Path(tempfile.mkdtemp(prefix="bench-interleave-", dir=home))
+    results = {"command": " ".join(["python", "scripts/bench_interleave.py", *sys.argv[1:]]), "quick": args.quick,
+               "agents": args.agents, "fit": args.fit, "kv": args.kv, "max_tokens": args.max_tokens, "repeats": args.repeats,
+               "machine": {"cpu": blas.read_cpuinfo().model, "cpus": os.cpu_count(), "mlx": mx.__version__, "device": str(mx.default_device()),
+                           "blas": blas.CHOICE.summary(), "date": time.strftime("%Y-%m-%d")},
+               "runs": {}}
     try:
-        for context in [int(c) for c in args.contexts.split(",")]:
-            src = make_agents(runner, root, args.agents, context)
-            agent_bytes = sum(p.stat().st_size for p in src.glob("agent0.safetensors"))
-            budget = 3.5 * agent_bytes  # three agents (they grow a little per turn), never four
-            r = {"context_tokens": context, "agent_bytes": agent_bytes, "budget_bytes": int(budget)}
-            for _ in range(args.repeats):  # modes alternate, so a burst of load elsewhere hits all of them
-                for mode in ("hot", "overlap", "reload"):
-                    got = run_mode(runner, src, root, mode, args.agents, args.rounds, args.max_tokens, float("inf") if mode == "hot" else budget)
-                    print(f"C={context} {mode:8s} makespan {got['makespan_s']:.2f} s  mean ttft {statistics.mean(t['ttft_ms'] for t in got['turns']):.0f} ms", flush=True)
-                    runs = r.get(mode, {}).get("makespans_s", []) + [got["makespan_s"]]
-                    if got["makespan_s"] <= min(runs):
-                        r[mode] = {k: v for k, v in got.items() if k != "timeline"} | {"steps": step_times(got["timeline"])}
-                    r[mode]["makespans_s"] = runs
-            if prefill_per_token is None or args.measure_prefill:
-                probe = runner.new_cache()
-                t0 = time.perf_counter()
-                mx.eval(runner.prefill(runner.tokenizer.encode(DOC)[:context], probe))
-                prefill_per_token = (time.perf_counter() - t0) / context
-                measured = context
-            prefill_s = prefill_per_token * context
-            misses = sum(t["tier"] != "hot" for t in r["reload"]["turns"])
-            r["reprefill"] = {"estimated": True, "prefill_s": round(prefill_s, 2), "prefill_measured_at": measured, "misses": misses,
-                              "makespan_s": round(r["hot"]["makespan_s"] + misses * prefill_s, 2),
-                              "mean_ttft_ms": round(statistics.mean(t["ttft_ms"] for t in r["hot"]["turns"]) + misses / len(r["hot"]["turns"]) * prefill_s * 1000, 1)}
-            print(f"C={context} reprefill (est.) makespan {r['reprefill']['makespan_s']:.2f} s (prefill {prefill_s:.1f} s x {misses})", flush=True)
-            for mode in ("overlap", "reload", "reprefill"):
-                r[mode]["vs_hot"] = round(r[mode]["makespan_s"] / r["hot"]["makespan_s"], 3)
-            r["decode_under_reload"] = decode_under_reload(runner, src, root, args.agents)
-            print(f"C={context} decode steps with/without a concurrent read: {json.dumps(r['decode_under_reload'])}", flush=True)
-            results["contexts"][context] = r
+        for spec in args.runs.split(","):
+            model, context = spec.rsplit(":", 1)
+            context = int(context)
+            runner = ModelRunner.load(model, home, kv_bits=args.kv)
+            print(f"{model} at {context} tokens: building {args.agents} agents", flush=True)
+            src, agent_bytes = make_agents(runner, root, args.agents, context)
+            r = {"model": model, "random_weights": model.endswith("-random"), "context_tokens": context}
+            r |= bench_interleave(runner, src, root, agent_bytes, args)
+            prefill_s = measured_prefill(runner, context)
+            hot = r["hot"]["makespan_s"]["median"]
+            r["reprefill"] = {"computed": True, "prefill_s_measured": round(prefill_s, 3), "misses": r["reload"]["misses"],
+                              "makespan_s": round(hot + r["reload"]["misses"] * prefill_s, 3),
+                              "vs_hot": round((hot + r["reload"]["misses"] * prefill_s) / hot, 3)}
+            r["batch"] = batch_scaling(runner, src / "agent0.safetensors", sizes, args.batch_steps, args.repeats)
+            print(f"  batch: {json.dumps({b: x['tokens_per_s'] for b, x in r['batch'].items()})}", flush=True)
+            results["runs"][spec] = r
             shutil.rmtree(src, ignore_errors=True)
-        first = int(args.contexts.split(",")[0])
-        results["batch"] = {"context_tokens": first, "sizes": batch_throughput(runner, first)}
-        print("batch", json.dumps(results["batch"]["sizes"]), flush=True)
+            del runner
+            release()
+            write(results, args.out)  # after each model, so a long run keeps what it finished
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    results["headline"] = {
-        "overlap_vs_hot": max(r["overlap"]["vs_hot"] for r in results["contexts"].values()),
-        "batch4_speedup": results["batch"]["sizes"][4]["speedup_vs_1"],
-        "decode_step_during_load_vs_without": max(
-            round(x["decode_under_reload"]["median_ms_during_load"] / x["decode_under_reload"]["median_ms_without_load"], 3)
-            for x in results["contexts"].values() if x["decode_under_reload"]["median_ms_during_load"]
-        ),
-    }
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "interleave.json").write_text(json.dumps(results, indent=1))
-    (out / "interleave.md").write_text(report(results))
     print(json.dumps(results["headline"]))
 
 
-def report(r: dict) -> str:
+def write(results: dict, out: Path) -> None:
+    results["headline"] = headline(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "interleave.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "interleave.md").write_text(markdown(results))
+
+
+def headline(results: dict) -> dict:
+    """Medians of per-repeat ratios; the plain keys describe the real model's run when there is one."""
+    runs = list(results["runs"].values())
+    out = {}
+    last = next((r for r in runs if r["model"] != GEOMETRY_8B), runs[-1])
+    out["overlap_vs_hot"] = last["overlap"]["vs_hot"]["median"]
+    out["no_overlap_vs_hot"] = last["reload"]["vs_hot"]["median"]
+    four = last["batch"].get(4) or last["batch"].get("4")
+    out["batch4_speedup"] = four["speedup_vs_1"] if four else None
+    out["model"] = last["model"]
+    for r in runs:
+        if r["model"] == GEOMETRY_8B:
+            out["no_overlap_vs_hot_8b_geometry"] = r["reload"]["vs_hot"]["median"]
+            out["overlap_vs_hot_8b_geometry"] = r["overlap"]["vs_hot"]["median"]
+            four = r["batch"].get(4) or r["batch"].get("4")
+            out["batch4_speedup_8b_geometry"] = four["speedup_vs_1"] if four else None
+            out["context_8b_geometry"] = r["context_tokens"]
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
     lines = [
         "# Reloads overlapped with decoding (scripts/bench_interleave.py)",
         "",
-        f"{r['agents']} agents round-robin, {r['rounds']} round(s), {r['max_tokens']} tokens per turn, budget for 3 agents; fastest of {r['repeats']} alternating runs per mode. {r['machine']}.",
+        f"{m['cpu']}, {m['cpus']} cores, MLX {m['mlx']} on {m['device']}, {m['blas']}, {m['date']}. `{res['command']}`",
         "",
-        f"**Headline:** overlap / hot makespan = {r['headline']['overlap_vs_hot']}, batch-4 decode speedup = {r['headline']['batch4_speedup']}x, "
-        f"decode step during a read / without = {r['headline']['decode_step_during_load_vs_without']}.",
+        f"{res['agents']} agents round-robin, budget for {res['fit']}, {res['max_tokens']} tokens per turn, KV mode {res['kv']}; modes alternate within each of "
+        f"{res['repeats']} repeats after an untimed warm-up; median (min-max). vs hot is the median of per-repeat ratios. "
+        "Page cache dropped before each run. Models marked random have seeded random weights.",
         "",
-        "| context | mode | makespan s | vs hot | mean TTFT ms | max TTFT ms | reads ms (sum) | turns waited for reads ms (sum) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | context | agent file MiB | mode | makespan s | vs hot | reloads | waited for reads ms | reload ms | decode step ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, x in r["contexts"].items():
-        for mode, label in (("reprefill", "(a) re-prefill, est."), ("reload", "(b) reload, no overlap"), ("overlap", "(c) reload overlapped"), ("hot", "(d) all hot")):
-            m = x[mode]
-            if mode == "reprefill":
-                lines.append(f"| {c} | {label} | {m['makespan_s']} | {m['vs_hot']} | {m['mean_ttft_ms']} | | | {m['misses']} prefills of {c} tokens, {m['prefill_s']} s each (timed at {m['prefill_measured_at']}) |")
-                continue
-            ttfts = [t["ttft_ms"] for t in m["turns"]]
-            lines.append(f"| {c} | {label} | {m['makespan_s']} | {m.get('vs_hot', 1.0)} | {statistics.mean(ttfts):.0f} | {max(ttfts):.0f} | {m['read_ms']} | {m['reload_wait_ms']} |")
-    lines += ["", "Decode steps of 4 hot agents while other agents' caches are read from disk (loader thread):", "",
-              "| context | reads | median step ms during a read (steps) | without (steps) |", "|---|---|---|---|"]
-    for c, x in r["contexts"].items():
-        u = x["decode_under_reload"]
-        lines.append(f"| {c} | {u['loads']} | {u['median_ms_during_load']} ({u['steps_during_load']}) | {u['median_ms_without_load']} ({u['steps_without_load']}) |")
-    b = r["batch"]
-    lines += ["", f"Batched decode at {b['context_tokens']} tokens of context per agent:", "", "| batch | step ms | tokens/s | vs batch 1 |", "|---|---|---|---|"]
-    for size, x in b["sizes"].items():
-        lines.append(f"| {size} | {x['step_ms']} | {x['tokens_per_s']} | {x['speedup_vs_1']} |")
-    lines += ["", "Makespans are the fastest of the alternating runs (all runs in interleave.json with per-turn TTFT, tier,",
-              "read and wait times). 'turns waited for reads' is the sum over turns of submit-to-admission time: the part",
-              "of the reloads that was not hidden. (a) is estimated: the hot makespan plus one prefill per miss.", ""]
+    f = lambda s, k=1: "n/a" if not s else f"{s['median']:.{k}f} ({s['min']:.{k}f}-{s['max']:.{k}f})"  # noqa: E731
+    for r in res["runs"].values():
+        name = r["model"] + (" (random)" if r["random_weights"] else "")
+        mib = r["agent_file_bytes"] / 2**20
+        for mode, label in (("hot", "all hot"), ("overlap", "reload overlapped"), ("reload", "reload, no overlap")):
+            x = r[mode]
+            vs = "1" if mode == "hot" else f(x["vs_hot"], 3)
+            lines.append(f"| {name} | {r['context_tokens']} | {mib:.1f} | {label} | {f(x['makespan_s'], 2)} | {vs} | {x['misses']} | {f(x['waited_ms'], 0)} | {f(x['load_ms'], 0)} | {f(x['decode_step_ms'], 0)} |")
+        p = r["reprefill"]
+        lines.append(f"| {name} | {r['context_tokens']} | {mib:.1f} | re-prefill (**computed**: hot + {p['misses']} x one measured prefill of {p['prefill_s_measured']:.2f} s) | {p['makespan_s']:.2f} | {p['vs_hot']:.3f} | | | | |")
+    lines += ["", "Batched decode, aggregate tokens/s (sizes alternate within each repeat; step time median (min-max)):", "",
+              "| model | context | batch | step ms | tokens/s | vs batch 1 |", "|---|---|---|---|---|---|"]
+    for r in res["runs"].values():
+        for b, x in r["batch"].items():
+            lines.append(f"| {r['model']} | {r['context_tokens']} | {b} | {f(x['step_ms'], 0)} | {x['tokens_per_s']} | {x['speedup_vs_1']} |")
+    h = res["headline"]
+    lines += ["", "Headline: " + ", ".join(f"{k} = {v}" for k, v in h.items()), ""]
     return "\n".join(lines)
 
 

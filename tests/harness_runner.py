@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_agentcache import metal_kernels
-from mlx_agentcache.q4_format import Q4
+from mlx_agentcache.q4_format import KEY_GROUP, VALUE_GROUP, Q4
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 Q4_OUT = {"packed": np.uint32, "scales": np.float16, "biases": np.float16}
@@ -74,17 +74,18 @@ class Harness:
 
     # --- the kernels' contracts, computed by their sources -------------------
 
-    def decode_defines(self, dtype: mx.Dtype, d: int, dv: int, r: int) -> list[str]:
+    def decode_defines(self, dtype: mx.Dtype, d: int, dv: int, r: int, q4c: bool = False) -> list[str]:
         plan = metal_kernels.decode_plan(dtype, d, dv, r)
         if plan is None:
             raise ValueError(f"decode_plan refuses {dtype}, D={d}, Dv={dv}, R={r}")
+        layout = [f"-DDEC_KC={KEY_GROUP}", f"-DDEC_VS={VALUE_GROUP}"] if q4c else []
         return [f"-DDEC_T={CXX_TYPE[plan.dtype]}", f"-DDEC_D={d}", f"-DDEC_DV={dv}", f"-DDEC_R={r}",
-                f"-DDEC_RT={plan.rows}", f"-DDEC_NSG={metal_kernels.SIMD_GROUPS}"]
+                f"-DDEC_RT={plan.rows}", f"-DDEC_NSG={metal_kernels.SIMD_GROUPS}", *layout]
 
     def decode_inputs(self, queries: mx.array, kq: Q4, vq: Q4, scale: float, lengths) -> dict:
         """The decode inputs, named as in kernels/README.md."""
         inputs = {"queries": to_raw(queries), "lengths": np.asarray(lengths, np.int32),
-                  "scale": np.array([scale], np.float32)}
+                  "first": np.zeros(1, np.int32), "scale": np.array([scale], np.float32)}
         for p, c in (("k_", kq), ("v_", vq)):
             inputs.update({p + name: np_(a) for name, a in zip(Q4_OUT, c)})
         return inputs
@@ -112,3 +113,49 @@ class Harness:
         got = self.run("quantize", [x16.size // 64], {"x": x16}, Q4_OUT)
         lead = x16.shape[:-1]
         return Q4(*(mx.array(got[n].reshape(*lead, -1)) for n in Q4_OUT))
+
+    def quantize_keys(self, x: mx.array) -> tuple:
+        """metal_kernels.quantize_keys's contract through the harness."""
+        x16 = np_(x.astype(mx.float16))
+        *lead, t, d = x16.shape
+        rows = x16.size // d
+        got = self.run("quantize_keys", [rows], {"x": x16}, Q4_OUT, [f"-DDEC_D={d}", f"-DDEC_DV={d}"])
+        return (mx.array(got["packed"].reshape(*lead, t, d // 8)),
+                *(mx.array(got[n].reshape(*lead, t // KEY_GROUP, d)) for n in ("scales", "biases")))
+
+    def quantize_values(self, x: mx.array) -> tuple:
+        """metal_kernels.quantize_values's contract through the harness."""
+        x16 = np_(x.astype(mx.float16))
+        lead = x16.shape[:-1]
+        got = self.run("quantize_values", [x16.size // VALUE_GROUP], {"x": x16},
+                       {"packed": np.uint32, "scales": np.float16})
+        return mx.array(got["packed"].reshape(*lead, -1)), mx.array(got["scales"].reshape(*lead, -1))
+
+    def decode_attention_q4c(self, queries: mx.array, kq: tuple, vq: tuple, scale: float, lengths,
+                             exact_k=None, exact_v=None, first=0, splits=None, **kw) -> mx.array:
+        """metal_kernels.decode_attention_q4c's contract: pass 1 through the harness (q4c
+        layout), the fp16 extra tokens as one more split, both merged by the combine."""
+        b, h, _, d = queries.shape
+        _, n_kv, n, _ = kq[0].shape
+        dv = vq[0].shape[-1] * 8
+        r = h // n_kv
+        plan = metal_kernels.decode_plan(queries.dtype, d, dv, r)
+        s = splits or metal_kernels.split_count(n_kv * plan.tiles * b, n)
+        inputs = {"queries": to_raw(queries), "lengths": np_(lengths).astype(np.int32),
+                  "first": np.array([first], np.int32), "scale": np.array([scale], np.float32)}
+        inputs.update({"k_" + name: np_(a) for name, a in zip(Q4_OUT, kq)})
+        inputs.update({"v_packed": np_(vq[0]), "v_scales": np_(vq[1])})
+        got = self.run("decode", [b, n_kv, n, s], inputs, {"partial": np.float32, "maxes": np.float32, "sums": np.float32},
+                       self.decode_defines(queries.dtype, d, dv, r, q4c=True), **kw)
+        partial = mx.array(got["partial"].reshape(b, h, s, dv))
+        maxes, sums = (mx.array(got[k].reshape(b, h, s)) for k in ("maxes", "sums"))
+        return metal_kernels.merge_exact(partial, maxes, sums, queries, scale, exact_k, exact_v, self.combine)
+
+    def combine(self, partial: mx.array, maxes: mx.array, sums: mx.array, dtype: mx.Dtype) -> mx.array:
+        """The combine kernel (pass 2) through the harness."""
+        b, h, s, dv = partial.shape
+        raw = np.uint16 if dtype == mx.bfloat16 else np.dtype(str(dtype).rsplit(".", 1)[-1])
+        inputs = {"partial": np_(partial), "maxes": np_(maxes), "sums": np_(sums)}
+        defines = [f"-DDEC_T={CXX_TYPE[str(dtype).rsplit('.', 1)[-1]]}", f"-DDEC_DV={dv}"]
+        out = mx.array(self.run("combine", [b * h, s], inputs, {"out": raw}, defines)["out"].reshape(b, h, 1, dv))
+        return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out

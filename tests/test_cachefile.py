@@ -24,21 +24,38 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def small_file(tmp_path_factory) -> tuple[bytes, object]:
-    cache = random_cache(7, layers=2, heads=1, n=70, dim=64)
+    cache = random_cache(7, layers=2, heads=1, n=300, dim=64, bits="q4c")  # sinks, body and tail
     path = tmp_path_factory.mktemp("small") / "a.safetensors"
     codec.save(path, cache, FP, extra={"note": "fuzz"})
     return path.read_bytes(), cache
 
 
-@pytest.mark.parametrize("bits", [4, 8, 16])
-def test_round_trip_is_exact(tmp_path, bits):
-    cache = random_cache(1, bits=bits, n=300)
+@pytest.mark.parametrize("bits", [4, 8, 16, "q4k", "q4c"])
+@pytest.mark.parametrize("n", [3, 300])
+def test_round_trip_is_exact(tmp_path, bits, n):
+    cache = random_cache(1, bits=bits, n=n)
     path = tmp_path / "a.safetensors"
-    n = codec.save(path, cache, FP, extra={"k": 1}, model="m")
-    assert n == path.stat().st_size
+    size = codec.save(path, cache, FP, extra={"k": 1}, model="m")
+    assert size == path.stat().st_size
     back, extra = codec.load(path, FP)
-    assert extra == {"k": 1} and same_tensors(cache, back)
-    assert back.layers[0].bits == bits and back.offset == 300
+    assert extra == {"k": 1} and same_tensors(cache, back) and back.nbytes == cache.nbytes
+    assert back.layers[0].mode == cache.layers[0].mode and back.offset == n
+
+
+def test_version_1_files_still_load_and_a_q4c_file_cannot_pass_for_one(tmp_path):
+    """Files written before q4c (format "agentcache-kv", no kv_mode) load as they were; a q4c
+    file relabelled as version 1 is refused, never read as q4."""
+    for mode in (4, "q4c"):
+        path = tmp_path / f"{mode}.safetensors"
+        codec.save(path, random_cache(3, bits=mode), FP)
+        meta_less = _rewrite_meta(path.read_bytes(), format=codec.FORMAT_V1, kv_mode="")
+        path.write_bytes(meta_less)
+        if mode == 4:
+            back, _ = codec.load(path, FP)
+            assert same_tensors(back, random_cache(3, bits=4)) and back.layers[0].mode == "q4"
+        else:
+            with pytest.raises(container.CacheFileError, match="q4c"):
+                codec.load(path, FP)
 
 
 def test_file_is_plain_safetensors(tmp_path):

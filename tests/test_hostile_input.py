@@ -394,7 +394,7 @@ def test_cli_import_with_model_refuses_another_kv_mode_at_import(tmp_path, model
     r, _ = agentcache("agents", "export", "src", "-o", str(card), "--cache-dir", str(d), home=model_home)
     assert r.returncode == 0, r.stderr
     r, _ = agentcache("agents", "import", str(card), "--model", "smollm2-135m", "--kv", "q8", "--cache-dir", str(other), home=model_home)
-    assert_clean_error(r, 1, "this model stores")  # a q4 card's layers are not a q8 cache's
+    assert_clean_error(r, 1, "stored with q4c KV, runtime uses q8")  # a q4c (default) card is not a q8 cache
     assert not other.exists() or not any(other.glob("*.safetensors"))
     r, _ = agentcache("agents", "import", str(card), "--model", "smollm2-135m", "--cache-dir", str(other), home=model_home)
     assert r.returncode == 0 and (other / "src.safetensors").exists(), r.stderr

@@ -399,3 +399,135 @@ def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mod
     window.update_and_fetch(*(mx.array(rng.standard_normal((1, n_kv, 200, d)).astype(np.float32)),) * 2)
     window.attend(query, d**-0.5)
     assert len([c for c in decode.calls if c[0][0] == 1]) == 1
+
+
+# --- q4c: channel-wise keys, symmetric values --------------------------------------
+
+
+def channel_keys(rng, heads: int, t: int, d: int, specials: bool = True) -> np.ndarray:
+    """(heads, t, d) fp16 keys with outlier channels and offsets; `specials`: the special groups
+    (ties, NaN, Inf, ...) running down some channels."""
+    x = rng.standard_normal((heads, t, d)) * 10.0 ** rng.uniform(-3 if specials else -1, 3 if specials else 1, (heads, 1, d))
+    x = (x + rng.standard_normal((1, 1, d)) * 5).astype(np.float16)
+    if not specials:
+        return x
+    groups = special_groups()
+    seqs = groups[: len(groups) // 2 * 2].reshape(-1, 128)  # two 64-value special groups per 128-token channel group
+    cols = x.swapaxes(1, 2).reshape(-1, 128)  # (heads * d * t/128, 128): one channel's group per row
+    cols[rng.choice(len(cols), min(len(seqs), len(cols)), replace=False)] = seqs[: len(cols)]
+    return np.ascontiguousarray(cols.reshape(heads, d, t).swapaxes(1, 2))
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_q4c_key_quantize_matches_portable_bytes(harness, d):
+    x = mx.array(channel_keys(np.random.default_rng(d), 3, 256, d))
+    got, want = harness.quantize_keys(x), q4_format.quantize_keys(x)
+    assert np.array_equal(np_(got[0]), np_(want[0])), "codes differ"
+    assert all(same_bits(np_(g), np_(w)) for g, w in zip(got[1:], want[1:])), "scales or biases differ"
+    # the layout: codes packed along the head dim per token, one scale per channel per 128 tokens
+    assert got[0].shape == (3, 256, d // 8) and got[1].shape == (3, 2, d)
+    # and it is mx.quantize of each channel's 128 tokens, repacked
+    xt = x.swapaxes(-1, -2)
+    packed_t, scales, biases = mx.quantize(xt, group_size=128, bits=4)
+    assert same_bits(np_(scales.swapaxes(-1, -2)), np_(want[1])) and same_bits(np_(biases.swapaxes(-1, -2)), np_(want[2]))
+    codes = np_(q4_format.unpack(want[0]))
+    assert np.array_equal(np_(q4_format.unpack(packed_t)), codes.swapaxes(-1, -2))
+
+
+def test_q4c_value_quantize_matches_portable_bytes(harness):
+    rng = np.random.default_rng(3)
+    n = 20000
+    kinds = [rng.standard_normal((n, 32)) * 10.0 ** rng.uniform(-7, 4.5, (n, 1)),
+             rng.integers(-8, 9, (n, 32)) * 2.0 ** rng.integers(-24, 10, (n, 1)),  # exact ties, equal magnitudes
+             np.concatenate([special_groups().reshape(-1, 32).astype(np.float64), q4.value_check_groups()])[rng.integers(0, 100, n)]]
+    x = mx.array(np.clip(np.concatenate(kinds), -65504, 65504).astype(np.float16).reshape(-1, 4, 128))
+    got, want = harness.quantize_values(x), q4_format.quantize_values(x)
+    assert np.array_equal(np_(got[0]), np_(want[0])) and same_bits(np_(got[1]), np_(want[1]))
+
+
+@pytest.mark.parametrize("dtype,d,r,lengths,extra,first", [
+    (f32, 64, 3, [384, 130, 0], 6, 4), (f16, 128, 4, [256, 256, 1], 0, 0), (bf16, 256, 1, [384, 5, 300], 132, 4),
+    (f32, 128, 8, [128, 0, 383], 1, 0), (f32, 64, 1, [3, 4, 200], 4, 4)])
+def test_q4c_decode_matches_reference_for_every_head(harness, dtype, d, r, lengths, extra, first):
+    rng = np.random.default_rng(d + r)
+    b, n_kv, n = 3, 2, 384
+    kq = q4_format.quantize_keys(mx.array(channel_keys(rng, b * n_kv, n, d, False).astype(np.float32).reshape(b, n_kv, n, d)))
+    vq = q4_format.quantize_values(mx.array(rng.standard_normal((b, n_kv, n, d)).astype(np.float32)))
+    ek = ev = None
+    if extra:
+        ek, ev = (mx.array(rng.standard_normal((b, n_kv, extra, d)).astype(np.float16)) for _ in range(2))
+    queries = mx.array(rng.standard_normal((b, n_kv * r, 1, d)).astype(np.float32)).astype(dtype)
+    lengths = mx.array(lengths, dtype=mx.int32)
+    want = q4_format.decode_attention_q4c_ref(queries, kq, vq, d**-0.5, lengths, ek, ev, first)
+    for splits in (None, 3):
+        got = harness.decode_attention_q4c(queries, kq, vq, d**-0.5, lengths, ek, ev, first, splits=splits)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert head_errors(got, want).max() < DECODE_TOL[dtype]
+    if not extra:  # an empty sequence with no extra tokens gives zeros
+        assert not np.any(np_(got.astype(mx.float32))[np_(lengths) <= first])
+
+
+def test_q4c_reference_is_attention_over_the_decoded_cache():
+    rng = np.random.default_rng(5)
+    k, v = rng.standard_normal((2, 1, 256, 64)), rng.standard_normal((2, 1, 256, 64))
+    kq, vq = q4_format.quantize_keys(mx.array(k.astype(np.float32))), q4_format.quantize_values(mx.array(v.astype(np.float32)))
+    ek, ev = rng.standard_normal((2, 1, 3, 64)).astype(np.float16), rng.standard_normal((2, 1, 3, 64)).astype(np.float16)
+    q = rng.standard_normal((2, 2, 1, 64))
+    got = np_(q4_format.decode_attention_q4c_ref(mx.array(q.astype(np.float32)), kq, vq, 0.125, mx.array([256, 100]), mx.array(ek), mx.array(ev)))
+    kd, vd = np_(q4_format.dequantize_keys(kq)).astype(np.float64), np_(q4_format.dequantize_values(vq)).astype(np.float64)
+    for i, n in enumerate((256, 100)):
+        keys = np.concatenate([kd[i, 0, :n], ek[i, 0]]); vals = np.concatenate([vd[i, 0, :n], ev[i, 0]])
+        s = q[i, :, 0] @ keys.T * 0.125
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = (p / p.sum(-1, keepdims=True)) @ vals
+        assert np.abs(got[i, :, 0] - want).max() < REFERENCE_TOL * np.abs(want).max() * 10
+
+
+def test_q4c_kernels_pass_their_first_use_checks_and_fall_back_when_wrong(harness, capsys):
+    kernels = q4.CheckedKernels(harness.quantize, harness.decode_attention, plan_config, harness.quantize_keys,
+                                harness.quantize_values, harness.decode_attention_q4c)
+    x = mx.array(np.random.default_rng(0).standard_normal((2, 128, 64)).astype(np.float32))
+    assert np.array_equal(np_(kernels.quantize_keys(x)[0]), np_(q4_format.quantize_keys(x)[0]))
+    assert np.array_equal(np_(kernels.quantize_values(x)[0]), np_(q4_format.quantize_values(x)[0]))
+    assert kernels.verdicts == {("quantize_keys",): True, ("quantize_values",): True}
+    assert capsys.readouterr().err == ""
+
+    def off_by_one(x):
+        packed, scales = q4_format.quantize_values(x)
+        return packed ^ 1, scales
+
+    wrong = q4.CheckedKernels(harness.quantize, harness.decode_attention, plan_config, None, off_by_one)
+    for _ in range(2):
+        assert np.array_equal(np_(wrong.quantize_values(x)[0]), np_(q4_format.quantize_values(x)[0]))
+    assert wrong.verdicts == {("quantize_values",): False}
+    assert capsys.readouterr().err.count("disabled") == 1
+
+
+def test_attend_q4c_decode_step_uses_fused_kernel_with_sinks_and_tail(harness, monkeypatch):
+    """A q4c layer's decode step: the body through the fused kernel in place (its sink rows
+    skipped), the exact sinks and the 8-bit tail as one more split; the same result as the
+    general path."""
+    from mlx_agentcache.kvcache import LayerCache
+
+    rng = np.random.default_rng(12)
+    n_kv, rep, d, n = 2, 3, 64, 300  # 4 sinks, 256 in the body, 40 in the tail
+    cache = LayerCache("q4c")
+    cache.update_and_fetch(mx.array(channel_keys(rng, n_kv, n, d, False).astype(np.float32)[None]),
+                           mx.array(rng.standard_normal((1, n_kv, n, d)).astype(np.float32)))
+    assert [(s.encoding, s.length) for s in cache.segments] == [("q4c", 256), ("q4c-tail", 44)]
+    assert cache.sink_count == 4
+    query = mx.array(rng.standard_normal((1, n_kv * rep, 1, d)).astype(np.float32))
+    want = np_(cache.attend(query, d**-0.5))
+    calls = []
+
+    def decode_q4c(queries, kq, vq, scale, lengths, ek, ev, first=0, splits=None):
+        calls.append((tuple(kq[0].shape), np_(lengths).tolist(), None if ek is None else tuple(ek.shape), first))
+        return harness.decode_attention_q4c(queries, kq, vq, scale, lengths, ek, ev, first, splits=splits)
+
+    kernels = q4.CheckedKernels(harness.quantize, harness.decode_attention, plan_config, harness.quantize_keys,
+                                harness.quantize_values, decode_q4c)
+    monkeypatch.setattr(q4, "_kernels", lambda: kernels)
+    got = np_(cache.attend(query, d**-0.5))
+    real = [c for c in calls if c[0][0] == 1]  # the check's launches have B = 3
+    assert real == [((1, n_kv, 256, d // 8), [256], (1, n_kv, 48, d), 4)]  # the tail's 44 rows and the 4 sinks
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < DECODE_TOL[f32]

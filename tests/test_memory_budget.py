@@ -112,7 +112,7 @@ def array_bytes(pool) -> int:
         for layer in c.layers
         for s in layer.segments
         if not isinstance(s, SharedSegment)
-    )
+    ) + sum(x.nbytes for c in caches for layer in c.layers if layer.sinks is not None for x in layer.sinks)
     return own + (pool.prefixes.memory_bytes() if pool.prefixes else 0)
 
 

@@ -1,4 +1,5 @@
-"""KV cache quality: the q4k key scheme, its persistence, and `agentcache eval ppl`."""
+"""KV cache quality: the q4c layout (the default) and the q4k key scheme, their storage and
+persistence, and `agentcache eval ppl` on a real model."""
 
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import json
@@ -25,8 +26,9 @@ def exact_attention(q, k, v, scale):
 
 
 def test_modes():
-    assert kv_mode("q4k") == (4, True) and kv_mode("q4") == (4, False) and kv_mode(8) == (8, False) and kv_mode("16") == (16, False)
-    assert LayerCache("q4k").mode == "q4k" and LayerCache(16).mode == "fp16"
+    assert kv_mode("q4k") == "q4k" and kv_mode("q4c") == "q4c" and kv_mode(4) == "q4" and kv_mode(8) == "q8" and kv_mode("16") == "fp16"
+    assert LayerCache("q4k").mode == "q4k" and LayerCache(16).mode == "fp16" and LayerCache().mode == "q4c"
+    assert (LayerCache("q4k").bits, LayerCache("q4k").rotate_keys) == (4, True)
     with pytest.raises(ValueError):
         kv_mode("q3")
     with pytest.raises(ValueError):
@@ -74,7 +76,7 @@ def test_q4k_round_trips_through_a_cache_file(tmp_path):
     runner.prefill(prompt, live)
     path = tmp_path / "a.safetensors"
     codec.save(path, live, runner.fingerprint)
-    _, meta = container.read_tensors(path, (codec.FORMAT,))
+    _, meta = container.read_tensors(path, codec.FORMATS)
     assert meta["kv_keys"] == "hadamard" and meta["kv_bits"] == "4"
     loaded, _ = codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4k").layers)
     assert all(layer.rotate_keys for layer in loaded.layers) and loaded.tokens == prompt
@@ -86,7 +88,7 @@ def test_q4k_round_trips_through_a_cache_file(tmp_path):
     plain = runner.new_cache("q4")
     runner.prefill(prompt, plain)
     codec.save(path, plain, runner.fingerprint)
-    assert "kv_keys" not in container.read_tensors(path, (codec.FORMAT,))[1]
+    assert "kv_keys" not in container.read_tensors(path, codec.FORMATS)[1]
     with pytest.raises(container.CacheFileError, match="q4"):
         codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4k").layers)
 
@@ -110,7 +112,7 @@ def test_eval_ppl_cli(model_home, smollm2_path, monkeypatch, tmp_path):
     text = tmp_path / "short.py"
     text.write_text(TEXT.read_text(encoding="utf-8")[:6000])
     ppl = {}
-    for kv in ("fp16", "q4", "q4k"):
+    for kv in ("fp16", "q4", "q4k", "q4c"):
         r = CliRunner().invoke(app, ["eval", "ppl", "--model", "smollm2-135m", "--kv", kv, "--context", "300", "--limit", "600", "--json", str(text)])
         assert r.exit_code == 0, r.output
         out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -118,5 +120,110 @@ def test_eval_ppl_cli(model_home, smollm2_path, monkeypatch, tmp_path):
         ppl[kv] = out["ppl"]
     assert ppl["fp16"] <= ppl["q4"] * 1.01, ppl
     assert ppl["q4k"] < ppl["q4"], ppl
+    assert ppl["q4c"] < ppl["q4k"] and ppl["q4c"] < ppl["fp16"] * 1.03, ppl
     bad = CliRunner().invoke(app, ["eval", "ppl", "--kv", "q3", str(text)])
     assert bad.exit_code == 2
+
+
+# -- q4c -----------------------------------------------------------------------------
+
+
+def outlier_keys(seed: int, n: int, d: int = 64) -> tuple[mx.array, mx.array]:
+    """Keys with a large first token (a sink) and two outlier channels; values 0..15."""
+    key = mx.random.split(mx.random.key(seed), 2)
+    k = mx.random.normal((1, 2, n, d), key=key[0]) + mx.zeros(d).at[mx.array([3, 40])].add(mx.array([12.0, -9.0]))
+    k = k.at[:, :, 0].multiply(30.0)
+    v = mx.random.randint(0, 16, (1, 2, n, d), key=key[1]).astype(mx.float32)
+    return k, v
+
+
+def test_q4c_stores_whole_groups_per_channel_a_tail_at_8_bits_and_exact_sinks():
+    k, v = outlier_keys(0, 600)
+    c = LayerCache("q4c")
+    c.update_and_fetch(k[:, :, :300], v[:, :, :300])
+    c.update_and_fetch(k[:, :, 300:], v[:, :, 300:])
+    assert [(s.encoding, s.length) for s in c.segments] == [("q4c", 512), ("q4c-tail", 88)]
+    assert c.sink_count == 4 and mx.array_equal(c.sinks[0], k[0, :, :4].astype(mx.float16))
+    dk, dv = c.dense(0, 600, mx.float32)
+    assert mx.array_equal(dk[:, :4], k[0, :, :4].astype(mx.float16).astype(mx.float32))
+    # an 8-bit tail key errs by at most one 8-bit step of the range (fp16 parameters included)
+    tail = (dk[:, 512:] - k[0, :, 512:]).abs().max().item()
+    assert tail <= (k[0, :, 512:].max() - k[0, :, 512:].min()).item() / 255 + 1e-2
+    # bits: 4.25 per key and 4.5 per value in whole groups, then the tail and the sinks, all counted
+    body = 512 * 2 * 64 * (4.25 + 4.5) / 8
+    tail_bytes = 88 * 2 * 64 * (8.5 + 4.5) / 8
+    assert c.nbytes == body + tail_bytes + 2 * 4 * 2 * 64 * 2
+
+
+def test_q4c_attends_closer_to_exact_than_q4_and_q4k_at_the_same_or_fewer_bits():
+    """Outlier channels and a dominant first token: per-channel keys and exact sinks win."""
+    err = {"q4": 0.0, "q4k": 0.0, "q4c": 0.0}
+    for seed in range(3):
+        k, v = outlier_keys(seed, 640)
+        q = mx.random.normal((1, 4, 1, 64), key=mx.random.key(seed + 10))
+        exact = exact_attention(q, k, v, 64**-0.5)
+        size = {}
+        for mode in err:
+            c = LayerCache(mode)
+            c.update_and_fetch(k, v)
+            err[mode] += (mx.linalg.norm(c.attend(q, 64**-0.5) - exact) / mx.linalg.norm(exact)).item()
+            size[mode] = c.nbytes
+        assert size["q4c"] < size["q4"] == size["q4k"]  # 640 tokens: 5 whole groups, 4 sinks
+    assert err["q4c"] < 0.6 * err["q4k"] and err["q4k"] < err["q4"], err
+
+
+def test_q4c_trim_keeps_whole_groups_and_moves_the_rest_to_the_tail():
+    k, v = outlier_keys(1, 700)
+    c = LayerCache("q4c")
+    c.update_and_fetch(k, v)
+    before = c.dense(0, 390, mx.float32)
+    c.trim_to(390)
+    assert [(s.encoding, s.length) for s in c.segments] == [("q4c", 384), ("q4c-tail", 6)] and c.offset == 390
+    after = c.dense(0, 390, mx.float32)
+    assert mx.array_equal(after[0][:, :384], before[0][:, :384]) and mx.array_equal(after[1], before[1])
+    c.trim_to(2)
+    assert c.sink_count == 2 and c.offset == 2
+    c.update_and_fetch(k[:, :, 2:300], v[:, :, 2:300])  # grows again from the tail
+    assert [(s.encoding, s.length) for s in c.segments] == [("q4c", 256), ("q4c-tail", 44)]
+    assert mx.array_equal(c.sinks[0], k[0, :, :4].astype(mx.float16))
+
+
+def test_q4c_prefill_reads_its_own_group_at_8_bits_as_decode_does():
+    """A chunk's queries see their own 128-token group at 8 bits, as decode steps see the tail:
+    a prefill and token-by-token decode of the same keys give nearly the same attention, much
+    closer than attending to the 4-bit keys of their own group would."""
+    k, v = outlier_keys(4, 300)
+    q = mx.random.normal((1, 4, 300, 64), key=mx.random.key(9))
+    chunk = LayerCache("q4c")
+    chunk.update_and_fetch(k, v)
+    assert chunk.fresh is not None and chunk.fresh[0] == 0
+    prefill = chunk.attend(q, 64**-0.5)
+    steps = LayerCache("q4c")
+    rows = []
+    for i in range(300):
+        steps.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        rows.append(steps.attend(q[:, :, i : i + 1], 64**-0.5))
+    decode = mx.concatenate(rows, axis=2)
+    exact = mx.concatenate([exact_attention(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], 64**-0.5)
+                            for i in range(300)], axis=2)
+    assert chunk.fresh is None  # read once, not kept
+    four_bit = chunk.attend(q, 64**-0.5)  # the same chunk, own group read at 4 bits
+    gap = (mx.linalg.norm(prefill - decode) / mx.linalg.norm(exact)).item()
+    assert gap < 0.5 * (mx.linalg.norm(four_bit - exact) / mx.linalg.norm(exact)).item()
+
+
+def test_q4c_round_trips_through_a_cache_file_and_refuses_other_modes(tmp_path):
+    runner = tiny_runner(kv_bits="q4c")
+    prompt = tokens(300)
+    live = runner.new_cache()
+    runner.prefill(prompt, live)
+    path = tmp_path / "a.safetensors"
+    codec.save(path, live, runner.fingerprint)
+    _, meta = container.read_tensors(path, codec.FORMATS)
+    assert meta["kv_mode"] == "q4c" and meta["format"] == codec.FORMAT
+    loaded, _ = codec.load(path, runner.fingerprint, expect_layers=runner.new_cache().layers)
+    assert loaded.layers[0].sink_count == 4 and loaded.nbytes == live.nbytes
+    for tok in tokens(5, seed=3):
+        assert mx.array_equal(runner.decode([tok], [live])[0], runner.decode([tok], [loaded])[0])
+    with pytest.raises(container.CacheFileError, match="stored with q4c KV, runtime uses q4"):
+        codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4").layers)

@@ -28,24 +28,29 @@ def fresh_runtime(rt, cache_dir=None):
     return Runtime(model=str(rt.runner.path), home=rt.home, cache_dir=cache_dir or rt.cache_dir, max_tokens=rt.max_tokens)
 
 
-def test_restore_then_continue_matches_full_prefill(rt):
+@pytest.mark.parametrize("mode", ["q4c", "q4"])
+def test_restore_then_continue_matches_full_prefill(rt, mode):
+    """A restored cache continues exactly as the cache that was saved. q4c quantizes keys in
+    128-token groups, so where a prefill stops changes its bytes a little (docs/quality.md):
+    there the reference is the same split kept in memory; per-token q4 matches one prefill."""
     text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(120))
     ids = rt.runner.tokenizer.encode(text)
     assert len(ids) > 600
     head, tail = ids[:513], ids[513:]
 
-    full = rt.runner.new_cache()
-    ref = rt.runner.prefill(ids, full)
-
-    part = rt.runner.new_cache()
+    ref = rt.runner.prefill(ids, rt.runner.new_cache(mode))
+    part, kept = rt.runner.new_cache(mode), rt.runner.new_cache(mode)
     rt.runner.prefill(head, part)
+    rt.runner.prefill(head, kept)
     path = rt.cache_dir / "restore-probe.safetensors"
     codec.save(path, part, rt.runner.fingerprint)
-    restored, _ = codec.load(path, rt.runner.fingerprint, rt.runner.new_cache().layers)
+    restored, _ = codec.load(path, rt.runner.fingerprint, rt.runner.new_cache(mode).layers)
     assert restored.tokens == head
     out = rt.runner.prefill(tail, restored)
+    assert mx.array_equal(out, rt.runner.prefill(tail, kept))
     assert int(mx.argmax(out)) == int(mx.argmax(ref))
-    assert float(mx.abs(out - ref).max()) < RESTORE_LOGIT_TOL
+    if mode == "q4":
+        assert float(mx.abs(out - ref).max()) < RESTORE_LOGIT_TOL
 
 
 def test_second_turn_prefills_only_new_tokens_after_restart(rt):
@@ -182,7 +187,7 @@ def test_cli_say_json_resumes_across_processes(model_home, tmp_path):
 
 def test_cli_kv_mode_q4k_is_saved_and_bad_modes_refused(model_home, tmp_path):
     cli("say", "--agent", "rot", "--kv", "q4k", "--max-tokens", "4", "--json", "Hi.", env_home=model_home, cache_dir=tmp_path)
-    _, meta = container.read_tensors(tmp_path / "rot.safetensors", (codec.FORMAT,))
+    _, meta = container.read_tensors(tmp_path / "rot.safetensors", codec.FORMATS)
     assert meta["kv_keys"] == "hadamard" and meta["kv_bits"] == "4"
     env = {**os.environ, "AGENTCACHE_HOME": str(model_home)}
     p = subprocess.run([sys.executable, "-m", "mlx_agentcache.cli", "say", "--kv", "q3", "hi", "--cache-dir", str(tmp_path)],

@@ -49,7 +49,7 @@ def saved_agent(d: Path, runner, name: str = "a", n: int = 40) -> Path:
 def rewrite(path: Path, change) -> None:
     """Change a file's tensors or metadata and write it back with correct checksums:
     only the structure is wrong, never a CRC."""
-    tensors, meta = container.read_tensors(path, (codec.FORMAT,))
+    tensors, meta = container.read_tensors(path, codec.FORMATS)
     tensors = {k: np.array(v) for k, v in tensors.items()}
     change(tensors, meta)
     container.write_tensors(path, tensors, meta)
@@ -159,7 +159,7 @@ def test_checksum_valid_but_malformed_cache_is_refused_and_moved_aside(kind, tmp
     change, reason = STRUCTURE[kind]
     path = saved_agent(tmp_path, runner)
     rewrite(path, change)
-    container.read_tensors(path, (codec.FORMAT,))  # every checksum is right
+    container.read_tensors(path, codec.FORMATS)  # every checksum is right
     messages = []
     p = quiet_pool(tmp_path, runner, warn=messages.append)
     cache, tier = p.checkout("a")

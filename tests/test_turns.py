@@ -52,7 +52,7 @@ def check_every_turn_landed(d: Path, first: str, results: dict[str, dict]) -> No
         assert results[text]["saved"] is True and results[text]["save_error"] is None
     tokens = [results[t]["cache_tokens"] for t in order]
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), tokens  # each continued the one before
-    _, meta, _ = container.read_header(d / "c.safetensors", (codec.FORMAT,))
+    _, meta, _ = container.read_header(d / "c.safetensors", codec.FORMATS)
     assert int(meta["n_tokens"]) == tokens[-1]  # the cache is the last turn's
 
 
@@ -120,7 +120,7 @@ def test_two_runtimes_continue_each_others_history(two_runtimes):
     assert len(msgs) == 10 and msgs[8]["content"] == "three" and msgs[9]["content"] == last.text
     assert last.stats.restored_tokens > 0
     assert last.stats.cache_tokens == len(a1.prompt_tokens(None, generation=False))
-    _, meta, _ = container.read_header(rt1.pool.path("pair"), (codec.FORMAT,))
+    _, meta, _ = container.read_header(rt1.pool.path("pair"), codec.FORMATS)
     assert int(meta["n_tokens"]) == last.stats.cache_tokens
 
 

@@ -1,12 +1,15 @@
 // Runs the Metal kernel bodies of kernels/ on the CPU, through metal_shim.h.
 // Arrays travel as raw little-endian files in a directory:
 //   harness quantize DIR NG            x -> packed scales biases
-//   harness decode   DIR B NKV N S     queries k_* v_* lengths scale
+//   harness quantize_keys DIR ROWS     x (ROWS x DEC_D) -> packed scales biases (q4c keys)
+//   harness quantize_values DIR NG     x -> packed scales (q4c values)
+//   harness decode   DIR B NKV N S     queries k_* v_* lengths first scale
 //                                      -> partial maxes sums (pass 1), out (pass 2)
+//   harness combine  DIR ROWS S        partial maxes sums -> out (pass 2 alone)
 //   harness round    DIR N             x (float32) -> f16 bf16 (the shim's conversions)
 // The decode kernel's template arguments come from -D at compile time:
 // DEC_T (float, float16_t or bfloat16_t), DEC_D, DEC_DV, DEC_R, DEC_RT,
-// DEC_NSG. Pass 1 runs two threadgroups at a time (see metal_shim.h);
+// DEC_NSG, DEC_KC, DEC_VS (0 0: q4; 128 32: q4c). Pass 1 runs two threadgroups at a time (see metal_shim.h);
 // HARNESS_SEED fixes the thread start order. Exit status 3: the shim caught a
 // barrier or SIMD-group error.
 #include <cstdio>
@@ -22,22 +25,51 @@ void quantize_kernel(const float16_t* x, uint32_t* packed, float16_t* scales,
 #include "../quantize.metal"
 }
 
+// Defaults for what a command line leaves out.
 #ifndef DEC_T
 #define DEC_T float
+#endif
+#ifndef DEC_D
 #define DEC_D 64
+#endif
+#ifndef DEC_DV
 #define DEC_DV 64
+#endif
+#ifndef DEC_R
 #define DEC_R 1
+#endif
+#ifndef DEC_RT
 #define DEC_RT 1
+#endif
+#ifndef DEC_NSG
 #define DEC_NSG 2
+#endif
+#ifndef DEC_KC
+#define DEC_KC 0
+#endif
+#ifndef DEC_VS
+#define DEC_VS 0
 #endif
 
 using T = DEC_T;
-constexpr int D = DEC_D, DV = DEC_DV, R = DEC_R, RT = DEC_RT, NSG = DEC_NSG;
+constexpr int D = DEC_D, DV = DEC_DV, R = DEC_R, RT = DEC_RT, NSG = DEC_NSG, KC = DEC_KC, VS = DEC_VS;
+constexpr int QKC = KC > 0 ? KC : 128;  // the key kernel's group (q4c's when not given)
+
+void quantize_keys_kernel(const float16_t* x, uint32_t* packed, float16_t* scales,
+                          float16_t* biases, uint3 thread_position_in_grid) {
+  constexpr int KC = QKC;
+#include "../quantize_keys.metal"
+}
+
+void quantize_values_kernel(const float16_t* x, uint32_t* packed, float16_t* scales,
+                            uint3 thread_position_in_grid) {
+#include "../quantize_values.metal"
+}
 
 #define DECODE_PARAMS                                                                         \
   const T *queries, const uint32_t *k_packed, const float16_t *k_scales,                      \
       const float16_t *k_biases, const uint32_t *v_packed, const float16_t *v_scales,         \
-      const float16_t *v_biases, const int32_t *lengths, const float *scale,                  \
+      const float16_t *v_biases, const int32_t *lengths, const int32_t *first, const float *scale,                  \
       const int32_t *n_tokens, float *partial, float *maxes, float *sums,                     \
       uint3 threadgroup_position_in_grid, uint3 threadgroups_per_grid,                        \
       uint thread_index_in_simdgroup, uint simdgroup_index_in_threadgroup
@@ -113,6 +145,33 @@ int main(int argc, char** argv) {
       quantize_kernel(x.data(), packed.data(), scales.data(), biases.data(), pos);
     });
     save("packed", packed), save("scales", scales), save("biases", biases);
+  } else if (op == "quantize_keys") {
+    size_t rows = arg(3);
+    auto x = load<float16_t>("x", rows * D);
+    std::vector<uint32_t> packed(rows * D / 8);
+    std::vector<float16_t> scales(rows / QKC * D), biases(rows / QKC * D);
+    run_grid(rows / QKC * D / 8, [&](uint3 pos) {
+      quantize_keys_kernel(x.data(), packed.data(), scales.data(), biases.data(), pos);
+    });
+    save("packed", packed), save("scales", scales), save("biases", biases);
+  } else if (op == "quantize_values") {
+    size_t ng = arg(3);
+    auto x = load<float16_t>("x", ng * 32);
+    std::vector<uint32_t> packed(ng * 4);
+    std::vector<float16_t> scales(ng);
+    run_grid(ng, [&](uint3 pos) { quantize_values_kernel(x.data(), packed.data(), scales.data(), pos); });
+    save("packed", packed), save("scales", scales);
+  } else if (op == "combine") {
+    size_t rows = arg(3), S = arg(4);
+    auto partial = load<float>("partial", rows * S * DV);
+    auto maxes = load<float>("maxes", rows * S);
+    auto sums = load<float>("sums", rows * S);
+    std::vector<int32_t> n_split{int32_t(S)};
+    std::vector<T> out(rows * DV, T(NAN));
+    for (size_t row = 0; row < rows; row++)
+      for (uint d = 0; d < DV; d++)
+        combine_kernel(partial.data(), maxes.data(), sums.data(), n_split.data(), out.data(), uint3{d, uint(row), 0});
+    save("out", out);
   } else if (op == "round") {
     size_t n = arg(3);
     auto x = load<float>("x", n);
@@ -125,12 +184,13 @@ int main(int argc, char** argv) {
     size_t heads = B * nkv * R;
     auto q = load<T>("queries", heads * D);
     auto kp = load<uint32_t>("k_packed", rows * D / 8);
-    auto ks = load<float16_t>("k_scales", rows * D / 64);
-    auto kb = load<float16_t>("k_biases", rows * D / 64);
+    auto ks = load<float16_t>("k_scales", KC ? rows / QKC * D : rows * D / 64);
+    auto kb = load<float16_t>("k_biases", KC ? rows / QKC * D : rows * D / 64);
     auto vp = load<uint32_t>("v_packed", rows * DV / 8);
-    auto vs = load<float16_t>("v_scales", rows * DV / 64);
-    auto vb = load<float16_t>("v_biases", rows * DV / 64);
+    auto vs = load<float16_t>("v_scales", VS ? rows * DV / (VS ? VS : 1) : rows * DV / 64);
+    auto vb = VS ? std::vector<float16_t>(1, float16_t(NAN)) : load<float16_t>("v_biases", rows * DV / 64);
     auto lengths = load<int32_t>("lengths", B);
+    auto first = load<int32_t>("first", 1);
     auto scale = load<float>("scale", 1);
     std::vector<int32_t> n_tokens{int32_t(N)}, n_split{int32_t(S)};
     // Outputs start as NaN too: every value must be written.
@@ -143,7 +203,7 @@ int main(int argc, char** argv) {
     run_threadgroups<2>(groups, 32 * NSG, memory, [&](int slot, uint3 tgpos, uint3 tpos) {
       auto kernel = slot == 0 ? decode_slot0 : decode_slot1;
       kernel(q.data(), kp.data(), ks.data(), kb.data(), vp.data(), vs.data(), vb.data(),
-             lengths.data(), scale.data(), n_tokens.data(), partial.data(), maxes.data(),
+             lengths.data(), first.data(), scale.data(), n_tokens.data(), partial.data(), maxes.data(),
              sums.data(), tgpos, groups, tpos.x % 32, tpos.x / 32);
     });
     std::vector<T> out(heads * DV, T(NAN));

@@ -122,6 +122,7 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "gemma3-270m": _from_gguf(gemma3_gguf),
     "deepseek-v2-tiny-random": _tiny_random("deepseek-v2-tiny-random"),
     "llama3-tiny-random": _tiny_random("llama3-tiny-random"),
+    "llama3-8b-geometry-random": _tiny_random("llama3-8b-geometry-random"),
 }
 GGUF_SOURCES: dict[str, Callable[[Path], Path]] = {
     "smollm2-135m": smollm2_gguf,

@@ -23,7 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..kvcache import AgentCache, BatchView, LayerCache, StoredShape
+from ..config import DEFAULT_KV
+from ..kvcache import SINK_TOKENS, AgentCache, BatchView, LayerCache, StoredShape
+from ..q4 import KEY_GROUP
 
 PREFILL_CHUNK = 512
 
@@ -69,7 +71,7 @@ class ModelRunner:
     """Prefill, decode and cache creation for one loaded model."""
 
     def __init__(
-        self, model: nn.Module, tokenizer, config: dict, path: Path | None = None, kv_bits: int = 4, mla_mode: str = "latent"
+        self, model: nn.Module, tokenizer, config: dict, path: Path | None = None, kv_bits: int | str = DEFAULT_KV, mla_mode: str = "latent"
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -89,7 +91,7 @@ class ModelRunner:
         self.stored_shapes = self._probe_shapes()
 
     @classmethod
-    def load(cls, name_or_path: str, home: Path, kv_bits: int = 4, mla_mode: str = "latent") -> "ModelRunner":
+    def load(cls, name_or_path: str, home: Path, kv_bits: int | str = DEFAULT_KV, mla_mode: str = "latent") -> "ModelRunner":
         from .model_store import load_model, resolve_model
 
         path = resolve_model(name_or_path, home)
@@ -121,14 +123,14 @@ class ModelRunner:
         """What each layer stores per token in this runner's KV mode, read off a
         one-token prefill: architecture-neutral (GQA, MLA latent, windows alike)."""
         cache = AgentCache([LayerCache(self.kv_bits, w) for w in self.windows])
-        self.prefill([0], cache, logits=False)
-        return [StoredShape.of(*layer.segments[-1].view()) for layer in cache.layers]
+        self.prefill([0] * (SINK_TOKENS + KEY_GROUP), cache, logits=False)  # enough for a q4c body group
+        return [StoredShape.of(*next(s for s in layer.segments if s.encoding == layer.encoding).view()) for layer in cache.layers]
 
     def new_cache(self, bits: int | str | None = None) -> AgentCache:
         """An empty cache; in the runner's own KV mode its layers know the shapes
         this model stores, so restored files are checked against them."""
         layers = [LayerCache(bits or self.kv_bits, w) for w in self.windows]
-        if (layers[0].bits, layers[0].rotate_keys) == (self._mode.bits, self._mode.rotate_keys):
+        if layers[0].mode == self._mode.mode:
             for layer, shape in zip(layers, self.stored_shapes):
                 layer.expect = shape
         return AgentCache(layers)

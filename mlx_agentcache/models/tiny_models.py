@@ -110,7 +110,26 @@ def llama3_config() -> dict:
     }
 
 
-CONFIGS = {"deepseek-v2-tiny-random": deepseek_v2_config, "llama3-tiny-random": llama3_config}
+def llama3_8b_geometry_config() -> dict:
+    """Llama 3.1 8B's KV geometry (32 layers, 8 KV heads, head_dim 128) on a small
+    hidden size: its caches are as large as the real model's (a Q4 cache of 4K tokens
+    is about 150 MB), so reloads cost what they would, while the weights stay cheap.
+    8 query heads, not the real 32: on a CPU, attention over the cache dominates a
+    decode step, and a quarter of the queries keeps a step near one reload's time
+    (on an Apple GPU a reload of 150 MB takes several 8B decode steps). For the
+    interleave benchmark; its decode speed is not an 8B model's."""
+    return llama3_config() | {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    }
+
+
+CONFIGS = {"deepseek-v2-tiny-random": deepseek_v2_config, "llama3-tiny-random": llama3_config,
+           "llama3-8b-geometry-random": llama3_8b_geometry_config}
 
 
 def random_weights(config: dict, seed: int) -> dict[str, mx.array]:

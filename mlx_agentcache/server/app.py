@@ -23,12 +23,13 @@ from starlette.background import BackgroundTask
 
 from . import anthropic_api, openai_api
 from ..pool import PinError
+from ..store.container import CacheFileError
 from .errors import APIError, error_body, error_response
 from .params import read_body
 from ..store.layout import CARD_SUFFIX, is_agent_name
 from .state import ServerConfig, ServerState
 
-CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/card$")
+CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/(card|cachecard)$")
 
 
 def _route_label(path: str) -> str:
@@ -254,5 +255,43 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
             except (ValueError, OSError) as e:  # a damaged card, another model's, or not a card
                 raise APIError(400, f"card refused: {e}", code="invalid_card") from None
         return JSONResponse({"name": got, "imported": True, **rt.describe(got)}, status_code=201)
+
+    # -- cache cards (cards.py): a token range of one agent's context, to inject into another
+    @app.get("/v1/agents/{name}/cachecard")
+    async def download_cachecard(name: str, bits: float = 4.0, range: str = "all", uniform: bool = False):
+        rt = state.rt()
+        _known(rt, _agent_name(name))
+        idle(name)
+        if range not in ("all", "last-turn"):
+            raise APIError(400, f"range must be 'all' or 'last-turn', got {range!r}")
+        tmp = Path(tempfile.mkdtemp(prefix="agentcache-cachecard-")) / f"{name}.card"
+        try:
+            card = await asyncio.to_thread(rt.agent(name).export_card, tmp, bits, range, "uniform" if uniform else "mixed")
+        except ValueError as e:  # a budget below the minimum, nothing to hand over
+            tmp.parent.rmdir()
+            raise APIError(400, str(e), code="invalid_card_request") from None
+
+        def cleanup():
+            tmp.unlink(missing_ok=True)
+            tmp.parent.rmdir()
+
+        headers = {"x-card-tokens": str(card.n), "x-card-avg-bits": f"{card.avg_bits:.4f}", "x-card-hops": str(card.hops)}
+        return FileResponse(tmp, media_type="application/octet-stream", filename=tmp.name, headers=headers, background=BackgroundTask(cleanup))
+
+    @app.post("/v1/agents/{name}/cachecard")
+    async def upload_cachecard(name: str, request: Request):
+        rt = state.rt()
+        _agent_name(name)
+        idle(name)
+        data = await read_body(request, state.config.max_card_bytes)
+        with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
+            card = Path(d) / "upload.card"
+            card.write_bytes(data)
+            try:
+                stats = await asyncio.to_thread(rt.agent(name).inject, card)
+            except (ValueError, OSError, CacheFileError) as e:  # damaged, truncated, another model's, or not a card
+                raise APIError(400, f"card refused: {e}", code="invalid_card") from None
+        a = rt.agent(name)
+        return JSONResponse({"name": name, "injected": True, "context_tokens": len(a.context["tokens"]), **stats.as_dict()}, status_code=201)
 
     return Gate(app, state)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import DEFAULT_MODEL
+from ..config import DEFAULT_KV, DEFAULT_MODEL
 from ..store.layout import is_agent_name
 from ..turnlock import TurnBusyError
 from .errors import APIError
@@ -42,7 +42,7 @@ class ServerConfig:
     model: str = DEFAULT_MODEL
     cache_dir: Path | None = None
     budget_bytes: int | None = None
-    kv: str = "q4"
+    kv: str = DEFAULT_KV
     mla: str = "latent"
     api_key: str | None = None
     temperature: float = 0.0

@@ -4,7 +4,13 @@ Two kinds of file share the container (container.py):
 
 * agent files (`FORMAT`): `tokens` (int32) and, per layer `i`,
   `layers.i.k.j` / `layers.i.v.j` (j = 0 packed codes, 1 fp16 scales,
-  2 fp16 biases; one fp16 tensor for 16-bit caches). When the agent uses a
+  2 fp16 biases; one fp16 tensor for 16-bit caches; q4c values have codes
+  and scales only). A q4c layer holds runs of several encodings (fp16
+  sinks, the q4c body, the q4c-tail, see kvcache.py): its span lists them
+  as `runs` [[encoding, tokens], ...] and run r > 0 is stored under
+  `layers.i.r.k.j`; its exact attention sinks (`sinks` in the span: how many)
+  under `layers.i.sinks.k` / `.v` (fp16). `kv_mode` names the mode. Version 1 files
+  (`FORMAT_V1`, modes fp16/q8/q4/q4k, one run per layer) still load. When the agent uses a
   shared prefix, `prefix` in the metadata names it and the layer tensors hold
   only the tokens after it.
 * prefix block files (`BLOCK_FORMAT`, see prefixes.py): the same tensors for
@@ -23,35 +29,36 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..kvcache import AgentCache, LayerCache, Segment, StoredShape
-from ..q4 import BLOCK_TOKENS, GROUP_SIZE
+from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode
+from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
 from .container import CacheFileError, read_arrays, write_tensors
 from .layout import Layout
 
-FORMAT = "agentcache-kv"
+ENCODINGS = ("fp16", "q8", "q4", "q4c", "q4c-tail")
+
+FORMAT = "agentcache-kv-2"
+FORMAT_V1 = "agentcache-kv"
+FORMATS = (FORMAT, FORMAT_V1)
 BLOCK_FORMAT = "agentcache-prefix"
-CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "group_size", "block_tokens", "n_tokens", "extra")
+CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "kv_mode", "group_size", "block_tokens", "n_tokens", "extra")
 
 
-def tensor_name(layer: int, part: str, j: int) -> str:
-    """`part` is "k" or "v"; `j` indexes the stored triple (codes, scales, biases) or the fp16 tensor."""
-    return f"layers.{layer}.{part}.{j}"
+def tensor_name(layer: int, part: str, j: int, run: int = 0) -> str:
+    """`part` is "k" or "v"; `j` indexes the stored tuple (codes, scales, biases) or the fp16 tensor;
+    `run` the layer's run of one encoding (q4c layers have several)."""
+    return f"layers.{layer}.{part}.{j}" if run == 0 else f"layers.{layer}.{run}.{part}.{j}"
+
+
+def sinks_name(layer: int, part: str) -> str:
+    return f"layers.{layer}.sinks.{part}"
 
 
 def stored_views(layer: LayerCache, first: int) -> tuple[tuple, tuple | None]:
-    """Stored tokens [first, offset) of a layer; no copy when one segment holds them."""
-    parts, pos = [], layer.start
-    for s in layer.segments:
-        k, v = s.view()
-        if pos + s.length > first:
-            cut = max(first - pos, 0)
-            parts.append((tuple(x[..., cut:, :] for x in k), None if v is None else tuple(x[..., cut:, :] for x in v)))
-        pos += s.length
-    if len(parts) == 1:
-        return parts[0]
-    k = tuple(mx.concatenate(xs, axis=-2) for xs in zip(*(p[0] for p in parts)))
-    v = None if parts[0][1] is None else tuple(mx.concatenate(xs, axis=-2) for xs in zip(*(p[1] for p in parts)))
-    return k, v
+    """Stored tokens [first, offset) of a layer of one encoding; no copy when one segment holds them."""
+    runs = layer.stored_segments(first)
+    if len(runs) != 1:
+        raise ValueError(f"layer holds {len(runs)} runs of different encodings")
+    return runs[0][1], runs[0][2]
 
 
 def layer_tensors(layers: list[LayerCache], first: Callable[[LayerCache], int]) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -59,13 +66,22 @@ def layer_tensors(layers: list[LayerCache], first: Callable[[LayerCache], int]) 
     out, spans, arrays = {}, [], []
     for i, layer in enumerate(layers):
         a = first(layer)
-        k, v = stored_views(layer, a) if layer.offset > a else ((), None)
-        has_v = v is not None or any(s.values is not None for s in layer.segments)
-        spans.append({"start": a, "offset": layer.offset, "window": layer.window, "values": has_v})
-        for part, xs in (("k", k), ("v", v or ())):
-            for j, x in enumerate(xs):
-                arrays.append(x)
-                out[tensor_name(i, part, j)] = x
+        runs = layer.stored_segments(a) if layer.offset > a else []
+        has_v = any(v is not None for _, _, v in runs) or any(s.values is not None for s in layer.segments)
+        span = {"start": a, "offset": layer.offset, "window": layer.window, "values": has_v}
+        if layer.mode == "q4c":
+            span["runs"] = [[e, int(k[0].shape[-2])] for e, k, _ in runs]
+            if layer.sink_count and a == 0:
+                span["sinks"] = layer.sink_count
+                for part, x in zip("kv", layer.sinks):
+                    arrays.append(x)
+                    out[sinks_name(i, part)] = x
+        spans.append(span)
+        for r, (_, k, v) in enumerate(runs):
+            for part, xs in (("k", k), ("v", v or ())):
+                for j, x in enumerate(xs):
+                    arrays.append(x)
+                    out[tensor_name(i, part, j, r)] = x
     mx.eval(arrays)
     return {n: np.array(x, copy=False) for n, x in out.items()}, spans
 
@@ -89,6 +105,7 @@ def snapshot(cache: AgentCache, fingerprint: str, prefix: tuple[str, int] | None
         "fingerprint": fingerprint,
         "model": model or "",
         "kv_bits": str(cache.layers[0].bits),
+        "kv_mode": cache.layers[0].mode,
         "group_size": str(GROUP_SIZE),
         "block_tokens": str(BLOCK_TOKENS),
         "n_tokens": str(len(cache.tokens)),
@@ -140,10 +157,11 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
         if meta.get("fingerprint") != fingerprint:
             raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
 
-    arrays, meta = read_arrays(path, (FORMAT,), same_model)
+    arrays, meta = read_arrays(path, FORMATS, same_model)
     try:
         spans = json.loads(meta["layers"])
         bits = int(meta["kv_bits"])
+        mode = meta.get("kv_mode") if meta["format"] == FORMAT else None
         extra = json.loads(meta.get("extra", "{}"))
         prefix = json.loads(meta.get("prefix", "null"))
         tokens = arrays.pop("tokens")
@@ -151,7 +169,8 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             raise ValueError("token ids must be one int32 vector")
         tokens = tokens.tolist()
         rotated = {"plain": False, "hadamard": True}[meta.get("kv_keys", "plain")]
-        if bits not in (4, 8, 16) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
+        mode = mode or kv_mode(bits) + ("k" if rotated else "")
+        if mode not in KV_MODES or KV_MODES[mode][:2] != (bits, rotated) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
             raise ValueError("unsupported quantization")
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CacheFileError(f"{path.name}: malformed metadata ({e})") from None
@@ -172,25 +191,31 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             shared = [Segment(tuple(x[..., :n, :] for x in k), None if v is None else tuple(x[..., :n, :] for x in v), n, shared=True) for k, v in read_block(block, fingerprint, bits, tokens[:n])]
         else:
             shared = prefix_source(h, n, tokens[:n])
+    if expect_layers is not None and expect_layers and expect_layers[0].mode != mode:
+        raise CacheFileError(f"{path.name}: stored with {mode} KV, runtime uses {expect_layers[0].mode}")
     layers = []
-    parts = 3 if bits != 16 else 1
     try:
         for i, s in enumerate(spans):
             window = expect_layers[i].window if expect_layers is not None else s["window"]
             if window != s["window"] or s["offset"] != len(tokens):
                 raise CacheFileError(f"{path.name}: layer {i} does not match the model or the token list")
-            k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(parts) if tensor_name(i, "k", j) in arrays)
-            v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(parts) if tensor_name(i, "v", j) in arrays)
-            v = v if s["values"] else None
-            if k:
-                _check_layer(path, i, k, v, bits, expect_layers[i].expect if expect_layers is not None else None)
-            layers.append(_restore_layer(path, i, bits, window, s, k, v, None if shared is None else shared[i], rotated))
+            body = LayerCache(mode).encoding
+            expect = expect_layers[i].expect if expect_layers is not None else None
+            runs = []
+            for r, (encoding, n) in enumerate(s.get("runs") or ([[body, None]] if (tensor_name(i, "k", 0) in arrays) else [])):
+                if encoding not in ENCODINGS or (mode != "q4c" and encoding != body):
+                    raise ValueError(f"run of encoding {encoding!r} in a {mode} cache")
+                k = tuple(arrays.pop(tensor_name(i, "k", j, r)) for j in range(3) if tensor_name(i, "k", j, r) in arrays)
+                v = tuple(arrays.pop(tensor_name(i, "v", j, r)) for j in range(3) if tensor_name(i, "v", j, r) in arrays)
+                v = v if s["values"] else None
+                _check_run(path, i, encoding, k, v, n, expect if encoding in (body, "q4") else None)
+                runs.append((encoding, k, v))
+            sinks = _sinks(path, i, s, arrays, runs, mode)
+            layers.append(_restore_layer(path, i, mode, window, s, runs, None if shared is None else shared[i], sinks))
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
     if arrays:
         raise CacheFileError(f"{path.name}: unexpected tensors {sorted(arrays)[:3]}")
-    if expect_layers is not None and any((layer.bits, layer.rotate_keys) != (want.bits, want.rotate_keys) for layer, want in zip(layers, expect_layers)):
-        raise CacheFileError(f"{path.name}: stored with {layers[0].mode} KV, runtime uses {expect_layers[0].mode}")
     return AgentCache(layers, tokens), extra
 
 
@@ -217,7 +242,7 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expec
         for i, s in enumerate(json.loads(meta["layers"])):
             k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(parts))
             v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(parts)) if s["values"] else None
-            _check_layer(path, i, k, v, bits, expect[i] if expect is not None and i < len(expect) else None)
+            _check_run(path, i, kv_mode(bits), k, v, n, expect[i] if expect is not None and i < len(expect) else None)
             if k[0].shape[-2] != n:
                 raise ValueError(f"layer {i} holds {k[0].shape[-2]} tokens, expected {n}")
             out.append((k, v))
@@ -258,20 +283,35 @@ def inline_prefix(arrays: dict[str, np.ndarray], meta: dict, block: dict[str, np
     return tensors, {**meta, "layers": json.dumps(spans), "prefix": "null"}
 
 
-def _restore_layer(path, i, bits, window, span, k, v, shared: Segment | None, rotated: bool = False) -> LayerCache:
+def _sinks(path: Path, i: int, span: dict, arrays: dict, runs: list, mode: str) -> tuple | None:
+    """A q4c layer's exact sinks: fp16, the heads and dims of its runs, at the start of the context."""
+    n = span.get("sinks")
+    if n is None:
+        return None
+    k, v = arrays.pop(sinks_name(i, "k")), arrays.pop(sinks_name(i, "v"))
+    enc, rk, rv = runs[0] if runs else (None, None, None)
+    want_k = (rk[0].shape[0], int(n), _width(enc, "k", rk)) if runs else None
+    want_v = (rv[0].shape[0], int(n), _width(enc, "v", rv)) if runs and rv else None
+    if (mode != "q4c" or span["start"] != 0 or not 0 < int(n) <= span["offset"] or tuple(k.shape) != want_k
+            or tuple(v.shape) != want_v or {k.dtype, v.dtype} != {mx.float16} or not (_finite(k) and _finite(v))):
+        raise CacheFileError(f"{path.name}: layer {i} sinks do not fit the layer")
+    return k, v
+
+
+def _restore_layer(path, i, mode, window, span, runs, shared: Segment | None, sinks=None) -> LayerCache:
     if shared is None:
-        return LayerCache.restore(bits, window, span["start"], span["offset"], k, v, rotated)
-    n = k[0].shape[-2] if k else 0
-    if window is not None or span["start"] != shared.length or span["start"] + n != span["offset"]:
+        return LayerCache.restore(mode, window, span["start"], span["offset"], (), None, runs=runs, sinks=sinks)
+    n = sum(k[0].shape[-2] for _, k, _ in runs)
+    if window is not None or span["start"] != shared.length or span["start"] + n != span["offset"] or len(runs) > 1:
         raise CacheFileError(f"{path.name}: layer {i} does not continue its shared prefix")
-    layer = LayerCache(bits, window, rotated)
+    layer = LayerCache(mode, window)
     layer.offset = span["offset"]
-    layer.segments = [shared] + ([Segment(k, v, n)] if n else [])
+    layer.segments = [shared] + [Segment(k, v, n, encoding=e) for e, k, v in runs]
     return layer
 
 
 def _describe(shape: StoredShape) -> str:
-    parts = lambda t: "+".join(f"{d} {dt}" for d, dt in t)  # noqa: E731
+    parts = lambda t: "+".join(f"{d} {dt}" for d, dt, _ in t)  # noqa: E731
     return f"{shape.heads} heads x keys ({parts(shape.keys)})" + (f", values ({parts(shape.values)})" if shape.values else ", no values")
 
 
@@ -281,31 +321,50 @@ def _finite(x) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _check_layer(path: Path, i: int, k: tuple, v: tuple | None, bits: int, expect: StoredShape | None = None) -> None:
-    """Shapes must agree with each other, (heads, tokens, dim) for every part, and
-    with what the model stores (`expect`); scales, biases and fp16 values must be finite."""
+def _check_run(path: Path, i: int, encoding: str, k: tuple, v: tuple | None, n: int | None,
+               expect: StoredShape | None = None) -> None:
+    """One run of a layer: every part (heads, rows, dim) with one row per token (q4c key
+    scales: per KEY_GROUP tokens), the dtypes and group sizes of its encoding, `n` tokens
+    when given, what the model stores (`expect`); scales, biases and fp16 values finite."""
     parts = list(k) + list(v or ())
-    n = {x.shape[-2] for x in parts if x.ndim == 3}
-    heads = {x.shape[0] for x in parts if x.ndim == 3}
-    if len(n) != 1 or len(heads) != 1 or any(x.ndim != 3 for x in parts):
+    if not k or any(x.ndim != 3 for x in parts) or len({x.shape[0] for x in parts}) != 1:
         raise CacheFileError(f"{path.name}: layer {i} tensors disagree on shape")
-    for t in (k, v or None):
+    tokens = k[0].shape[-2]
+    for part, t in (("k", k), ("v", v)):
         if t is None:
             continue
-        dt = [str(x.dtype).rsplit(".", 1)[-1] for x in t]  # numpy or MLX arrays
-        if bits == 16:
-            ok = dt == ["float16"]
-        else:
-            ok = (
-                dt == ["uint32", "float16", "float16"]
-                and t[1].shape == t[2].shape
-                and t[1].shape[-1] * GROUP_SIZE == t[0].shape[-1] * 32 // bits
-            )
-        if not ok:
+        if not _layout_ok(encoding, part, t, tokens):
             raise CacheFileError(f"{path.name}: layer {i} quantization layout mismatch")
-        if not all(_finite(x) for x in (t if bits == 16 else t[1:])):
+        if not all(_finite(x) for x in (t if len(t) == 1 else t[1:])):
             raise CacheFileError(f"{path.name}: layer {i} holds scales or values that are not finite")
+    if n is not None and tokens != n:
+        raise CacheFileError(f"{path.name}: layer {i} holds {tokens} tokens, its span says {n}")
     if expect is not None:
         got = StoredShape.of(k, v)
         if got != expect:
             raise CacheFileError(f"{path.name}: layer {i} stores {_describe(got)}; this model stores {_describe(expect)}")
+
+
+def _width(encoding: str, part: str, t: tuple) -> int:
+    """Values per row of a stored tuple (the head dim)."""
+    if encoding == "fp16":
+        return t[0].shape[-1]
+    eight_bit = encoding == "q8" or (encoding == "q4c-tail" and part == "k")
+    return t[0].shape[-1] * (4 if eight_bit else 8)
+
+
+def _layout_ok(encoding: str, part: str, t: tuple, tokens: int) -> bool:
+    """dtypes and shapes of one stored tuple against its encoding (encodings.py)."""
+    dt = [str(x.dtype).rsplit(".", 1)[-1] for x in t]  # numpy or MLX arrays
+    rows = [x.shape[-2] for x in t]
+    if encoding == "fp16":
+        return dt == ["float16"] and rows == [tokens]
+    if encoding in ("q4c", "q4c-tail") and part == "v":
+        return (dt == ["uint32", "float16"] and rows == [tokens, tokens]
+                and t[1].shape[-1] * VALUE_GROUP == t[0].shape[-1] * 8)
+    if encoding == "q4c":
+        return (dt == ["uint32", "float16", "float16"] and t[1].shape == t[2].shape and tokens % KEY_GROUP == 0
+                and rows[1] * KEY_GROUP == tokens and t[1].shape[-1] == t[0].shape[-1] * 8)
+    bits = 4 if encoding == "q4" else 8
+    return (dt == ["uint32", "float16", "float16"] and t[1].shape == t[2].shape and rows == [tokens] * 3
+            and t[1].shape[-1] * GROUP_SIZE == t[0].shape[-1] * 32 // bits)

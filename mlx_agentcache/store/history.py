@@ -1,4 +1,5 @@
-"""The conversation history file of an agent: `{"name", "system", "messages"}` as JSON.
+"""The conversation history file of an agent: `{"name", "system", "messages"}` as JSON
+(and `context`, the token ids of cache cards it was handed, see cards.py).
 
 A history is small and rewritten whole, atomically, after each turn; the
 cache can always be rebuilt from it. A history that is not UTF-8 JSON of
@@ -33,7 +34,35 @@ def check(data: object, where: str = "history") -> dict:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise HistoryError(f"{where}: message {i} is not a {{'role': str, 'content': str}} object")
-    return {**data, "system": system, "messages": messages}
+    context = data.get("context")
+    if context is not None:
+        _check_context(context, len(messages), where)
+    return {**data, "system": system, "messages": messages, "context": context}
+
+
+def _check_context(c: object, n_messages: int, where: str) -> None:
+    """An injected context (cards.py): {"tokens": [int], "covers": own messages it
+    includes, "system": whether it includes the system prompt, "marks": where each
+    of those messages starts, "cards": [{"at", "hops", "widths", ...}]}."""
+    ok = (
+        isinstance(c, dict)
+        and isinstance(c.get("tokens"), list)
+        and all(type(t) is int and t >= 0 for t in c["tokens"])
+        and type(c.get("covers")) is int
+        and 0 <= c["covers"] <= n_messages
+        and isinstance(c.get("system"), bool)
+        and isinstance(c.get("marks"), list)
+        and len(c["marks"]) == c["covers"] + 1
+        and all(type(t) is int and 0 <= t <= len(c["tokens"]) for t in c["marks"])
+        and isinstance(c.get("cards"), list)
+        and all(
+            isinstance(k, dict) and type(k.get("at")) is int and type(k.get("hops")) is int and isinstance(k.get("widths"), list)
+            and all(w in (2, 3, 4, 5, 6, 8, 16) and type(w) is int for w in k["widths"])
+            for k in c["cards"]
+        )
+    )
+    if not ok:
+        raise HistoryError(f"{where}: 'context' is not a valid injected context")
 
 
 def load(path: Path) -> dict | None:
@@ -63,13 +92,16 @@ def read(path: Path) -> dict | None:
         return None
 
 
-def encode(name: str, system: str | None, messages: list[dict]) -> bytes:
-    return json.dumps({"name": name, "system": system, "messages": messages}, indent=1).encode()
+def encode(name: str, system: str | None, messages: list[dict], context: dict | None = None) -> bytes:
+    data = {"name": name, "system": system, "messages": messages}
+    if context is not None:  # tokens handed over by cache cards (cards.py)
+        data["context"] = context
+    return json.dumps(data, indent=1).encode()
 
 
-def write(path: Path, name: str, system: str | None, messages: list[dict]) -> None:
+def write(path: Path, name: str, system: str | None, messages: list[dict], context: dict | None = None) -> None:
     """Replace the history atomically (raises CacheWriteError)."""
-    atomic_write(Path(path), [encode(name, system, messages)])
+    atomic_write(Path(path), [encode(name, system, messages, context)])
 
 
 def write_dict(path: Path, data: dict) -> None:

@@ -8,7 +8,7 @@
     <cache_dir>/.locks/<agent>.turn            held by a turn from reading the history to its saves
     <cache_dir>/blocks/<hash>.safetensors      a shared prefix (codec.BLOCK_FORMAT)
     <cache_dir>/blocks/.lock                   held while a block is written or collected
-    <anything>.card.safetensors                an exported cache card
+    <anything>.card.safetensors                an agent archive (`agents export`; cards.py writes cache cards)
 
 Every other module asks a `Layout` for paths and never builds one itself.
 """

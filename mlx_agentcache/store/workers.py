@@ -85,6 +85,7 @@ class Writer:
                     self.failed[key] = str(e)
                 self.warn(self.describe(key, e))
             finally:
+                job = None  # the thread outlives its jobs: let go of what this one held (a cache snapshot)
                 with self.cv:
                     self.inflight = None
                     self.cv.notify_all()
