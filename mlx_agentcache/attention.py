@@ -80,14 +80,14 @@ def _scores(q: mx.array, k: tuple, encoding: str, expand: bool) -> mx.array:
     if encoding == "fp16" or expand:
         return q @ _expanded(k, encoding, "k", q.dtype).swapaxes(-1, -2)
     if encoding == "q4c":
-        return q4.key_scores(q, k)  # q4c-tail keys are q8: below
+        return q4.key_scores(q, k)
     return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
 
 def _mix(p: mx.array, v: tuple, encoding: str, expand: bool) -> mx.array:
     if encoding == "fp16" or expand:
         return p @ _expanded(v, encoding, "v", p.dtype)
-    if encoding in ("q4c", "q4c-tail"):
+    if encoding == "q4c":
         return q4.mix_values(p, v)
     return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
@@ -185,7 +185,7 @@ def _fused_decode(layer, queries: mx.array, scale: float, values_from_keys) -> m
     kq, vq = (tuple(x[None] for x in t) for t in (s.keys, s.values))
     if s.encoding == "q4":
         return q4.decode_attention(queries, q4.Q4(*kq), q4.Q4(*vq), scale, length) if len(segs) == 1 else None
-    # q4c: body [q4c-tail] plus the sinks, which replace the body's first rows; the tail and the
+    # q4c: body [q8 tail] plus the sinks, which replace the body's first rows; the tail and the
     # sinks go to the kernel path decoded (float32). The step that fills a group reads it at
     # 8 bits (_own_group_at_8_bits): the general path.
     if segs[0] is not s or len(segs) > 2 or layer.fresh is not None:

@@ -555,7 +555,7 @@ def bench(
 
         typer.echo("recording the machine (CPU, memory, MLX, BLAS, peers, disk read bandwidth)...")
         info = benchreport.machine(default_home(), (64 if quick else 256) << 20)
-        (out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
+        (out / benchreport.MACHINE_FILE).write_text(json.dumps(info, indent=1) + "\n")
         runs = benchreport.run(names, out, quick, models.split(",") if models else None, typer.echo)
         failed = [n for n in names if runs.get(n, {}).get("rc") not in (0, None)]
     elif not out.is_dir():

@@ -5,9 +5,8 @@
   scales, fp16 biases), 8 or 4 bits.
 * `q4c`: keys per channel over 128-token groups, values symmetric in
   groups of 32 (q4_format). Keys and values are stored differently, so
-  `part` says which one a tuple holds.
-* `q4c-tail`: the tokens of a q4c key group that has not filled yet: keys
-  as q8 (per token) until the group is complete, values already as q4c.
+  `part` says which one a tuple holds. (A q4c layer keeps the tokens of
+  the group that has not filled yet as `q8`.)
 
 `encode` writes through `q4` (the Metal kernels where checked), `decode`
 gives back exactly what attention reads.
@@ -27,7 +26,7 @@ def encode(x: mx.array, encoding: str, part: str = "k") -> tuple:
         return (x.astype(mx.float16),)
     if encoding == "q4":
         return tuple(q4.quantize(x))
-    if encoding == "q4c" or (encoding == "q4c-tail" and part == "v"):
+    if encoding == "q4c":
         return q4.quantize_keys(x) if part == "k" else q4.quantize_values(x)
     return tuple(mx.quantize(x.astype(mx.float16), group_size=GROUP_SIZE, bits=8))
 
@@ -36,7 +35,7 @@ def decode(t: tuple, encoding: str, part: str = "k", dtype=mx.float32) -> mx.arr
     """A stored tuple back to (..., T, D) floats."""
     if encoding == "fp16":
         return t[0].astype(dtype)
-    if encoding == "q4c" or (encoding == "q4c-tail" and part == "v"):
+    if encoding == "q4c":
         return q4.dequantize_keys(t, dtype) if part == "k" else q4.dequantize_values(t, dtype)
     packed, scales, biases = t
     bits = 4 if encoding == "q4" else 8

@@ -19,8 +19,8 @@ Modes (KV_MODES). `q4c`, the default, is the 4-bit layout that keeps
 quality (docs/quality.md): keys per channel over 128-token groups (aligned
 to absolute positions, so 512-token prefill chunks fill whole groups),
 values per token in symmetric groups of 32 (q4_format), both stored in
-segments of encoding `q4c`; the keys of the group that has not filled yet
-wait at 8 bits in a `q4c-tail` segment. Values are stored rotated by the
+segments of encoding `q4c`; the tokens of the group that has not filled
+yet wait at 8 bits (a `q8` segment, the tail). Values are stored rotated by the
 Hadamard transform (the attention output is rotated back), which spreads a
 value's outliers over its group. The first SINK_TOKENS tokens of a context
 (attention sinks, which draw much of the attention and have outsized keys)
@@ -201,16 +201,20 @@ class LayerCache:
     def bytes_for(self, n: int) -> int:
         """Upper bound of this layer's bytes holding n tokens, capacity included, from the shapes
         the model stores (`expect`; 0 when unknown): whole 256-token blocks; for q4c the body's
-        blocks, a tail of up to KEY_GROUP tokens with 8-bit keys, and the sinks."""
+        blocks, a tail of up to KEY_GROUP tokens at 8 bits, and the sinks."""
         e = self.expect
         if e is None:
             return 0
         if not (self.mode == "q4c" and self.encoding == "q4c"):
             return math.ceil(-(-n // BLOCK_TOKENS) * BLOCK_TOKENS * e.token_bytes())
-        d = e.keys[0][0] * 8
-        tail = StoredShape(e.heads, ((d // 4, "uint32", 1), (d // GROUP_SIZE, "float16", 1), (d // GROUP_SIZE, "float16", 1)), e.values)
+        d, dv = e.keys[0][0] * 8, e.values[0][0] * 8
+
+        def q8(x):
+            return ((x // 4, "uint32", 1), (x // GROUP_SIZE, "float16", 1), (x // GROUP_SIZE, "float16", 1))
+
+        tail = StoredShape(e.heads, q8(d), q8(dv))
         body = -(-(n // KEY_GROUP * KEY_GROUP) // BLOCK_TOKENS) * BLOCK_TOKENS
-        sinks = e.heads * SINK_TOKENS * (d + e.values[0][0] * 8) * 2
+        sinks = e.heads * SINK_TOKENS * (d + dv) * 2
         return math.ceil(body * e.token_bytes() + (KEY_GROUP if n else 0) * tail.token_bytes()) + sinks
 
     @property
@@ -247,21 +251,22 @@ class LayerCache:
         self._append_grouped(keys, values)
 
     def _append_grouped(self, keys: mx.array, values: mx.array) -> None:
-        """q4c: new tokens join the tail (keys at 8 bits until their group fills); when groups
-        fill, the tail is decoded and every whole KEY_GROUP quantized per channel into the body."""
+        """q4c: new tokens join the tail (8 bits until their group fills: one cheap quantize per
+        decode step); when groups fill, the tail is decoded and every whole KEY_GROUP goes to the
+        body (keys per channel, values symmetric)."""
         end = self.offset + keys.shape[-2]
         last = self.segments[-1] if self.segments else None
-        tail = last if last is not None and last.encoding == "q4c-tail" and not last.shared else None
+        tail = last if last is not None and last.encoding == "q8" and not last.shared else None
         first = self.offset - (tail.length if tail else 0)  # a group edge
         full = end // KEY_GROUP * KEY_GROUP - first
         self.fresh = None
         if full <= 0:  # no group fills: one more 8-bit row (a decode step)
-            self.append(encode(keys, "q4c-tail", "k"), encode(values, "q4c-tail", "v"), "q4c-tail")
+            self.append(encode(keys, "q8", "k"), encode(values, "q8", "v"), "q8")
             return
         if tail is not None:
             k0, v0 = tail.view()
-            keys = mx.concatenate([decode(k0, "q4c-tail", "k", keys.dtype), keys], axis=-2)
-            values = mx.concatenate([decode(v0, "q4c-tail", "v", values.dtype), values], axis=-2)  # exact: re-encodes to the same bytes
+            keys = mx.concatenate([decode(k0, "q8", "k", keys.dtype), keys], axis=-2)
+            values = mx.concatenate([decode(v0, "q8", "v", values.dtype), values], axis=-2)
             self.segments.pop()
             self.offset = first
         # What a query of this append sees of its own key group: 8 bits, as in a decode step
@@ -273,14 +278,14 @@ class LayerCache:
             k = mx.concatenate([mx.repeat(k[..., n_sink : n_sink + 1, :], n_sink, axis=-2), k[..., n_sink:, :]], axis=-2)
         self.append(encode(k, "q4c", "k"), encode(values[..., :full, :], "q4c", "v"), "q4c")
         if keys.shape[-2] > full:
-            self.append(encode(keys[..., full:, :], "q4c-tail", "k"), encode(values[..., full:, :], "q4c-tail", "v"), "q4c-tail")
+            self.append(encode(keys[..., full:, :], "q8", "k"), encode(values[..., full:, :], "q8", "v"), "q8")
 
     def append(self, k: tuple, v: tuple | None, encoding: str | None = None) -> None:
         """Append already-encoded tokens to the last segment (a new one where it is shared or of another encoding)."""
         encoding = encoding or self.encoding
         n = _tokens(k)
         last = self.segments[-1] if self.segments else None
-        block = KEY_GROUP if encoding == "q4c-tail" else BLOCK_TOKENS  # a tail never holds a whole group
+        block = KEY_GROUP if self.encoding == "q4c" and encoding == "q8" else BLOCK_TOKENS  # a tail never holds a whole group
         if last is None or last.shared or last.encoding != encoding:
             last = Segment(*self._alloc(k, v, -(-n // block) * block), length=0, encoding=encoding)
             self.segments.append(last)
@@ -417,7 +422,7 @@ class LayerCache:
         self.offset = n
         if tail is not None:
             self.offset -= tail[0].shape[-2]
-            self.append(encode(tail[0], "q4c-tail", "k"), encode(tail[1], "q4c-tail", "v"), "q4c-tail")
+            self.append(encode(tail[0], "q8", "k"), encode(tail[1], "q8", "v"), "q8")
 
     # -- attention ---------------------------------------------------------
     def attend(self, queries: mx.array, scale: float, values_from_keys=None) -> mx.array:

@@ -161,8 +161,13 @@ class Agent:
         """Prefill the history into the cache without generating (a turn of 0 tokens).
         The caller holds the turn lock; the turn releases it."""
         fit = lambda: limits.fit_context(lambda: self.prompt_tokens(None, generation=False), [self.system, *self.messages], 0, self.runtime.runner, self.name)  # noqa: E731
+        return self._prefill_turn(fit)
+
+    def _prefill_turn(self, prompt, record=None) -> "TurnStats":
+        """Run a turn that generates nothing and wait for it. The caller holds the turn
+        lock; the turn releases it (also when it cannot be submitted)."""
         try:
-            h = self.runtime.scheduler.submit(Turn(self.name, fit, max_tokens=0, ended=self._turn_ended))
+            h = self.runtime.scheduler.submit(Turn(self.name, prompt, 0, record=record, ended=self._turn_ended))
         except BaseException:
             self._turn_ended()
             raise
@@ -410,17 +415,10 @@ class Agent:
                                 "cards": (old["cards"] if old else []) + [entry]}
                 self._queue_history()
                 return None
-
-            h = rt.scheduler.submit(Turn(self.name, here, 0, record=record, ended=self._turn_ended))
         except BaseException:
             self._turn_ended()
             raise
-        try:
-            h.wait()
-        finally:
-            h.stats.ttft_ms = h.stats.total_ms
-            self.last_stats = h.stats
-        return h.stats
+        return self._prefill_turn(here, record)
 
 
 class Runtime:

@@ -141,7 +141,7 @@ def q4c_layer_bytes(config: dict, span: dict) -> int:
     h = config.get("num_key_value_heads") or config["num_attention_heads"]
     d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     values = d // 2 + d // 32 * 2  # 4-bit codes, one fp16 scale per 32
-    per_token = {"q4c": d // 2 + values, "q4c-tail": d + d // 64 * 4 + values}  # 8-bit tail keys
+    per_token = {"q4c": d // 2 + values, "q8": 2 * (d + d // 64 * 4)}  # the tail: 8-bit keys and values
     total = sum(n * per_token[e] for e, n in span["runs"])
     total += sum(n // 128 * d * 4 for e, n in span["runs"] if e == "q4c")  # fp16 scale + bias per channel per 128 tokens
     return h * (total + span.get("sinks", 0) * 2 * d * 2)

@@ -166,7 +166,7 @@ def test_chat_then_continuation_reports_exact_cached_tokens(server, tokenizer):
     client = server.openai()
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
     text, usage, info, headers = chat(client, "oa-1", msgs)
-    assert text and usage.completion_tokens == 8
+    assert text and 1 <= usage.completion_tokens <= 8  # max_tokens 8, or the model's end of turn
     assert usage.prompt_tokens == count_tokens(server, msgs[1:], system=msgs[0]["content"])
     assert usage.prompt_tokens_details.cached_tokens == 0 and info["tier"] == "cold" and info["agent"] == "oa-1"
     assert headers["x-agentcache-tier"] == "cold" and headers["x-agentcache-agent"] == "oa-1"

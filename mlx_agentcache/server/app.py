@@ -26,7 +26,7 @@ from ..pool import PinError
 from ..store.container import CacheFileError
 from .errors import APIError, error_body, error_response
 from .params import read_body
-from ..store.layout import CARD_SUFFIX, is_agent_name
+from ..store.layout import CACHE_CARD_SUFFIX, CARD_SUFFIX, is_agent_name
 from .state import ServerConfig, ServerState
 
 CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/(card|cachecard)$")
@@ -264,7 +264,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         idle(name)
         if range not in ("all", "last-turn"):
             raise APIError(400, f"range must be 'all' or 'last-turn', got {range!r}")
-        tmp = Path(tempfile.mkdtemp(prefix="agentcache-cachecard-")) / f"{name}.card"
+        tmp = Path(tempfile.mkdtemp(prefix="agentcache-cachecard-")) / f"{name}{CACHE_CARD_SUFFIX}"
         try:
             card = await asyncio.to_thread(rt.agent(name).export_card, tmp, bits, range, "uniform" if uniform else "mixed")
         except ValueError as e:  # a budget below the minimum, nothing to hand over
@@ -285,7 +285,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         idle(name)
         data = await read_body(request, state.config.max_card_bytes)
         with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
-            card = Path(d) / "upload.card"
+            card = Path(d) / f"upload{CACHE_CARD_SUFFIX}"
             card.write_bytes(data)
             try:
                 stats = await asyncio.to_thread(rt.agent(name).inject, card)

@@ -6,7 +6,7 @@ Two kinds of file share the container (container.py):
   `layers.i.k.j` / `layers.i.v.j` (j = 0 packed codes, 1 fp16 scales,
   2 fp16 biases; one fp16 tensor for 16-bit caches; q4c values have codes
   and scales only). A q4c layer holds runs of several encodings (fp16
-  sinks, the q4c body, the q4c-tail, see kvcache.py): its span lists them
+  the q4c body and the q8 tail, see kvcache.py): its span lists them
   as `runs` [[encoding, tokens], ...] and run r > 0 is stored under
   `layers.i.r.k.j`; its exact attention sinks (`sinks` in the span: how many)
   under `layers.i.sinks.k` / `.v` (fp16). `kv_mode` names the mode. Version 1 files
@@ -34,7 +34,7 @@ from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
 from .container import CacheFileError, read_arrays, write_tensors
 from .layout import Layout
 
-ENCODINGS = ("fp16", "q8", "q4", "q4c", "q4c-tail")
+ENCODINGS = ("fp16", "q8", "q4", "q4c")
 
 FORMAT = "agentcache-kv-2"
 FORMAT_V1 = "agentcache-kv"
@@ -349,8 +349,7 @@ def _width(encoding: str, part: str, t: tuple) -> int:
     """Values per row of a stored tuple (the head dim)."""
     if encoding == "fp16":
         return t[0].shape[-1]
-    eight_bit = encoding == "q8" or (encoding == "q4c-tail" and part == "k")
-    return t[0].shape[-1] * (4 if eight_bit else 8)
+    return t[0].shape[-1] * (4 if encoding == "q8" else 8)
 
 
 def _layout_ok(encoding: str, part: str, t: tuple, tokens: int) -> bool:
@@ -359,7 +358,7 @@ def _layout_ok(encoding: str, part: str, t: tuple, tokens: int) -> bool:
     rows = [x.shape[-2] for x in t]
     if encoding == "fp16":
         return dt == ["float16"] and rows == [tokens]
-    if encoding in ("q4c", "q4c-tail") and part == "v":
+    if encoding == "q4c" and part == "v":
         return (dt == ["uint32", "float16"] and rows == [tokens, tokens]
                 and t[1].shape[-1] * VALUE_GROUP == t[0].shape[-1] * 8)
     if encoding == "q4c":

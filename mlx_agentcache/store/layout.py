@@ -25,6 +25,7 @@ from filelock import FileLock
 SUFFIX = ".safetensors"
 HISTORY_SUFFIX = ".json"
 CARD_SUFFIX = ".card" + SUFFIX
+CACHE_CARD_SUFFIX = ".card"  # a cache card (cards.py), wherever the user keeps it
 BLOCKS_DIR = "blocks"
 LOCKS_DIR = ".locks"
 # Anchored at both ends (\Z, not $: `$` also matches before a trailing newline).
