@@ -203,11 +203,11 @@ def bench_model(name: str, args, progress=None) -> dict:
     for text_name, text in ((t, x) for t, x in texts().items() if t in args.texts.split(",")):
         ids = tok.encode(text, add_special_tokens=False)
         out["texts"][text_name] = {"text_tokens": len(ids), "contexts": {}, "greedy": {}}
-        offset = 0  # windows of every context are disjoint
+        offset = args.skip  # windows of every context are disjoint (and from earlier runs' with --skip)
         for i, (ctx, count) in enumerate(zip(args.contexts, args.windows)):
             wins = windows(ids[offset:], ctx, count, bos)
             offset += count * (ctx - len(bos))
-            first = i == 0
+            first = i == 0 and not args.headline_only
             ours = {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (["q4", "q4k", "q8"] if first else [])}
             peers = {f"mlx-lm q{b}": MlxLm(runner, b) for b in ((4, 8) if first else ())}
             engines = {**ours, **peers}
@@ -321,6 +321,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one 2K window per text, 1 prompt x 32 tokens")
     ap.add_argument("--peers-first-only", action="store_true", help="llama.cpp at the first context only")
     ap.add_argument("--texts", default="code,prose")
+    ap.add_argument("--headline-only", action="store_true", help="ours fp16 and the default mode only")
+    ap.add_argument("--skip", type=int, default=0, help="start after this many tokens of each text (to add contexts to an earlier run)")
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()
