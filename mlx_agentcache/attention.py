@@ -53,11 +53,6 @@ def _expand(n_queries: int) -> bool:
     return n_queries >= EXPAND_MIN_QUERIES and _on_cpu()
 
 
-def _expanded(t: tuple, encoding: str, part: str, dtype) -> mx.array:
-    """One layer's blocks as a transient float array (the same codes, exact scale*q+bias)."""
-    return decode(t, encoding, part, dtype)
-
-
 def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
     """Softmax over the last axis of scores (B, H, rows, T), `mask` (rows, T) True where allowed.
 
@@ -78,7 +73,7 @@ def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
 
 def _scores(q: mx.array, k: tuple, encoding: str, expand: bool) -> mx.array:
     if encoding == "fp16" or expand:
-        return q @ _expanded(k, encoding, "k", q.dtype).swapaxes(-1, -2)
+        return q @ decode(k, encoding, "k", q.dtype).swapaxes(-1, -2)  # a transient float copy of the blocks
     if encoding == "q4c":
         return q4.key_scores(q, k)
     return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
@@ -86,7 +81,7 @@ def _scores(q: mx.array, k: tuple, encoding: str, expand: bool) -> mx.array:
 
 def _mix(p: mx.array, v: tuple, encoding: str, expand: bool) -> mx.array:
     if encoding == "fp16" or expand:
-        return p @ _expanded(v, encoding, "v", p.dtype)
+        return p @ decode(v, encoding, "v", p.dtype)
     if encoding == "q4c":
         return q4.mix_values(p, v)
     return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)

@@ -123,12 +123,7 @@ class CheckedKernels:
         self.verdicts[config] = False
 
     def quantize(self, x: mx.array) -> Q4:
-        if self._trusted(("quantize",), self._check_quantize):
-            try:
-                return self.quantize_kernel(x)
-            except Exception as e:
-                self._disable(("quantize",), e)
-        return q4_format.quantize(x)
+        return self._checked("quantize", self.quantize_kernel, self._check_quantize, q4_format.quantize, x)
 
     def _check_quantize(self) -> None:
         x = mx.array(check_groups()).reshape(4, -1, 64 * 2)
