@@ -6,7 +6,8 @@ quantized codes directly:
 
 * a decode step on an Apple GPU runs the fused Q4 kernel of kernels/ over
   the block buffer in place (`q4.decode_attention`);
-* otherwise `mx.quantized_matmul` over each segment;
+* otherwise `mx.quantized_matmul` over each segment (q4c keys on the CPU:
+  their codes as float nibbles for BLAS, `q4_format.key_scores_unpacked`);
 * prefill on the CPU backend dequantizes one layer's blocks for BLAS and
   takes the softmax in NumPy (both much faster there: MLX's CPU `exp` is a
   scalar loop).
@@ -75,7 +76,7 @@ def _scores(q: mx.array, k: tuple, encoding: str, expand: bool) -> mx.array:
     if encoding == "fp16" or expand:
         return q @ decode(k, encoding, "k", q.dtype).swapaxes(-1, -2)  # a transient float copy of the blocks
     if encoding == "q4c":
-        return q4.key_scores(q, k)
+        return q4.key_scores_unpacked(q, k) if _on_cpu() else q4.key_scores(q, k)
     return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
 
@@ -113,8 +114,8 @@ def attend(layer, queries: mx.array, scale: float, values_from_keys=None) -> mx.
     s = _own_group_at_8_bits(layer, q, s, L)
     n_sink = layer.sink_count
     if n_sink:  # the exact sinks stand in for the first stored rows
-        sink_k, sink_v = (x[None].astype(q.dtype) for x in layer.sinks)
-        s = mx.concatenate([q @ sink_k.swapaxes(-1, -2), s[..., n_sink:]], axis=-1)
+        sink_kt, sink_v = layer.sink_arrays(q.dtype)
+        s[..., :n_sink] = q @ sink_kt
     T = s.shape[-1]
     allowed = mask(layer, L, T)
     if allowed is not None and rep > 1:  # rows are (query head, position) pairs
@@ -123,7 +124,7 @@ def attend(layer, queries: mx.array, scale: float, values_from_keys=None) -> mx.
     out, a = None, 0
     if n_sink:
         out = p[..., :n_sink] @ sink_v
-        p = mx.concatenate([mx.zeros_like(p[..., :n_sink]), p[..., n_sink:]], axis=-1)
+        p[..., :n_sink] = 0.0  # the stored rows they stand in for add nothing
     for seg, (k, v) in zip(segments, views):
         t = _tokens(k)
         pv = p[..., a : a + t]

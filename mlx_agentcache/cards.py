@@ -435,7 +435,7 @@ def inject(card: CacheCard, cache: AgentCache, runner) -> int:
     mx.eval([x for k, v, _ in ready for x in (k, v) if x is not None])
     for layer, (k, v, pos) in zip(cache.layers, ready):
         if pos > layer.offset:  # a window layer: what lies before its last `window` tokens is never read
-            layer.segments, layer.start, layer.offset = [], pos, pos
+            layer.skip_to(pos)
         layer.append_dense(k, v)
     cache.tokens.extend(card.tokens)
     mx.eval([(s.keys, s.values) for layer in cache.layers for s in layer.segments[-2:]])

@@ -182,6 +182,7 @@ class LayerCache:
         self.sinks: tuple[mx.array, mx.array] | None = None  # q4c: exact keys, values of positions [0, n)
         self.fresh: tuple[int, mx.array] | None = None  # q4c: (first position, 8-bit keys) of the last append, until attention reads it
         self.expect: StoredShape | None = None
+        self._sink_arrays = None  # (sinks, dtype, keys transposed, values) for attention, rebuilt when either changes
 
     # -- mlx-lm cache protocol -------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array | None):
@@ -221,6 +222,16 @@ class LayerCache:
     def sink_count(self) -> int:
         """How many leading positions `sinks` overrides (0 once a window moved past them)."""
         return 0 if self.sinks is None or self.start else self.sinks[0].shape[-2]
+
+    def sink_arrays(self, dtype) -> tuple[mx.array, mx.array]:
+        """The sinks as attention multiplies them: keys (1, H, D, n) transposed and values (1, H, n, Dv)
+        of `dtype`; converted once per set of sinks, not in every decode step."""
+        cached = self._sink_arrays
+        if cached is None or cached[0] is not self.sinks or cached[1] != dtype:
+            k, v = self.sinks
+            cached = (self.sinks, dtype, k[None].astype(dtype).swapaxes(-1, -2), v[None].astype(dtype))
+            self._sink_arrays = cached
+        return cached[2], cached[3]
 
     @property
     def rotate_values(self) -> bool:
@@ -312,6 +323,14 @@ class LayerCache:
             return tuple(mx.zeros((*x.shape[:-2], cap * x.shape[-2] // n, x.shape[-1]), x.dtype) for x in t)
 
         return z(k), (None if v is None else z(v))
+
+    def skip_to(self, pos: int) -> None:
+        """Forget the stored tokens and go on at absolute position `pos`: a window layer handed
+        more tokens than its window (cards.inject) stores only those it will ever read."""
+        if pos < self.offset:
+            raise ValueError(f"position {pos} is before this layer's next position {self.offset}")
+        self.segments, self.start, self.offset = [], pos, pos
+        self.sinks = self.fresh = None
 
     def _drop_outside_window(self, next_pos: int) -> None:
         """Drop whole leading blocks no query at or after `next_pos` can see."""

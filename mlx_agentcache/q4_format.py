@@ -155,6 +155,25 @@ def key_scores(q: mx.array, k: tuple) -> mx.array:
     return s.swapaxes(-3, -2).reshape(*lead, q.shape[-2], t)
 
 
+def key_scores_unpacked(q: mx.array, k: tuple) -> mx.array:
+    """`key_scores` as float matrix products, for backends where those beat `quantized_matmul`
+    with few query rows (MLX's CPU: 3.4x faster at 1K tokens, bench_decode).
+
+    A packed byte holds two neighbouring channels (`pack`'s order): its low nibbles
+    are the even channels, its high nibbles the odd ones, so each half is one
+    float matrix of bare codes that the even or odd half of the scaled queries multiplies."""
+    packed, scales, biases = k
+    *lead, t, w = packed.shape
+    g = scales.shape[-2]
+    nibbles = packed.view(mx.uint8).reshape(*lead, g, t // g, w * 4)
+    qs = q[..., None, :, :] * scales.astype(q.dtype)[..., :, None, :]  # (..., G, M, D)
+    even = (nibbles & 15).astype(q.dtype).swapaxes(-1, -2)
+    odd = (nibbles >> 4).astype(q.dtype).swapaxes(-1, -2)
+    s = qs[..., 0::2] @ even + qs[..., 1::2] @ odd
+    s = s + (q @ biases.astype(q.dtype).swapaxes(-1, -2)).swapaxes(-1, -2)[..., None]
+    return s.swapaxes(-3, -2).reshape(*lead, q.shape[-2], t)
+
+
 @functools.lru_cache(maxsize=64)
 def _unit_parameters(shape: tuple, dtype) -> tuple[mx.array, mx.array]:
     """Scales of 1 and biases of 0 (built once per shape: a decode step reuses them)."""

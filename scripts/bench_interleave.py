@@ -51,7 +51,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_agentcache import blas
-from mlx_agentcache.config import default_home
+from mlx_agentcache.config import DEFAULT_KV, default_home
 from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=3, help="agents the budget holds")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens per turn")
-    ap.add_argument("--kv", default="q4", help="KV cache mode (default q4, the layout of the published figures)")
+    ap.add_argument("--kv", default=DEFAULT_KV, help=f"KV cache mode (default {DEFAULT_KV}, the runtime's default)")
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--batch-steps", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="small sizes to check the script (numbers not comparable)")

@@ -24,7 +24,7 @@ Greedy agreement: fp16 generates from prompts taken from each text, the
 other engine of the family is forced along the same tokens.
 
     python scripts/bench_quality.py              # the committed results
-    python scripts/bench_quality.py --quick      # one 2K window per text, for `agentcache bench`
+    python scripts/bench_quality.py --quick      # checks the script: one 512-token window per text
 
 Writes quality.json (with a `headline` per model) and quality.md to --out.
 """
@@ -318,7 +318,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--quick", action="store_true", help="one 2K window per text, 1 prompt x 32 tokens")
+    ap.add_argument("--quick", action="store_true", help="checks the script: one 512-token window per text, 1 prompt x 16 tokens")
     ap.add_argument("--peers-first-only", action="store_true", help="llama.cpp at the first context only")
     ap.add_argument("--texts", default="code,prose")
     ap.add_argument("--headline-only", action="store_true", help="ours fp16 and the default mode only")
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()
     if args.quick:
-        args.contexts, args.windows, args.prompts, args.gen, args.prompt_tokens = "2048", "1", 1, 32, 256
+        args.contexts, args.windows, args.prompts, args.gen, args.prompt_tokens = "512", "1", 1, 16, 128
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.windows = [int(w) for w in args.windows.split(",")]
     args.home = args.home or default_home()

@@ -172,6 +172,22 @@ def test_q4c_attends_closer_to_exact_than_q4_and_q4k_at_the_same_or_fewer_bits()
     assert err["q4c"] < 0.6 * err["q4k"] and err["q4k"] < err["q4"], err
 
 
+def test_q4c_key_scores_both_ways_equal_the_dequantized_keys():
+    """The quantized-matmul and the unpacked-nibble (CPU decode) scores read the same codes."""
+    from mlx_agentcache import q4_format as f
+    k, _ = outlier_keys(3, 384)
+    stored = tuple(x[None] for x in f.quantize_keys(k[0]))
+    q = mx.random.normal((1, 2, 5, 64), key=mx.random.key(7))
+    exact = q @ f.dequantize_keys(stored).swapaxes(-1, -2)
+    tol = 1e-5 * mx.abs(exact).max().item()  # float32 sums in another order; a misread channel errs by ~1e1
+    for scores in (f.key_scores(q, stored), f.key_scores_unpacked(q, stored)):
+        assert scores.shape == exact.shape
+        assert mx.abs(scores - exact).max().item() < tol
+    # a view of the first groups of a longer buffer (how attention reads a segment)
+    view = tuple(x[..., : (256 if x.shape[-2] == 384 else 2), :] for x in stored)
+    assert mx.abs(f.key_scores_unpacked(q, view) - exact[..., :256]).max().item() < tol
+
+
 def test_q4c_trim_keeps_whole_groups_and_moves_the_rest_to_the_tail():
     k, v = outlier_keys(1, 700)
     c = LayerCache("q4c")
