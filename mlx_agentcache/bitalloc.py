@@ -8,8 +8,8 @@ it: a row of `head_dim` values at width w costs `w * head_dim + 32 *
 head_dim / group_size` bits (16 * head_dim at fp16), so 2/3/4/8 bits cost
 2.5/3.5/4.5/8.5 bits per value with groups of 64. (With 2/4/8 alone, a
 budget of 3 or 4 bits must put many tokens at 2 bits, and uniform 3-bit
-cards beat such mixes on SmolLM2; with 3 in the levels the mix wins at 4
-and 5 bits: bench_results/handoff.md.)
+cards beat such mixes on SmolLM2; with 3 in the levels the mix wins at 3,
+4 and 5 bits: bench_results/handoff.md.)
 
 The rule (deterministic; ties go to the earlier token):
 

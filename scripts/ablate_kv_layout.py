@@ -16,6 +16,8 @@ Ingredients (literature names in brackets):
   rot          Hadamard rotation of the head dim before quantizing (today's q4k for keys) [QuaRot]
   chan gG      keys per channel, over groups of G tokens; the tokens of an unfilled group at 8 bits [KIVI]
   N sinks      the first N tokens kept at fp16 [StreamingLLM attention sinks]
+  mixed B      per token, each token at 2, 3, 4 or 8 bits (asym g64) from its energy under an
+               average of B bits per value (bitalloc.py, the cache cards' allocator) [QKVShare]
 
     python scripts/ablate_kv_layout.py [--models smollm2-135m,gemma3-270m] [--context 2048] [--windows 2]
 
@@ -37,7 +39,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import dequantize_model
 from mlx_lm.utils import load as mlx_lm_load
 
-from mlx_agentcache import blas
+from mlx_agentcache import bitalloc, blas
 from mlx_agentcache.config import default_home
 from mlx_agentcache.models.model_store import resolve_model
 
@@ -62,6 +64,9 @@ LAYOUTS = {
     "K chan g128, 4 sinks; V exact": (("chan", 128, 4), ("none", 32, 16), {"sinks": 4}),
     "K exact; V rot sym g32, 4 sinks": (("none", 32, 16), ("sym", 32, 4), {"sinks": 4, "vrot": True}),
     "K chan g64, V rot sym g32, 4 sinks, 8-bit recent 64": (("chan", 64, 4), ("sym", 32, 4), {"sinks": 4, "vrot": True}),
+    "K, V mixed 4.5 (token-level mixed precision)": (("mixed", 64, 4.5), ("mixed", 64, 4.5), {}),
+    "K, V mixed 4.5, 4 sinks": (("mixed", 64, 4.5), ("mixed", 64, 4.5), {"sinks": 4}),
+    "K chan g128, V mixed 4.5, 4 sinks": (("chan", 128, 4), ("mixed", 64, 4.5), {"sinks": 4}),
 }
 RESIDUAL = ("asym", 64, 8)  # channel-wise keys: tokens of a group that has not filled yet
 
@@ -98,10 +103,25 @@ def sym(x: mx.array, g: int, bits: int, factors=(1.0,)) -> mx.array:
     return best.reshape(x.shape)
 
 
+def mixed(x: mx.array, budget: float) -> mx.array:
+    """Token-level mixed precision: widths from each token's energy (summed over heads) by the
+    cards' allocator, then each width's tokens in asym groups of 64."""
+    energy = np.asarray(mx.sum(x * x, axis=(0, 1, 3)))
+    widths = bitalloc.allocate(energy, budget, x.shape[-1], protect_first=0, protect_last=0)
+    out = mx.zeros_like(x)
+    for w in np.unique(widths):
+        idx = mx.array(np.nonzero(widths == w)[0])
+        part = x[:, :, idx]
+        out[:, :, idx] = part if w == 16 else asym(part, min(64, x.shape[-1]), int(w))
+    return out
+
+
 def per_token(x: mx.array, part) -> mx.array:
     kind, g, bits = part
     if kind == "none":
         return x
+    if kind == "mixed":
+        return mixed(x, bits)
     g = min(g, x.shape[-1])
     if kind == "asym":
         return asym(x, g, bits)
@@ -113,6 +133,8 @@ def bits_per_value(layout, head_dim: int, tokens: int) -> float:
 
     def per_token_bits(part):
         kind, g, bits = part
+        if kind == "mixed":
+            return bits  # the allocator's budget, met exactly or under
         g = min(g, head_dim)
         return bits + (32 if kind == "asym" else 16) / g
 

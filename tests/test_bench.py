@@ -33,22 +33,42 @@ def linked_images(report: Path) -> list[Path]:
     return [report.parent / m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())]
 
 
-def test_quick_run_records_the_machine_and_writes_the_report(tmp_path, smollm2_path, model_home):
-    p = bench("decode", "--quick", "--out", str(tmp_path), home=model_home)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+def test_quick_run_of_every_benchmark_records_the_machine_and_writes_the_report(tmp_path, smollm2_path, gemma3_path, model_home):
+    """`agentcache bench all --quick`, the smoke run: every script runs on the real models and
+    every section of the report is filled from what it wrote (structure, not speed)."""
+    p = bench("all", "--quick", "--out", str(tmp_path), home=model_home, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     machine = json.loads((tmp_path / "machine.json").read_text())
     assert {"cpu", "cores", "memory_GiB", "os", "mlx", "device", "blas", "blas_threads", "peers", "disk"} <= set(machine)
     assert machine["cores"] == os.cpu_count() and machine["memory_GiB"] > 0 and machine["disk"]["read_MBps"] > 0
-    assert machine["peers"]["mlx_lm"]
+    assert machine["peers"]["mlx_lm"] and machine["peers"]["llama_cpp"]
     runs = json.loads((tmp_path / "runs.json").read_text())
-    assert runs["decode"]["rc"] == 0 and runs["decode"]["quick"] is True
-    assert (tmp_path / runs["decode"]["log"]).read_text().strip()
+    assert set(runs) == set(benchreport.BENCHES)
+    for name, r in runs.items():
+        assert r["rc"] == 0 and r["quick"] is True, name
+        assert (tmp_path / r["log"]).read_text().strip(), name
     decode = json.loads((tmp_path / "decode.json").read_text())
     assert decode["results"][0]["mlx_lm"]["ms_per_token"] > 0  # the baseline is mlx-lm's own cache
-    report = (tmp_path / "REPORT.md").read_text()
-    for heading in ("## Machine", "## Published figures beside ours", "## Decode: our caches vs mlx-lm's own KVCache"):
-        assert heading in report
-    assert machine["cpu"] in report and "| decode (quick) | ok |" in report
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    assert {"smollm2-135m", "gemma3-270m"} <= set(quality["headline"])
+    handoff = json.loads((tmp_path / "handoff.json").read_text())
+    assert handoff["fidelity"]["budgets"] and handoff["workflow"]
+    interleave = json.loads((tmp_path / "interleave.json").read_text())
+    assert interleave["quick"] is True and interleave["headline"]["overlap_vs_hot_8b_geometry"] > 0
+    report = tmp_path / "REPORT.md"
+    text = report.read_text()
+    for heading in ("## Machine", "## Published figures beside ours", "## Time to first token", "## Quality", "## Capacity",
+                    "## Decode: our caches vs mlx-lm's own KVCache", "## Reloads hidden behind decoding, and batched decode",
+                    "## Handoff", "## HTTP server under load"):
+        assert heading in text, heading
+    assert not [line for line in text.splitlines() if "in this directory" in line]  # every section found its JSON
+    assert machine["cpu"] in text
+    for name in benchreport.BENCHES:
+        assert f"| {name} (quick) | ok |" in text, name
+    images = linked_images(report)
+    assert len(images) >= 5
+    for img in images:
+        assert img.read_bytes()[:8] == PNG, img
 
 
 def test_report_over_the_committed_results(tmp_path):
