@@ -41,7 +41,7 @@ def test_quick_run_of_every_benchmark_records_the_machine_and_writes_the_report(
     machine = json.loads((tmp_path / "machine.json").read_text())
     assert {"cpu", "cores", "memory_GiB", "os", "mlx", "device", "blas", "blas_threads", "peers", "disk"} <= set(machine)
     assert machine["cores"] == os.cpu_count() and machine["memory_GiB"] > 0 and machine["disk"]["read_MBps"] > 0
-    assert machine["peers"]["mlx_lm"] and machine["peers"]["llama_cpp"]
+    assert machine["peers"]["mlx_lm"] and machine["peers"]["llama_cpp_python"]
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert set(runs) == set(benchreport.BENCHES)
     for name, r in runs.items():
