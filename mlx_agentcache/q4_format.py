@@ -157,7 +157,7 @@ def key_scores(q: mx.array, k: tuple) -> mx.array:
 
 def key_scores_unpacked(q: mx.array, k: tuple) -> mx.array:
     """`key_scores` as float matrix products, for backends where those beat `quantized_matmul`
-    with few query rows (MLX's CPU: 3.4x faster at 1K tokens, bench_decode).
+    with few query rows (MLX's CPU: 0.18 against 0.60 ms a layer for SmolLM2 at 1K tokens).
 
     A packed byte holds two neighbouring channels (`pack`'s order): its low nibbles
     are the even channels, its high nibbles the odd ones, so each half is one

@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_agentcache import blas
 from mlx_agentcache.kvcache import KV_MODES, AgentCache, LayerCache
 from mlx_agentcache.config import default_home
 from mlx_agentcache.models.model_store import gguf_file
 from mlx_agentcache.models.runner import ModelRunner
+from bench_ttft import last_logits  # scripts/: llama.cpp's logits of the last position
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "python_reference.txt"
@@ -86,11 +86,10 @@ class LlamaCppDecoder:
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                                    type_k=t, type_v=t, flash_attn=True, verbose=False)
         self.llm.eval(tokens)
-        self.kv = kv
 
     def step(self, token: int) -> int:
         self.llm.eval([token])
-        return int(np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),)).argmax())
+        return int(last_logits(self.llm).argmax())
 
     def close(self) -> None:
         self.llm.close()
