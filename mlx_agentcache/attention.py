@@ -8,9 +8,10 @@ quantized codes directly:
   the block buffer in place (`q4.decode_attention`);
 * otherwise `mx.quantized_matmul` over each segment (q4c keys on the CPU:
   their codes as float nibbles for BLAS, `q4_format.key_scores_unpacked`);
-* prefill on the CPU backend dequantizes one layer's blocks for BLAS and
-  takes the softmax in NumPy (both much faster there: MLX's CPU `exp` is a
-  scalar loop).
+* prefill on the CPU backend reads one layer's blocks as float copies for BLAS
+  (q4c's through `key_scores_dequantized` and `mix_values_unpacked`) and takes
+  the softmax in NumPy (all much faster there: MLX's CPU `dequantize` and
+  `quantized_matmul` are slow, its `exp` a scalar loop).
 
 mlx-lm's attention modules call `scaled_dot_product_attention(..., cache=cache)`;
 the runner routes that call here for our caches, so mlx-lm's model
@@ -45,13 +46,15 @@ def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-EXPAND_MIN_QUERIES = 8  # decode steps (fewer query positions) keep quantized_matmul on CPU too
+EXPAND_MIN_ROWS = 9  # query rows of one product: query heads per kv head x positions
 
 
-def _expand(n_queries: int) -> bool:
-    """Dequantize for BLAS on CPU only for prefill: a decode step would expand the whole
-    cache to read it once, which made Q4 decode ~1.2x slower than fp16 (bench_decode)."""
-    return n_queries >= EXPAND_MIN_QUERIES and _on_cpu()
+def _expand(positions: int, rows: int) -> bool:
+    """On the CPU, read the blocks as float copies for BLAS when more than one position
+    queries them with EXPAND_MIN_ROWS rows or more (`q4_format` measures the forms). A
+    decode step keeps the packed codes: a float copy of the whole cache per step costs
+    more than it saves (8B geometry at 4K: 233 against 166 ms a step)."""
+    return positions > 1 and rows >= EXPAND_MIN_ROWS and _on_cpu()
 
 
 def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
@@ -73,18 +76,20 @@ def _softmax(s: mx.array, mask: mx.array | None, expand: bool) -> mx.array:
 
 
 def _scores(q: mx.array, k: tuple, encoding: str, expand: bool) -> mx.array:
+    if encoding == "q4c":
+        if expand:
+            return q4.key_scores_dequantized(q, k)
+        return q4.key_scores_unpacked(q, k) if _on_cpu() else q4.key_scores(q, k)
     if encoding == "fp16" or expand:
         return q @ decode(k, encoding, "k", q.dtype).swapaxes(-1, -2)  # a transient float copy of the blocks
-    if encoding == "q4c":
-        return q4.key_scores_unpacked(q, k) if _on_cpu() else q4.key_scores(q, k)
     return mx.quantized_matmul(q, *k, transpose=True, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
 
 def _mix(p: mx.array, v: tuple, encoding: str, expand: bool) -> mx.array:
+    if encoding == "q4c":
+        return q4.mix_values_unpacked(p, v) if expand else q4.mix_values(p, v)
     if encoding == "fp16" or expand:
         return p @ decode(v, encoding, "v", p.dtype)
-    if encoding == "q4c":
-        return q4.mix_values(p, v)
     return mx.quantized_matmul(p, *v, transpose=False, group_size=GROUP_SIZE, bits=4 if encoding == "q4" else 8)
 
 
@@ -108,7 +113,7 @@ def attend(layer, queries: mx.array, scale: float, values_from_keys=None) -> mx.
     rep = Hq // Hkv
     # The query heads sharing a kv head become rows of one matrix product per kv head.
     q = (queries * scale).reshape(B, Hkv, rep * L, D)
-    expand = _expand(L)
+    expand = _expand(L, rep * L)
     scores = [_scores(q, tuple(x[None] for x in k), seg.encoding, expand) for seg, (k, _) in zip(segments, views)]
     s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
     s = _own_group_at_8_bits(layer, q, s, L)

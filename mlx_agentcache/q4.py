@@ -23,12 +23,11 @@ from . import q4_format
 from .config import warn
 from .q4_format import (BITS, BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, STORE_DTYPE, VALUE_GROUP, Q4, bytes_per_token,
                         decode_attention_q4, decode_attention_q4c_ref, dequantize_keys, dequantize_values, key_scores,
-                        key_scores_unpacked,
-                        mix_values)
+                        key_scores_dequantized, key_scores_unpacked, mix_values, mix_values_unpacked)
 
 __all__ = ["BITS", "BLOCK_TOKENS", "GROUP_SIZE", "KEY_GROUP", "VALUE_GROUP", "STORE_DTYPE", "Q4", "bytes_per_token",
            "decode_attention_q4", "decode_attention_q4c_ref", "dequantize_keys", "dequantize_values", "key_scores", "key_scores_unpacked",
-           "mix_values", "quantize", "quantize_keys", "quantize_values", "decode_attention", "decode_attention_q4c",
+           "key_scores_dequantized", "mix_values", "mix_values_unpacked", "quantize", "quantize_keys", "quantize_values", "decode_attention", "decode_attention_q4c",
            "fused_decode_available", "CheckedKernels"]
 
 # Max |kernel - reference| / max |reference| a decode configuration may show on its check.

@@ -172,20 +172,30 @@ def test_q4c_attends_closer_to_exact_than_q4_and_q4k_at_the_same_or_fewer_bits()
     assert err["q4c"] < 0.6 * err["q4k"] and err["q4k"] < err["q4"], err
 
 
-def test_q4c_key_scores_both_ways_equal_the_dequantized_keys():
-    """The quantized-matmul and the unpacked-nibble (CPU decode) scores read the same codes."""
+def test_q4c_scores_and_mix_every_way_equal_the_dequantized_cache():
+    """The quantized-matmul and the float-nibble forms (CPU) read the same codes as
+    `dequantize_keys` / `dequantize_values`, on a whole buffer and on a view of it."""
     from mlx_agentcache import q4_format as f
-    k, _ = outlier_keys(3, 384)
+    k, v = outlier_keys(3, 384)
     stored = tuple(x[None] for x in f.quantize_keys(k[0]))
+    values = tuple(x[None] for x in f.quantize_values(v[0]))
     q = mx.random.normal((1, 2, 5, 64), key=mx.random.key(7))
+    p = mx.softmax(mx.random.normal((1, 2, 5, 384), key=mx.random.key(8)), axis=-1)
     exact = q @ f.dequantize_keys(stored).swapaxes(-1, -2)
+    mixed = p @ f.dequantize_values(values)
     tol = 1e-5 * mx.abs(exact).max().item()  # float32 sums in another order; a misread channel errs by ~1e1
-    for scores in (f.key_scores(q, stored), f.key_scores_unpacked(q, stored)):
+    for scores in (f.key_scores(q, stored), f.key_scores_unpacked(q, stored), f.key_scores_dequantized(q, stored)):
         assert scores.shape == exact.shape
         assert mx.abs(scores - exact).max().item() < tol
+    for out in (f.mix_values(p, values), f.mix_values_unpacked(p, values)):
+        assert out.shape == mixed.shape
+        assert mx.abs(out - mixed).max().item() < 1e-5 * mx.abs(mixed).max().item()
     # a view of the first groups of a longer buffer (how attention reads a segment)
     view = tuple(x[..., : (256 if x.shape[-2] == 384 else 2), :] for x in stored)
-    assert mx.abs(f.key_scores_unpacked(q, view) - exact[..., :256]).max().item() < tol
+    for form in (f.key_scores_unpacked, f.key_scores_dequantized):
+        assert mx.abs(form(q, view) - exact[..., :256]).max().item() < tol
+    vview = tuple(x[..., :256, :] for x in values)
+    assert mx.abs(f.mix_values_unpacked(p[..., :256], vview) - p[..., :256] @ f.dequantize_values(vview)).max().item() < 1e-5 * mx.abs(mixed).max().item()
 
 
 def test_q4c_trim_keeps_whole_groups_and_moves_the_rest_to_the_tail():
