@@ -49,7 +49,7 @@ from .store.workers import Writer
 LOCK_TIMEOUT_S = 30.0
 BUDGET_FRACTION = 0.4  # of available memory; 10.2 of 24 GB on the reference M4 Pro is 0.42
 PIN_SHARE = 0.5  # pinned agents hold at most this share of the budget: the others always have room
-TURN_SLACK_TOKENS = 32  # the chat template's closing tokens after a reply (Scheduler._align)
+TURN_SLACK_TOKENS = 32  # the chat template's closing tokens after a reply, prefilled with the next message
 
 
 def available_memory() -> int:

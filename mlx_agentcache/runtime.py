@@ -251,7 +251,7 @@ class Agent:
         the truth). The cache keeps its longest common prefix with `prompt` and
         only the rest is prefilled. With `messages` (what `prompt` renders, a
         system message first if any) the history becomes them plus the reply, cut
-        at the first of `stop`, and the cache is aligned to it as after `chat`
+        at the first of `stop`, and the cache is cut back to it as after `chat`
         (not when `tools` were rendered into the prompt: the history does not
         hold them); without, the history stays as it is (a raw text completion).
         Bad options or a prompt that cannot fit raise ValueError before anything is queued."""
@@ -290,7 +290,7 @@ class Agent:
     def _record(self, text: str, h: Handle) -> list[int]:
         """End of a turn (on the engine thread, no I/O): the exchange joins the
         conversation, its file is saved by the runtime's writer thread, and the
-        cache is to end on the rendered history (`Scheduler._align`)."""
+        cache is cut back to the rendered history (`Scheduler._cut_to_history`)."""
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": h.text}]
         self._queue_history()
         return self.prompt_tokens(None, generation=False)

@@ -222,6 +222,7 @@ def test_refusals_change_nothing(fp16_runner, fp16_model, tmp_path):
         assert not (tmp_path / "low.card").exists()
         coder = rt.agent("coder")
         coder.chat("Hi.")
+        rt.flush()  # the history file is written by the runtime's writer thread
         history = (tmp_path / "a" / "coder.json").read_text()
         raw = path.read_bytes()
         damaged = tmp_path / "damaged.card"

@@ -495,6 +495,7 @@ def test_api_context_checks_on_smollm2(tmp_path, smollm2_path, model_home):
             assert least <= len(rt.runner.tokenizer.encode(text)) // 2  # the bound never refuses a prompt that fits
         a = rt.agent("a", system="You are brief.")
         first = a.chat("Say hi.")
+        rt.flush()  # the history file is written by the runtime's writer thread
         before = json.loads((d / "a.json").read_text())
         for kw, needle in [({"max_tokens": -1}, "max_tokens"), ({"temperature": float("nan")}, "temperature"), ({"seed": 2**64}, "seed")]:
             with pytest.raises(ValueError, match=needle):

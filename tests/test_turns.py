@@ -119,7 +119,8 @@ def test_two_runtimes_continue_each_others_history(two_runtimes):
     msgs = saved_history(rt1.cache_dir, "pair")
     assert len(msgs) == 10 and msgs[8]["content"] == "three" and msgs[9]["content"] == last.text
     assert last.stats.restored_tokens > 0
-    assert last.stats.cache_tokens == len(a1.prompt_tokens(None, generation=False))
+    history = len(a1.prompt_tokens(None, generation=False))
+    assert 0 < history - last.stats.cache_tokens <= last.stats.generated_tokens + 4  # the closing marker waits for the next prompt
     _, meta, _ = container.read_header(rt1.pool.path("pair"), codec.FORMATS)
     assert int(meta["n_tokens"]) == last.stats.cache_tokens
 
