@@ -507,7 +507,7 @@ class Scheduler:
         tokens of such a layer and so cannot be cut back) is reused whole. The
         rest of the history (the reply's last token, the template's closing
         tokens) is prefilled with the next message, in the same pass over the
-        cache: a separate prefill here cost a second pass (0.6 of a 2.5 s turn
+        cache: a separate prefill here cost a second pass (0.6 s of a 2.5 s turn
         at 4K tokens on the 8B geometry, CPU)."""
         n = cache.common_prefix(tokens)
         if n < cache.offset and cache.can_trim_to(n):

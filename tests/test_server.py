@@ -174,11 +174,13 @@ def test_chat_then_continuation_reports_exact_cached_tokens(server, tokenizer):
     history = msgs + [{"role": "assistant", "content": text}]
     msgs2 = history + [{"role": "user", "content": "Another one."}]
     text2, usage2, info2, headers2 = chat(client, "oa-1", msgs2)
-    # everything up to the end of the first reply comes from the cache; the new turn is prefilled
-    rendered_history = rendered(tokenizer, history)
-    assert usage2.prompt_tokens_details.cached_tokens == info2["cached_tokens"] == rendered_history
-    assert usage2.prompt_tokens == usage2.prompt_tokens_details.cached_tokens + info2["prefilled_tokens"]
-    assert info2["tier"] == "hot" and headers2["x-agentcache-cached-tokens"] == str(rendered_history)
+    # the first prompt and the reply the model fed back come from the cache (every reply token
+    # when it ended on its own end-of-turn token); the template's closing marker and the new turn
+    # are prefilled
+    cached = usage2.prompt_tokens_details.cached_tokens
+    assert usage.prompt_tokens <= cached <= usage.prompt_tokens + usage.completion_tokens < rendered(tokenizer, history)
+    assert cached == info2["cached_tokens"] and usage2.prompt_tokens == cached + info2["prefilled_tokens"]
+    assert info2["tier"] == "hot" and headers2["x-agentcache-cached-tokens"] == str(cached)
 
 
 def test_streaming_equals_non_streaming_and_ends_with_usage_and_done(server):
@@ -315,7 +317,7 @@ def test_anthropic_messages_usage_and_stream(server, tokenizer):
         final = stream.get_final_message()
     assert events[0] == "message_start" and events[-1] == "message_stop" and "content_block_delta" in events
     u = final.usage
-    assert u.cache_read_input_tokens == rendered(tokenizer, [{"role": "system", "content": "Be brief."}] + msgs2[:2])
+    assert total <= u.cache_read_input_tokens <= total + 8 - 1 < rendered(tokenizer, [{"role": "system", "content": "Be brief."}] + msgs2[:2])
     assert u.input_tokens + u.cache_read_input_tokens == count_tokens(server, msgs2, system="Be brief.")
     # with cache_control marks, the tokens written to the cache are reported as cache creation
     m3 = client.messages.create(model=MODEL, max_tokens=4, messages=msgs,
