@@ -150,6 +150,7 @@ def q4c_layer_bytes(config: dict, span: dict) -> int:
 # -- every architecture ------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_restore_then_greedy_matches_uninterrupted(arch):
     restored = arch.load()
     assert restored.tokens == arch.prompt
@@ -159,6 +160,7 @@ def test_restore_then_greedy_matches_uninterrupted(arch):
     assert after_restore == uninterrupted
 
 
+@pytest.mark.numerics
 def test_q4_logits_close_to_fp16(arch, tmp_path):
     cache16, first16 = arch.fp16()
     ref = log_softmax(teacher_forced(arch, cache16, first16))
@@ -177,6 +179,7 @@ def test_q4_logits_close_to_fp16(arch, tmp_path):
         assert top1 >= min_top1
 
 
+@pytest.mark.numerics
 def test_fp16_cache_matches_mlx_lm_cache(arch):
     """Our 16-bit cache (windows, masks, RoPE offsets, latent MLA) against mlx-lm's own caches."""
     _, ours = arch.fp16()
@@ -260,6 +263,7 @@ def test_mla_latent_cache_at_least_4x_smaller(deepseek):
     assert sizes[1] / sizes[0] >= 4
 
 
+@pytest.mark.numerics
 def test_mla_latent_matches_full_with_fp16_caches(deepseek):
     ids = deepseek[0].tokenizer.encode(TEXT[:20000])[:600]
     outs = []
@@ -271,6 +275,7 @@ def test_mla_latent_matches_full_with_fp16_caches(deepseek):
     assert mx.abs(outs[0] - outs[1]).max().item() < MLA_LOGIT_TOL
 
 
+@pytest.mark.numerics
 def test_mla_batched_decode_matches_single(deepseek):
     runner = deepseek[0]
     ids = runner.tokenizer.encode(TEXT[:2000])

@@ -115,6 +115,7 @@ def test_card_file_round_trip_and_budget(fp16_runner, tmp_path):
     assert s["tokens"] == len(tokens) and s["bytes"] == path.stat().st_size and s["source"] == "planner" and s["avg_bits"] <= 3.5
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("model", ["smollm2-135m", "deepseek-v2-tiny-random", "gemma3-270m"])
 @pytest.mark.parametrize("at", [37, 0])
 def test_position_shift_matches_a_receiver_that_prefilled_there(model, at, fp16_model):
@@ -161,6 +162,7 @@ def test_gemma_window_layers_keep_only_their_window(fp16_model):
 # -- through the runtime ---------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kv", ["fp16", "q4c"])
 def test_inject_into_a_fresh_agent_continues_as_the_source(kv, fp16_runner, q4_runner, tmp_path):
     """A 16-bit card of the whole context holds the source's cache as attention

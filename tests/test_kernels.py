@@ -20,6 +20,8 @@ from harness_runner import Harness, np_
 from mlx_agentcache import metal_kernels, q4, q4_format
 from mlx_agentcache.q4_format import Q4
 
+pytestmark = pytest.mark.numerics
+
 # Max |kernel - reference| relative to max |reference| of each query head: float32 sums in
 # another order; for fp16 / bfloat16 outputs one rounding (2^-10, 2^-7 of the largest value).
 DECODE_TOL = {mx.float32: 1e-5, mx.float16: 1e-3, mx.bfloat16: 8e-3}

@@ -14,6 +14,8 @@ from mlx_agentcache.cli import app
 from mlx_agentcache.kvcache import LayerCache, kv_mode, rotate
 from tiny import tiny_runner, tokens
 
+pytestmark = pytest.mark.numerics
+
 TEXT = __import__("pathlib").Path(__file__).parent / "data" / "python_reference.txt"
 
 

@@ -12,11 +12,6 @@ import pytest
 from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.store import codec, container
 
-# Restoring from disk must reproduce the in-memory computation: the same Q4
-# codes are read back, so only float summation order (chunking) can differ.
-RESTORE_LOGIT_TOL = 1e-3
-
-
 @pytest.fixture(scope="module")
 def rt(model_home, tmp_path_factory):
     return Runtime(home=model_home, cache_dir=tmp_path_factory.mktemp("agents"), max_tokens=12)
@@ -28,17 +23,38 @@ def fresh_runtime(rt, cache_dir=None):
     return Runtime(model=str(rt.runner.path), home=rt.home, cache_dir=cache_dir or rt.cache_dir, max_tokens=rt.max_tokens)
 
 
+# Where a prefill is split changes rounding, and quantization turns rounding into
+# code flips: OpenBLAS's Haswell/Zen sgemm kernels give a row other low bits when it
+# sits at another offset inside a product (SkylakeX kernels do not), so a prompt
+# prefilled in two calls and in one differ by up to 1.8 logits in q4 on one CPU and by
+# 0 on another. What holds on every kernel set: a restore is bit-exact, codes of rows
+# computed alike are identical, and a split prefill is as close to fp16 as a whole one.
+# Measured mean KL(fp16 || split) / KL(fp16 || whole) over the tail: 0.95-1.28
+# (Haswell and SkylakeX kernels, every quantized mode); argmax agreement >= 0.994.
+SPLIT_KL_RATIO = 1.5
+SPLIT_TOP1_AGREE = 0.98
+
+
+def _log_softmax(x):
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def _mean_kl(ref, got):
+    p, q = _log_softmax(ref), _log_softmax(got)
+    return float((mx.exp(p) * (p - q)).sum(axis=-1).mean())
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["q4c", "q4"])
 def test_restore_then_continue_matches_full_prefill(rt, mode):
-    """A restored cache continues exactly as the cache that was saved. q4c quantizes keys in
-    128-token groups, so where a prefill stops changes its bytes a little (docs/quality.md):
-    there the reference is the same split kept in memory; per-token q4 matches one prefill."""
+    """A restored cache continues exactly as the cache that was saved; and continuing
+    it costs no more quality than prefilling the whole prompt at once (see above)."""
     text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(120))
     ids = rt.runner.tokenizer.encode(text)
     assert len(ids) > 600
-    head, tail = ids[:513], ids[513:]
+    cut = 513
+    head, tail = ids[:cut], ids[cut:]
 
-    ref = rt.runner.prefill(ids, rt.runner.new_cache(mode))
     part, kept = rt.runner.new_cache(mode), rt.runner.new_cache(mode)
     rt.runner.prefill(head, part)
     rt.runner.prefill(head, kept)
@@ -46,11 +62,21 @@ def test_restore_then_continue_matches_full_prefill(rt, mode):
     codec.save(path, part, rt.runner.fingerprint)
     restored, _ = codec.load(path, rt.runner.fingerprint, rt.runner.new_cache(mode).layers)
     assert restored.tokens == head
-    out = rt.runner.prefill(tail, restored)
-    assert mx.array_equal(out, rt.runner.prefill(tail, kept))
-    assert int(mx.argmax(out)) == int(mx.argmax(ref))
-    if mode == "q4":
-        assert float(mx.abs(out - ref).max()) < RESTORE_LOGIT_TOL
+    split = rt.runner.logits(tail, restored)
+    assert mx.array_equal(split, rt.runner.logits(tail, kept))
+
+    whole_cache = rt.runner.new_cache(mode)
+    whole = rt.runner.logits(ids, whole_cache)[cut:]
+    fp16 = rt.runner.logits(ids, rt.runner.new_cache("fp16"))[cut:]
+    if mode == "q4":  # per-token codes: the first chunk's rows are the same floats either way
+        chunk = 512
+        for mine, theirs in zip(restored.layers, whole_cache.layers):
+            assert all(mx.array_equal(a, b) for a, b in zip(mine.dense(0, chunk), theirs.dense(0, chunk)))
+    kl_split, kl_whole = _mean_kl(fp16, split), _mean_kl(fp16, whole)
+    agree = float((mx.argmax(split, axis=-1) == mx.argmax(whole, axis=-1)).mean())
+    print(f"{mode}: KL to fp16 split {kl_split:.3e} whole {kl_whole:.3e}; top-1 agreement {agree:.3f}")
+    assert kl_split <= SPLIT_KL_RATIO * kl_whole and kl_whole <= SPLIT_KL_RATIO * kl_split
+    assert agree >= SPLIT_TOP1_AGREE
 
 
 def test_second_turn_prefills_only_new_tokens_after_restart(rt):

@@ -47,6 +47,7 @@ def decode_span(sched, agent: str) -> tuple[float, float]:
     return steps[0][0], steps[-1][1]
 
 
+@pytest.mark.numerics
 def test_batch_gives_each_agent_its_solo_tokens(sched, runner):
     words = TEXT.split()
     turns = [
