@@ -577,7 +577,7 @@ def eval_ppl(
     file: Annotated[Path, typer.Argument(help="UTF-8 text to score.", exists=True, dir_okay=False)],
     model: Model = DEFAULT_MODEL,
     kv: Annotated[str, typer.Option("--kv", help="KV cache: q4c (default), fp16, q8, q4, or q4k.")] = DEFAULT_KV,
-    context: Annotated[int, typer.Option("--context", help="Window length in tokens; each window starts from an empty cache.")] = 2048,
+    context: Annotated[int, typer.Option("--context", help="Window length in tokens; each window starts from an empty cache, with BOS where the model's prompts have one.")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N tokens of FILE.")] = None,
     json_out: Json = False,
 ):
@@ -597,11 +597,15 @@ def eval_ppl(
         runner = ModelRunner.load(model, default_home(), kv_bits=kv)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
-    tokens = runner.tokenizer.encode(file.read_text(encoding="utf-8"))[:limit]
-    if len(tokens) < 2:
+    ids = runner.tokenizer.encode(file.read_text(encoding="utf-8"), add_special_tokens=False)[:limit]
+    bos = quality.prompt_bos(runner.tokenizer)
+    if len(ids) < 2:
         _fail(f"{file} holds fewer than 2 tokens", 2)
+    if context <= len(bos):
+        _fail(f"--context must be above {len(bos)} (each window starts with BOS)", 2)
+    tokens = quality.as_prompts(ids, context, bos)  # every window starts as a prompt does
     try:
-        r = {"model": model, "kv": kv, "file": str(file), **quality.perplexity(runner, tokens, kv, context)}
+        r = {"model": model, "kv": kv, "file": str(file), "bos": bool(bos), **quality.perplexity(runner, tokens, kv, context)}
     except ValueError as e:  # e.g. q4k on a latent (MLA) cache
         _fail(str(e), 2)
     if json_out:

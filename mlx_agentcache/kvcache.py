@@ -206,7 +206,7 @@ class LayerCache:
         e = self.expect
         if e is None:
             return 0
-        if not (self.mode == "q4c" and self.encoding == "q4c"):
+        if self.encoding != "q4c" or e.values is None:  # a latent layer turns q4 at its first append
             return math.ceil(-(-n // BLOCK_TOKENS) * BLOCK_TOKENS * e.token_bytes())
         d, dv = e.keys[0][0] * 8, e.values[0][0] * 8
 

@@ -19,6 +19,21 @@ import mlx.core as mx
 from .models.runner import PREFILL_CHUNK
 
 
+def prompt_bos(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer starts every prompt with it (Gemma), else [] (SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer.encode("a")[:1] == [bos] else []
+
+
+def as_prompts(ids: list[int], context: int, bos: list[int]) -> list[int]:
+    """`ids` (encoded without special tokens) cut into windows of `context` tokens that
+    each start with `bos`, as a prompt does, and joined: `compare` cuts at the same places."""
+    size = context - len(bos)
+    if size < 1:
+        raise ValueError(f"a context of {context} leaves no room after BOS")
+    return [t for i in range(0, len(ids), size) for t in bos + ids[i : i + size]]
+
+
 def compare(runner, tokens: list[int], modes: list, context: int | list[int] = 2048, chunk: int = PREFILL_CHUNK) -> dict:
     """Perplexity of `tokens` under each cache mode; KL and top-1 agreement against `modes[0]`.
 

@@ -257,3 +257,23 @@ def test_q4c_round_trips_through_a_cache_file_and_refuses_other_modes(tmp_path):
         assert mx.array_equal(runner.decode([tok], [live])[0], runner.decode([tok], [loaded])[0])
     with pytest.raises(container.CacheFileError, match="stored with q4c KV, runtime uses q4"):
         codec.load(path, runner.fingerprint, expect_layers=runner.new_cache("q4").layers)
+
+
+def test_as_prompts_starts_every_window_with_bos():
+    ids = list(range(10, 20))
+    assert quality.as_prompts(ids, 4, [1]) == [1, 10, 11, 12, 1, 13, 14, 15, 1, 16, 17, 18, 1, 19]
+    assert quality.as_prompts(ids, 4, []) == ids
+    with pytest.raises(ValueError):
+        quality.as_prompts(ids, 1, [1])
+
+
+def test_eval_ppl_starts_every_window_with_bos_on_gemma(model_home, gemma3_path, monkeypatch, tmp_path):
+    """Gemma's windows each begin with BOS, as its prompts do, so BOS predicts each
+    window's first text token: 150 text tokens in windows of 64 score 150 positions."""
+    monkeypatch.setenv("AGENTCACHE_HOME", str(model_home))
+    text = tmp_path / "short.txt"
+    text.write_text(TEXT.read_text(encoding="utf-8")[:3000])
+    r = CliRunner().invoke(app, ["eval", "ppl", "--model", "gemma3-270m", "--kv", "q4c", "--context", "64", "--limit", "150", "--json", str(text)])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bos"] is True and out["tokens"] == 150

@@ -82,6 +82,9 @@ class ModelRunner:
         self.fingerprint = fingerprint(path) if path else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
         self.windows = self._layer_windows()
         self.mla_mode = self._set_mla_mode(mla_mode)
+        if self.mla_mode == "latent" and self._mode.rotate_keys:
+            raise ValueError(f"{self.path.name if self.path else 'this model'}: a latent cache (DeepSeek MLA) cannot use q4k, "
+                             "whose rotated keys cannot serve as values; use q4c, q4, q8 or fp16, or --mla full")
         if self.mla_mode:  # the cache layout differs per mode: files must not mix
             self.fingerprint = hashlib.sha256(f"{self.fingerprint}:mla={self.mla_mode}".encode()).hexdigest()[:32]
         _route_attention(model)
