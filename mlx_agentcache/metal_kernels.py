@@ -41,8 +41,12 @@ _SPECS = {
     "decode_combine": ("decode_combine.metal", ["partial", "maxes", "sums", "n_split"], ["out"]),
 }
 
-# Apple GPUs: 32 KiB of threadgroup memory and at most 1024 threads per threadgroup
-# (a pipeline may allow fewer; the first-use check in q4 catches that).
+# Apple GPUs (Metal feature set tables, every family MLX runs on): 32 KiB of threadgroup
+# memory and at most 1024 threads per threadgroup. MLX 0.32 reports neither (mx.device_info()
+# has device_name, architecture, memory_size, max_buffer_length,
+# max_recommended_working_set_size, resource_limit), so these are the defaults `device_limits`
+# keeps unless it is told otherwise; a pipeline may allow fewer threads, which the first-use
+# check in q4 catches.
 MAX_THREADGROUP_MEMORY = 32768
 MAX_THREADS = 1024
 SIMD_WIDTH = 32
@@ -50,7 +54,7 @@ SIMD_GROUPS = 8          # per decode threadgroup: 256 threads
 HEAD_DIMS = (64, 128, 256, 512)  # D/8 words per row must split evenly over 32 lanes
 REGISTER_FLOATS = 64     # per-lane budget for the query slice and the accumulator of a tile
 SPLIT_TARGET_GROUPS = 128  # split long sequences until about this many threadgroups run
-MIN_SPLIT_TOKENS = 256   # but never into splits shorter than one block
+MIN_SPLIT_TOKENS = 64    # but never into splits shorter than this: one kv head at 4K gets 64
 
 
 @functools.cache
@@ -161,14 +165,16 @@ def decode_plan(dtype: mx.Dtype, d: int, dv: int, r: int, max_threads: int = MAX
 
 
 def split_count(groups: int, n: int) -> int:
-    """Splits along the sequence: enough threadgroups to fill the GPU, none shorter than a block."""
+    """Splits along the sequence: enough threadgroups to fill the GPU, none shorter than MIN_SPLIT_TOKENS."""
     want = -(-SPLIT_TARGET_GROUPS // max(1, groups))
     return max(1, min(want, n // MIN_SPLIT_TOKENS))
 
 
 def device_limits() -> dict:
-    """max_threads / max_threadgroup_memory of this Metal device where MLX reports them."""
-    info = mx.metal.device_info() if mx.metal.is_available() else {}
+    """max_threads / max_threadgroup_memory: what `mx.device_info()` reports for the GPU under those
+    names, else the documented defaults (MLX 0.32 reports neither). Never the deprecated
+    `mx.metal.device_info`, which warns."""
+    info = mx.device_info(mx.gpu) if mx.metal.is_available() and hasattr(mx, "device_info") else {}
     return {
         "max_threads": int(info.get("max_threads_per_threadgroup", MAX_THREADS)),
         "max_threadgroup_memory": int(info.get("max_threadgroup_memory_length", MAX_THREADGROUP_MEMORY)),

@@ -5,7 +5,10 @@ kernels of `metal_kernels` run, each configuration only after it has matched
 the portable path of `q4_format` on a first-use check; everywhere else, and
 for any configuration that is refused, fails to compile or launch, or
 disagrees, the portable path runs (with one warning per failing
-configuration). MLX_AGENTCACHE_METAL_KERNELS=0 turns the kernels off.
+configuration). MLX_AGENTCACHE_METAL_KERNELS=0 turns the kernels off. The portable
+quantizers always get the CPU stream: MLX's GPU quantize rounds ties away
+from zero and starts its range at 0, so a cache written with the kernels off
+would otherwise differ from one written on Linux.
 
 The format names are re-exported so callers need one import.
 """
@@ -32,6 +35,11 @@ __all__ = ["BITS", "BLOCK_TOKENS", "GROUP_SIZE", "KEY_GROUP", "VALUE_GROUP", "ST
 
 # Max |kernel - reference| / max |reference| a decode configuration may show on its check.
 CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+# Decode checks: sequence lengths (full, partial, empty, ...) and the launches (sequences, splits; None:
+# automatic). Nine sequences pass `lengths` in device memory, three in constant memory (MLX passes
+# inputs under 8 values there): two compiled variants, both checked.
+CHECK_LENGTHS = np.array([300, 37, 0, 1, 299, 128, 5, 256, 64])
+CHECK_BATCHES = ((9, None), (9, 3), (3, None))
 
 
 def check_groups() -> np.ndarray:
@@ -133,13 +141,13 @@ class CheckedKernels:
             raise RuntimeError("quantize kernel differs from mx.quantize")
 
     def _checked(self, name: str, kernel: Callable | None, check: Callable[[], None], portable: Callable, *args):
-        """`kernel(*args)` once its check has passed, else `portable(*args)`."""
+        """`kernel(*args)` once its check has passed, else `portable(*args)` on the CPU."""
         if kernel is not None and self._trusted((name,), check):
             try:
                 return kernel(*args)
             except Exception as e:
                 self._disable((name,), e)
-        return portable(*args)
+        return portable(*args, stream=mx.cpu)
 
     def quantize_keys(self, x: mx.array) -> tuple:
         return self._checked("quantize_keys", self.quantize_keys_kernel, self._check_quantize_keys, q4_format.quantize_keys, x)
@@ -176,27 +184,24 @@ class CheckedKernels:
         return q4_format.decode_attention_q4c_ref(queries, kq, vq, scale, lengths, exact_k, exact_v, first)
 
     def _check_decode_q4c(self, dtype: mx.Dtype, d: int, dv: int, r: int) -> None:
-        """Three sequences of a 384-row body (full, partial, empty) with fp16 extra tokens, one and three splits."""
+        """A 384-row body over two kv heads with fp16 extra tokens, in the batches of CHECK_BATCHES."""
         rng = np.random.default_rng(d * 11 + dv + r)
-        n, e = 384, 6
-        k = rng.standard_normal((3, 1, n, d)) * 2.0 + rng.standard_normal((1, 1, 1, d)) * 4.0  # outlier channels
-        v = rng.standard_normal((3, 1, n, dv))
+        b, n_kv, n, e = CHECK_LENGTHS.size, 2, 384, 6
+        k = rng.standard_normal((b, n_kv, n, d)) * 2.0 + rng.standard_normal((1, n_kv, 1, d)) * 4.0  # outlier channels
+        v = rng.standard_normal((b, n_kv, n, dv))
         kq = q4_format.quantize_keys(mx.array(k.astype(np.float32)), stream=mx.cpu)
-        vq = q4_format.quantize_values(mx.array(v.astype(np.float32)))
-        ek = mx.array(rng.standard_normal((3, 1, e, d)).astype(np.float16))
-        ev = mx.array(rng.standard_normal((3, 1, e, dv)).astype(np.float16))
-        queries = mx.array(rng.standard_normal((3, r, 1, d)).astype(np.float32)).astype(dtype)
-        lengths = mx.array([n, 200, 0], dtype=mx.int32)
-        for extra, first in (((ek, ev), 4), ((None, None), 0)):
-            want = q4_format.decode_attention_q4c_ref(queries, kq, vq, d**-0.5, lengths, *extra, first).astype(mx.float32)
-            top = mx.max(mx.abs(want)).item()
-            for splits in (None, 3):
-                got = self.decode_q4c_kernel(queries, kq, vq, d**-0.5, lengths, *extra, first, splits=splits)
-                if got.shape != want.shape or got.dtype != dtype:
-                    raise RuntimeError(f"q4c decode kernel returned {got.shape} {got.dtype}")
-                err = mx.max(mx.abs(got.astype(mx.float32) - want)).item() / top
-                if not err <= CHECK_TOLERANCE[dtype] or (extra[0] is None and mx.any(got[2] != 0).item()):
-                    raise RuntimeError(f"q4c decode kernel differs from the reference (error {err:.2e}, splits {splits})")
+        vq = q4_format.quantize_values(mx.array(v.astype(np.float32)), stream=mx.cpu)
+        ek = mx.array(rng.standard_normal((b, n_kv, e, d)).astype(np.float16))
+        ev = mx.array(rng.standard_normal((b, n_kv, e, dv)).astype(np.float16))
+        queries = mx.array(rng.standard_normal((b, n_kv * r, 1, d)).astype(np.float32)).astype(dtype)
+        lengths = mx.array(np.where(CHECK_LENGTHS == CHECK_LENGTHS.max(), n, CHECK_LENGTHS), dtype=mx.int32)
+        for rows, splits in CHECK_BATCHES:
+            cut = lambda t: tuple(a[:rows] for a in t)  # noqa: E731
+            for extra, first in ((cut((ek, ev)), 4), ((None, None), 0)):
+                args = (queries[:rows], cut(kq), cut(vq), d**-0.5, lengths[:rows], *extra, first)
+                want = q4_format.decode_attention_q4c_ref(*args).astype(mx.float32)
+                got = self.decode_q4c_kernel(*args, splits=splits)
+                _compare("q4c decode", got, want, dtype, splits, empty=extra[0] is None)
 
     def decode_attention(self, queries: mx.array, kq: Q4, vq: Q4, scale: float,
                          lengths: mx.array | None = None) -> mx.array:
@@ -211,27 +216,32 @@ class CheckedKernels:
         return decode_attention_q4(queries, kq, vq, scale, lengths)
 
     def _check_decode(self, dtype: mx.Dtype, d: int, dv: int, r: int) -> None:
-        """Three sequences (full, partial, empty), tie groups in the cache, one and three splits."""
+        """A 300-row cache over two kv heads, tie groups in it, in the batches of CHECK_BATCHES."""
         rng = np.random.default_rng(d * 7 + dv + r)
-        n = 300
-        k = rng.standard_normal((3, 1, n, d)) * 2.0
-        v = rng.standard_normal((3, 1, n, dv))
+        b, n_kv, n = CHECK_LENGTHS.size, 2, 300
+        k = rng.standard_normal((b, n_kv, n, d)) * 2.0
+        v = rng.standard_normal((b, n_kv, n, dv))
         groups = check_groups()[:4]  # the tie groups, magnitudes up to 15
         k.reshape(-1, 64)[: len(groups)] = groups
         v.reshape(-1, 64)[-len(groups):] = groups
         kq, vq = (q4_format.quantize(mx.array(a.astype(np.float32)), stream=mx.cpu) for a in (k, v))
-        queries = mx.array(rng.standard_normal((3, r, 1, d)).astype(np.float32)).astype(dtype)
-        lengths = mx.array([n, 37, 0], dtype=mx.int32)
-        want = decode_attention_q4(queries, kq, vq, d**-0.5, lengths).astype(mx.float32)
-        top = mx.max(mx.abs(want)).item()
-        for splits in (None, 3):
-            got = self.decode_kernel(queries, kq, vq, d**-0.5, lengths, splits=splits)
-            if got.shape != want.shape or got.dtype != dtype:
-                raise RuntimeError(f"decode kernel returned {got.shape} {got.dtype}")
-            got = got.astype(mx.float32)
-            err = mx.max(mx.abs(got - want)).item() / top
-            if not err <= CHECK_TOLERANCE[dtype] or mx.any(got[2] != 0).item():
-                raise RuntimeError(f"decode kernel differs from the reference (error {err:.2e}, splits {splits})")
+        queries = mx.array(rng.standard_normal((b, n_kv * r, 1, d)).astype(np.float32)).astype(dtype)
+        lengths = mx.array(CHECK_LENGTHS, dtype=mx.int32)
+        for rows, splits in CHECK_BATCHES:
+            args = (queries[:rows], Q4(*(a[:rows] for a in kq)), Q4(*(a[:rows] for a in vq)), d**-0.5, lengths[:rows])
+            want = decode_attention_q4(*args).astype(mx.float32)
+            _compare("decode", self.decode_kernel(*args, splits=splits), want, dtype, splits, empty=True)
+
+
+def _compare(what: str, got: mx.array, want: mx.array, dtype: mx.Dtype, splits, empty: bool) -> None:
+    """Raise unless `got` has the reference's shape and dtype, is within CHECK_TOLERANCE, and (`empty`)
+    the sequence of length 0 (index 2) is exactly zero."""
+    if got.shape != want.shape or got.dtype != dtype:
+        raise RuntimeError(f"{what} kernel returned {got.shape} {got.dtype}")
+    got = got.astype(mx.float32)
+    err = mx.max(mx.abs(got - want)).item() / mx.max(mx.abs(want)).item()
+    if not err <= CHECK_TOLERANCE[dtype] or (empty and mx.any(got[2] != 0).item()):
+        raise RuntimeError(f"{what} kernel differs from the reference (error {err:.2e}, splits {splits})")
 
 
 @functools.cache
@@ -258,7 +268,7 @@ def quantize(x: mx.array, group_size: int = GROUP_SIZE, bits: int = BITS) -> Q4:
     kernels = _kernels()
     if kernels is not None and (group_size, bits) == (GROUP_SIZE, BITS):
         return kernels.quantize(x)
-    return q4_format.quantize(x, group_size, bits)
+    return q4_format.quantize(x, group_size, bits, stream=mx.cpu)
 
 
 def fused_decode_available() -> bool:
@@ -278,13 +288,13 @@ def decode_attention(queries: mx.array, kq: Q4, vq: Q4, scale: float,
 def quantize_keys(x: mx.array) -> tuple:
     """q4c keys (..., T, D), T whole KEY_GROUPs: codes per token, scales and biases per channel and group."""
     kernels = _kernels()
-    return kernels.quantize_keys(x) if kernels is not None else q4_format.quantize_keys(x)
+    return kernels.quantize_keys(x) if kernels is not None else q4_format.quantize_keys(x, stream=mx.cpu)
 
 
 def quantize_values(x: mx.array) -> tuple:
     """q4c values (..., D): symmetric groups of VALUE_GROUP, codes and fp16 scales."""
     kernels = _kernels()
-    return kernels.quantize_values(x) if kernels is not None else q4_format.quantize_values(x)
+    return kernels.quantize_values(x) if kernels is not None else q4_format.quantize_values(x, stream=mx.cpu)
 
 
 def decode_attention_q4c(queries: mx.array, kq: tuple, vq: tuple, scale: float, lengths: mx.array,

@@ -10,12 +10,10 @@ functions: the harness-backed ones, and ones that raise or return wrong values.
 
 import mlx_agentcache  # noqa: F401  (first: preloads the BLAS before mlx.core)
 
-import shutil
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from harness_runner import Harness, np_
+from harness_runner import harness, np_  # noqa: F401  (harness: the session's fixture)
 
 from mlx_agentcache import metal_kernels, q4, q4_format
 from mlx_agentcache.q4_format import Q4
@@ -31,10 +29,11 @@ REFERENCE_TOL = 1e-5
 f32, f16, bf16 = mx.float32, mx.float16, mx.bfloat16
 
 
-@pytest.fixture(scope="session")
-def harness(tmp_path_factory):
-    assert shutil.which("g++"), "the kernel tests need g++"
-    return Harness(tmp_path_factory.mktemp("harness"))
+@pytest.fixture(scope="module")
+def launches(harness):
+    """metal_kernels' launches, recorded and run through the harness: what runs on a Mac, on the CPU."""
+    with harness.installed() as recorder:
+        yield recorder
 
 
 def special_groups() -> np.ndarray:
@@ -86,12 +85,12 @@ def assert_q4_equal(got: Q4, want: Q4):
 
 
 @pytest.mark.parametrize("d", [128, 64])
-def test_quantize_block_with_special_groups_matches_mx_quantize_bytes(harness, d):
+def test_quantize_block_with_special_groups_matches_mx_quantize_bytes(launches, d):
     x = mx.array(block(np.random.default_rng(d), 4, d, special_groups()))
-    assert_q4_equal(harness.quantize(x), q4_format.quantize(x))
+    assert_q4_equal(metal_kernels.quantize(x), q4_format.quantize(x))
 
 
-def test_quantize_many_random_groups(harness):
+def test_quantize_many_random_groups(launches):
     rng = np.random.default_rng(2)
     n = 20000
     kinds = [
@@ -100,7 +99,7 @@ def test_quantize_many_random_groups(harness):
         rng.uniform(0, 1, (n, 64)) ** 3 * rng.choice([-1, 1], (n, 1)),  # one-signed groups
     ]
     x = mx.array(np.clip(np.concatenate(kinds), -65504, 65504).astype(np.float16))
-    assert_q4_equal(harness.quantize(x), q4_format.quantize(x))
+    assert_q4_equal(metal_kernels.quantize(x), q4_format.quantize(x))
 
 
 # --- decode attention ----------------------------------------------------------
@@ -146,9 +145,9 @@ def head_errors(got: mx.array, want: mx.array) -> np.ndarray:
 
 @pytest.mark.parametrize("case", DECODE_CASES,
                          ids=lambda c: f"{c[0]}-D{c[1]}-Dv{c[2]}-R{c[3]}-S{c[8]}".replace("mlx.core.", ""))
-def test_decode_attention_matches_portable_path_for_every_head(harness, case):
+def test_decode_attention_matches_portable_path_for_every_head(launches, case):
     queries, kq, vq, scale, lengths, splits = decode_case(case)
-    got = harness.decode_attention(queries, kq, vq, scale, lengths, splits=splits)
+    got = metal_kernels.decode_attention(queries, kq, vq, scale, lengths, splits=splits)
     want = q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
     assert got.shape == want.shape and got.dtype == want.dtype
     err = head_errors(got, want)
@@ -161,13 +160,24 @@ def test_decode_attention_matches_portable_path_for_every_head(harness, case):
             assert np.all(np.abs(out[i]).max(axis=(-2, -1)) > 0)
 
 
-def test_decode_attention_splits_agree(harness):
-    """One split and five splits of a 600-token sequence: the same attention."""
-    case = (f32, 128, 128, 3, 1, 1, 600, [600], 1)
+def test_long_sequence_in_16_and_128_splits(launches):
+    """4096 tokens in 16 and in 128 splits: the reference, and each other."""
+    case = (f32, 64, 64, 3, 1, 1, 4096, [4091], None)
     queries, kq, vq, scale, lengths, _ = decode_case(case)
-    one = harness.decode_attention(queries, kq, vq, scale, lengths, splits=1)
-    five = harness.decode_attention(queries, kq, vq, scale, lengths, splits=5)
-    assert head_errors(five, one).max() < 1e-5
+    want = q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
+    got = {s: metal_kernels.decode_attention(queries, kq, vq, scale, lengths, splits=s) for s in (16, 128)}
+    assert [launch.grid[2] for launch in launches.launches[-4::2]] == [16, 128]
+    assert head_errors(got[16], want).max() < DECODE_TOL[f32] and head_errors(got[128], got[16]).max() < 1e-5
+
+
+def test_one_kv_head_at_4k_gets_64_threadgroups(harness):
+    """Gemma 3 270M's shape (4 query heads on one kv head, D = 256) at 4K tokens: 64 splits."""
+    queries = mx.zeros((1, 4, 1, 256), f16)
+    cache = q4_format.quantize(mx.zeros((1, 1, 4096, 256)))
+    with harness.installed(run=False) as recorder:
+        metal_kernels.decode_attention(queries, cache, cache, 1 / 16)
+    pass1 = recorder.launches[0]
+    assert pass1.grid == (256, 1, 64) and pass1.threadgroup == (256, 1, 1)
 
 
 # --- launch planning -----------------------------------------------------------
@@ -189,7 +199,28 @@ def test_decode_plan_sizes_tiles_and_refuses_what_cannot_run():
     assert metal_kernels.decode_plan(f32, 128, 128, 4, max_threads=128) is None
     assert metal_kernels.decode_plan(f32, 512, 512, 4, max_threadgroup_memory=16384) is None
     assert metal_kernels.split_count(1, 32768) == metal_kernels.SPLIT_TARGET_GROUPS
-    assert metal_kernels.split_count(8, 1000) == 3 and metal_kernels.split_count(200, 32768) == 1
+    assert metal_kernels.split_count(1, 4096) == 64 and metal_kernels.split_count(3, 4096) == 43
+    assert metal_kernels.split_count(8, 1000) == 15 and metal_kernels.split_count(200, 32768) == 1
+
+
+def test_device_limits_from_device_info_without_deprecation(monkeypatch, recwarn, capfd):
+    """The defaults where MLX reports no limits (here, and MLX 0.32 on a Mac); reported values where
+    present; never the deprecated mx.metal.device_info."""
+    defaults = {"max_threads": metal_kernels.MAX_THREADS, "max_threadgroup_memory": metal_kernels.MAX_THREADGROUP_MEMORY}
+    assert metal_kernels.device_limits() == defaults
+
+    def deprecated(*a, **k):
+        raise AssertionError("mx.metal.device_info is deprecated")
+
+    monkeypatch.setattr(mx.metal, "device_info", deprecated)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    mac = {"device_name": "Apple M4 Pro", "architecture": "applegpu_g16s", "memory_size": 2**36,
+           "max_buffer_length": 2**34, "max_recommended_working_set_size": 2**35, "resource_limit": 499000}
+    monkeypatch.setattr(mx, "device_info", lambda d=None: mac)
+    assert metal_kernels.device_limits() == defaults
+    monkeypatch.setattr(mx, "device_info", lambda d=None: {**mac, "max_threads_per_threadgroup": 512})
+    assert metal_kernels.device_limits()["max_threads"] == 512
+    assert not recwarn.list and "deprecat" not in capfd.readouterr().err
 
 
 # --- first-use checks and fallback, with kernels given as functions -----------
@@ -236,17 +267,19 @@ def nan_blind_quantize(x):
 WARNING = "disabled, using the portable path"
 
 
-def test_checked_configuration_runs_the_kernel(harness, capsys):
-    decode = Recorder(harness.decode_attention)
-    kernels = q4.CheckedKernels(harness.quantize, decode, plan_config)
+def test_checked_configuration_runs_the_kernel(launches, capsys):
+    decode = Recorder(metal_kernels.decode_attention)
+    kernels = q4.CheckedKernels(metal_kernels.quantize, decode, plan_config)
     queries, kq, vq, scale, lengths = decode_inputs()
     got = kernels.decode_attention(queries, kq, vq, scale, lengths)
     kernels.decode_attention(queries, kq, vq, scale, lengths)
     x = mx.array(q4.check_groups()).reshape(2, -1, 128)
     assert_q4_equal(kernels.quantize(x), q4_format.quantize(x))
     assert WARNING not in capsys.readouterr().err
-    # the check ran once (one launch with the automatic split count, one with 3), then two real calls
-    assert decode.calls == [((3, 3, 1, 64), None), ((3, 3, 1, 64), 3), ((2, 6, 1, 64), None), ((2, 6, 1, 64), None)]
+    # the check ran once (nine sequences with the automatic split count and with 3, then three sequences:
+    # `lengths` in device and in constant memory), then two real calls
+    assert decode.calls == [((9, 6, 1, 64), None), ((9, 6, 1, 64), 3), ((3, 6, 1, 64), None),
+                            ((2, 6, 1, 64), None), ((2, 6, 1, 64), None)]
     assert all(kernels.verdicts.values()) and len(kernels.verdicts) == 2
     want = q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
     assert head_errors(got, want).max() < DECODE_TOL[f32]
@@ -275,7 +308,7 @@ def test_launch_error_after_the_check_falls_back_with_one_warning(capsys):
     """A configuration that passed its check but raises on a later launch (other shapes) is turned off."""
 
     def fails_past_the_check_shapes(queries, kq, vq, scale, lengths=None, splits=None):
-        if queries.shape[0] != 3:  # the check launches with three sequences
+        if queries.shape[0] == 2:  # the check launches with nine and three sequences
             raise RuntimeError("[metal::Device] threadgroup memory exceeds the device limit")
         return q4_format.decode_attention_q4(queries, kq, vq, scale, lengths)
 
@@ -317,6 +350,38 @@ def test_no_kernels_without_metal():
     want = mx.quantize(x.astype(mx.float16), group_size=64, bits=4)
     for a, w in zip(got, want):
         assert a.dtype == w.dtype and np.array_equal(np_(a).view(np.uint8), np_(w).view(np.uint8))
+
+
+def test_fallback_quantizes_on_the_cpu_under_another_stream(monkeypatch):
+    """Kernels off (none here; on a Mac MLX_AGENTCACHE_METAL_KERNELS=0) or failed: the portable quantizers
+    get the CPU stream explicitly, also while another stream (the GPU's on a Mac) is current, so the
+    bytes are those of the CPU path: all-negative groups, negative key offsets, ties included."""
+    rng = np.random.default_rng(6)
+    x = mx.array(np.concatenate([-np.abs(rng.standard_normal((1, 128, 128))) - 3,  # one-signed groups and channels
+                                 np.round(rng.standard_normal((1, 128, 128)) * 8) / 2]).astype(np.float16))
+    want = [q4_format.quantize(x, stream=mx.cpu), q4_format.quantize_keys(x, stream=mx.cpu),
+            q4_format.quantize_values(x, stream=mx.cpu)]
+    streams, depth = [], [0]
+    for name in ("quantize", "quantize_keys", "quantize_values"):
+        def spy(*args, _real=getattr(q4_format, name), **kw):
+            if not depth[0]:  # quantize_values calls itself once on its stream: the outer call counts
+                streams.append(kw.get("stream"))
+            depth[0] += 1
+            try:
+                return _real(*args, **kw)
+            finally:
+                depth[0] -= 1
+        monkeypatch.setattr(q4_format, name, spy)
+    failing = q4.CheckedKernels(compile_failure, compile_failure, plan_config, compile_failure, compile_failure)
+    mx.default_stream(mx.cpu)  # the CPU's default exists first, so the new stream is another one
+    other = mx.new_stream(mx.gpu if mx.metal.is_available() else mx.cpu)
+    with mx.stream(other):
+        got = [q4.quantize(x), q4.quantize_keys(x), q4.quantize_values(x),
+               failing.quantize(x), failing.quantize_keys(x), failing.quantize_values(x)]
+        mx.eval(got)
+    assert len(streams) == 6 and all(s == mx.cpu for s in streams), streams
+    for g, w in zip(got, want * 2):
+        assert all(np.array_equal(np_(a).view(np.uint8), np_(b).view(np.uint8)) for a, b in zip(g, w))
 
 
 # --- the portable reference ----------------------------------------------------
@@ -367,7 +432,7 @@ def test_decode_attention_q4_empty_sequence_is_zero():
 
 
 @pytest.mark.parametrize("mode", ["q4", "q4k"])
-def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mode):
+def test_attend_decode_step_uses_fused_kernel_in_place(launches, monkeypatch, mode):
     """On an Apple GPU a Q4 decode step reads the cache buffer in place (capacity rows past the
     length included) through the fused kernel; here the kernel sources run through the harness,
     behind the same first-use check, and must give what the general path gives."""
@@ -381,11 +446,11 @@ def test_attend_decode_step_uses_fused_kernel_in_place(harness, monkeypatch, mod
     query = mx.array(rng.standard_normal((1, n_kv * rep, 1, d)).astype(np.float32))
     want = np_(cache.attend(query, d**-0.5))
 
-    decode = Recorder(harness.decode_attention)
-    kernels = q4.CheckedKernels(harness.quantize, decode, plan_config)
+    decode = Recorder(metal_kernels.decode_attention)
+    kernels = q4.CheckedKernels(metal_kernels.quantize, decode, plan_config)
     monkeypatch.setattr(q4, "_kernels", lambda: kernels)
     got = np_(cache.attend(query, d**-0.5))
-    real = [c for c in decode.calls if c[0][0] == 1]  # the check's launches have B = 3
+    real = [c for c in decode.calls if c[0][0] == 1]  # the check's launches have B = 9 and 3
     assert real == [((1, n_kv * rep, 1, d), None)] and all(kernels.verdicts.values())
     assert decode.buffers[-1] == ((1, n_kv, 512, d // 8), [n])  # two blocks of capacity, no copy
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < DECODE_TOL[f32]
@@ -421,9 +486,9 @@ def channel_keys(rng, heads: int, t: int, d: int, specials: bool = True) -> np.n
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_q4c_key_quantize_matches_portable_bytes(harness, d):
+def test_q4c_key_quantize_matches_portable_bytes(launches, d):
     x = mx.array(channel_keys(np.random.default_rng(d), 3, 256, d))
-    got, want = harness.quantize_keys(x), q4_format.quantize_keys(x)
+    got, want = metal_kernels.quantize_keys(x), q4_format.quantize_keys(x)
     assert np.array_equal(np_(got[0]), np_(want[0])), "codes differ"
     assert all(same_bits(np_(g), np_(w)) for g, w in zip(got[1:], want[1:])), "scales or biases differ"
     # the layout: codes packed along the head dim per token, one scale per channel per 128 tokens
@@ -436,21 +501,21 @@ def test_q4c_key_quantize_matches_portable_bytes(harness, d):
     assert np.array_equal(np_(q4_format.unpack(packed_t)), codes.swapaxes(-1, -2))
 
 
-def test_q4c_value_quantize_matches_portable_bytes(harness):
+def test_q4c_value_quantize_matches_portable_bytes(launches):
     rng = np.random.default_rng(3)
     n = 20000
     kinds = [rng.standard_normal((n, 32)) * 10.0 ** rng.uniform(-7, 4.5, (n, 1)),
              rng.integers(-8, 9, (n, 32)) * 2.0 ** rng.integers(-24, 10, (n, 1)),  # exact ties, equal magnitudes
              np.concatenate([special_groups().reshape(-1, 32).astype(np.float64), q4.value_check_groups()])[rng.integers(0, 100, n)]]
     x = mx.array(np.clip(np.concatenate(kinds), -65504, 65504).astype(np.float16).reshape(-1, 4, 128))
-    got, want = harness.quantize_values(x), q4_format.quantize_values(x)
+    got, want = metal_kernels.quantize_values(x), q4_format.quantize_values(x)
     assert np.array_equal(np_(got[0]), np_(want[0])) and same_bits(np_(got[1]), np_(want[1]))
 
 
 @pytest.mark.parametrize("dtype,d,r,lengths,extra,first", [
     (f32, 64, 3, [384, 130, 0], 6, 4), (f16, 128, 4, [256, 256, 1], 0, 0), (bf16, 256, 1, [384, 5, 300], 132, 4),
     (f32, 128, 8, [128, 0, 383], 1, 0), (f32, 64, 1, [3, 4, 200], 4, 4)])
-def test_q4c_decode_matches_reference_for_every_head(harness, dtype, d, r, lengths, extra, first):
+def test_q4c_decode_matches_reference_for_every_head(launches, dtype, d, r, lengths, extra, first):
     rng = np.random.default_rng(d + r)
     b, n_kv, n = 3, 2, 384
     kq = q4_format.quantize_keys(mx.array(channel_keys(rng, b * n_kv, n, d, False).astype(np.float32).reshape(b, n_kv, n, d)))
@@ -462,7 +527,7 @@ def test_q4c_decode_matches_reference_for_every_head(harness, dtype, d, r, lengt
     lengths = mx.array(lengths, dtype=mx.int32)
     want = q4_format.decode_attention_q4c_ref(queries, kq, vq, d**-0.5, lengths, ek, ev, first)
     for splits in (None, 3):
-        got = harness.decode_attention_q4c(queries, kq, vq, d**-0.5, lengths, ek, ev, first, splits=splits)
+        got = metal_kernels.decode_attention_q4c(queries, kq, vq, d**-0.5, lengths, ek, ev, first, splits=splits)
         assert got.shape == want.shape and got.dtype == want.dtype
         assert head_errors(got, want).max() < DECODE_TOL[dtype]
     if not extra:  # an empty sequence with no extra tokens gives zeros
@@ -485,9 +550,9 @@ def test_q4c_reference_is_attention_over_the_decoded_cache():
         assert np.abs(got[i, :, 0] - want).max() < REFERENCE_TOL * np.abs(want).max() * 10
 
 
-def test_q4c_kernels_pass_their_first_use_checks_and_fall_back_when_wrong(harness, capsys):
-    kernels = q4.CheckedKernels(harness.quantize, harness.decode_attention, plan_config, harness.quantize_keys,
-                                harness.quantize_values, harness.decode_attention_q4c)
+def test_q4c_kernels_pass_their_first_use_checks_and_fall_back_when_wrong(launches, capsys):
+    kernels = q4.CheckedKernels(metal_kernels.quantize, metal_kernels.decode_attention, plan_config, metal_kernels.quantize_keys,
+                                metal_kernels.quantize_values, metal_kernels.decode_attention_q4c)
     x = mx.array(np.random.default_rng(0).standard_normal((2, 128, 64)).astype(np.float32))
     assert np.array_equal(np_(kernels.quantize_keys(x)[0]), np_(q4_format.quantize_keys(x)[0]))
     assert np.array_equal(np_(kernels.quantize_values(x)[0]), np_(q4_format.quantize_values(x)[0]))
@@ -498,14 +563,14 @@ def test_q4c_kernels_pass_their_first_use_checks_and_fall_back_when_wrong(harnes
         packed, scales = q4_format.quantize_values(x)
         return packed ^ 1, scales
 
-    wrong = q4.CheckedKernels(harness.quantize, harness.decode_attention, plan_config, None, off_by_one)
+    wrong = q4.CheckedKernels(metal_kernels.quantize, metal_kernels.decode_attention, plan_config, None, off_by_one)
     for _ in range(2):
         assert np.array_equal(np_(wrong.quantize_values(x)[0]), np_(q4_format.quantize_values(x)[0]))
     assert wrong.verdicts == {("quantize_values",): False}
     assert capsys.readouterr().err.count("disabled") == 1
 
 
-def test_attend_q4c_decode_step_uses_fused_kernel_with_sinks_and_tail(harness, monkeypatch):
+def test_attend_q4c_decode_step_uses_fused_kernel_with_sinks_and_tail(launches, monkeypatch):
     """A q4c layer's decode step: the body through the fused kernel in place (its sink rows
     skipped), the exact sinks and the 8-bit tail as one more split; the same result as the
     general path."""
@@ -524,12 +589,12 @@ def test_attend_q4c_decode_step_uses_fused_kernel_with_sinks_and_tail(harness, m
 
     def decode_q4c(queries, kq, vq, scale, lengths, ek, ev, first=0, splits=None):
         calls.append((tuple(kq[0].shape), np_(lengths).tolist(), None if ek is None else tuple(ek.shape), first))
-        return harness.decode_attention_q4c(queries, kq, vq, scale, lengths, ek, ev, first, splits=splits)
+        return metal_kernels.decode_attention_q4c(queries, kq, vq, scale, lengths, ek, ev, first, splits=splits)
 
-    kernels = q4.CheckedKernels(harness.quantize, harness.decode_attention, plan_config, harness.quantize_keys,
-                                harness.quantize_values, decode_q4c)
+    kernels = q4.CheckedKernels(metal_kernels.quantize, metal_kernels.decode_attention, plan_config, metal_kernels.quantize_keys,
+                                metal_kernels.quantize_values, decode_q4c)
     monkeypatch.setattr(q4, "_kernels", lambda: kernels)
     got = np_(cache.attend(query, d**-0.5))
-    real = [c for c in calls if c[0][0] == 1]  # the check's launches have B = 3
+    real = [c for c in calls if c[0][0] == 1]  # the check's launches have B = 9 and 3
     assert real == [((1, n_kv, 256, d // 8), [256], (1, n_kv, 48, d), 4)]  # the tail's 44 rows and the 4 sinks
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < DECODE_TOL[f32]

@@ -8,9 +8,11 @@
 //   site: a round whose threads arrive from different sites, a thread that
 //   leaves the kernel while others wait, or a round not complete within
 //   HARNESS_TIMEOUT_S seconds is reported and exits with status 3.
-// - SIMD groups of 32 lanes: simd_sum, simd_max, simd_shuffle and
-//   simd_shuffle_xor exchange values between the 32 real threads of a group,
-//   with the same call-site and arrival checks.
+// - SIMD groups of 32 lanes: simd_sum, simd_max, simd_min, simd_shuffle and
+//   simd_shuffle_xor exchange values of any type between the 32 real threads
+//   of a group, with the same call-site and arrival checks.
+// - metal::min/max on floats follow Metal (fmin/fmax: a NaN argument gives
+//   the other one), also inside simd_max/simd_min.
 // - Threadgroup memory is one linker section per concurrently running group,
 //   filled with a NaN pattern before every group starts, so a read of memory
 //   no thread of this group wrote gives NaN (or a wild integer).
@@ -31,6 +33,7 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 typedef uint32_t uint;
@@ -39,6 +42,22 @@ typedef uint16_t ushort;
 struct uint3 {
   uint x, y, z;
 };
+
+// Operation counts (a build with -DHARNESS_COUNT): every lane's SIMD-group
+// function calls, exp calls and fp16/bfloat16 -> float conversions (each one
+// a load of a cache scale or bias, or of a query), printed at exit.
+#ifdef HARNESS_COUNT
+struct HarnessCounts {
+  std::atomic<unsigned long long> simd{0}, exp{0}, convert{0};
+  ~HarnessCounts() {
+    std::fprintf(stderr, "harness: counts simd %llu exp %llu convert %llu\n", simd.load(), exp.load(), convert.load());
+  }
+};
+inline HarnessCounts harness_counts;
+#define HARNESS_COUNT_OP(what) harness_counts.what.fetch_add(1, std::memory_order_relaxed)
+#else
+#define HARNESS_COUNT_OP(what)
+#endif
 
 // IEEE binary16 with round-to-nearest-even conversion from float, as Metal's
 // half. NaN keeps its sign and quiet bit.
@@ -75,6 +94,7 @@ struct float16_t {
   }
 
   explicit operator float() const {
+    HARNESS_COUNT_OP(convert);
     uint32_t sign = uint32_t(bits & 0x8000) << 16, e = (bits >> 10) & 0x1f, m = bits & 0x3ff;
     if (e == 0) {
       float f = std::ldexp(float(m), -24);
@@ -106,6 +126,7 @@ struct bfloat16_t {
   }
 
   explicit operator float() const {
+    HARNESS_COUNT_OP(convert);
     uint32_t x = uint32_t(bits) << 16;
     float f;
     std::memcpy(&f, &x, 4);
@@ -116,11 +137,21 @@ struct bfloat16_t {
 namespace metal {
 inline float rint(float x) { return std::rint(x); }  // default mode: nearest even
 inline float fabs(float x) { return std::fabs(x); }
-inline float exp(float x) { return std::exp(x); }
+inline float exp(float x) {
+  HARNESS_COUNT_OP(exp);
+  return std::exp(x);
+}
+// Metal's min/max: on floats fmin/fmax (a NaN argument gives the other one).
 template <typename T>
-inline T min(T a, T b) { return b < a ? b : a; }
+inline T min(T a, T b) {
+  if constexpr (std::is_floating_point_v<T>) return std::fmin(a, b);
+  else return b < a ? b : a;
+}
 template <typename T>
-inline T max(T a, T b) { return a < b ? b : a; }
+inline T max(T a, T b) {
+  if constexpr (std::is_floating_point_v<T>) return std::fmax(a, b);
+  else return a < b ? b : a;
+}
 }  // namespace metal
 
 [[noreturn]] inline void harness_fail(const char* fmt, ...) {
@@ -188,12 +219,13 @@ class Rendezvous {
   int line_ = 0;
 };
 
-// 32 lanes exchanging values; two slot sets used alternately, so a lane can
-// write round k+1 while slower lanes still read round k (never round k-1:
-// everyone has arrived at round k, i.e. finished reading k-1).
+// 32 lanes exchanging values of any type up to 8 bytes; two slot sets used
+// alternately, so a lane can write round k+1 while slower lanes still read
+// round k (never round k-1: everyone has arrived at round k, i.e. finished
+// reading k-1).
 struct SimdGroup {
   Rendezvous meet{32, "SIMD-group function"};
-  float slots[2][32];
+  alignas(8) unsigned char slots[2][32][8];
 };
 
 // Per thread: its threadgroup's barrier, its SIMD group and lane.
@@ -215,52 +247,56 @@ inline void threadgroup_barrier_at(mem_flags::mem_flags, const char* file, int l
 }
 #define threadgroup_barrier(flags) threadgroup_barrier_at(flags, __FILE__, __LINE__)
 
-template <typename Pick>
-inline float simd_exchange(float v, const char* file, int line, Pick pick) {
+template <typename T, typename Pick>
+inline T simd_exchange(T v, const char* file, int line, Pick pick) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "SIMD exchange of a small value type");
+  HARNESS_COUNT_OP(simd);
   LaneContext& c = lane_context;
   if (!c.simd) harness_fail("SIMD-group function outside a threadgroup launch (%s:%d)", file, line);
-  float* slot = c.simd->slots[c.round++ & 1];
-  slot[c.lane] = v;
+  auto& slot = c.simd->slots[c.round++ & 1];
+  std::memcpy(slot[c.lane], &v, sizeof(T));
   c.simd->meet.arrive(file, line);
-  return pick(slot, c.lane);
+  T all[32];
+  for (int i = 0; i < 32; i++) std::memcpy(&all[i], slot[i], sizeof(T));
+  return pick(all, c.lane);
 }
 
-inline float simd_sum_at(float v, const char* file, int line) {
-  // Tree order, as a hardware reduction would; every lane gets the same bits.
-  return simd_exchange(v, file, line, [](const float* s, uint) {
-    float t[32];
-    std::copy(s, s + 32, t);
-    for (int w = 16; w > 0; w /= 2)
-      for (int i = 0; i < w; i++) t[i] += t[i + w];
-    return t[0];
-  });
+// Tree order, as a hardware reduction would; every lane gets the same bits.
+template <typename T, typename Op>
+inline T simd_reduce(const T* s, Op op) {
+  T t[32];
+  std::copy(s, s + 32, t);
+  for (int w = 16; w > 0; w /= 2)
+    for (int i = 0; i < w; i++) t[i] = op(t[i], t[i + w]);
+  return t[0];
 }
-inline float simd_max_at(float v, const char* file, int line) {
-  return simd_exchange(v, file, line, [](const float* s, uint) {
-    float m = s[0];
-    for (int i = 1; i < 32; i++) m = metal::max(m, s[i]);
-    return m;
-  });
+template <typename T>
+inline T simd_sum_at(T v, const char* file, int line) {
+  return simd_exchange(v, file, line, [](const T* s, uint) { return simd_reduce(s, [](T a, T b) { return T(a + b); }); });
 }
-inline float simd_shuffle_at(float v, ushort src, const char* file, int line) {
+template <typename T>
+inline T simd_max_at(T v, const char* file, int line) {
+  return simd_exchange(v, file, line, [](const T* s, uint) { return simd_reduce(s, metal::max<T>); });
+}
+template <typename T>
+inline T simd_min_at(T v, const char* file, int line) {
+  return simd_exchange(v, file, line, [](const T* s, uint) { return simd_reduce(s, metal::min<T>); });
+}
+template <typename T>
+inline T simd_shuffle_at(T v, ushort src, const char* file, int line) {
   if (src >= 32) harness_fail("simd_shuffle from lane %u at %s:%d", unsigned(src), file, line);
-  return simd_exchange(v, file, line, [src](const float* s, uint) { return s[src]; });
+  return simd_exchange(v, file, line, [src](const T* s, uint) { return s[src]; });
 }
-inline float simd_shuffle_xor_at(float v, ushort mask, const char* file, int line) {
+template <typename T>
+inline T simd_shuffle_xor_at(T v, ushort mask, const char* file, int line) {
   if (mask >= 32) harness_fail("simd_shuffle_xor mask %u at %s:%d", unsigned(mask), file, line);
-  return simd_exchange(v, file, line, [mask](const float* s, uint lane) { return s[lane ^ mask]; });
+  return simd_exchange(v, file, line, [mask](const T* s, uint lane) { return s[lane ^ mask]; });
 }
 #define simd_sum(v) simd_sum_at((v), __FILE__, __LINE__)
 #define simd_max(v) simd_max_at((v), __FILE__, __LINE__)
+#define simd_min(v) simd_min_at((v), __FILE__, __LINE__)
 #define simd_shuffle(v, lane) simd_shuffle_at((v), (lane), __FILE__, __LINE__)
 #define simd_shuffle_xor(v, mask) simd_shuffle_xor_at((v), (mask), __FILE__, __LINE__)
-
-// One call per thread of a 1-D grid, in order (kernels without barriers or
-// shared memory: their threads share nothing).
-template <typename F>
-void run_grid(uint n, F fn) {
-  for (uint i = 0; i < n; i++) fn(uint3{i, 0, 0});
-}
 
 // A fill for threadgroup memory: NaN as float32 and as either half of it as fp16.
 constexpr uint32_t POISON = 0x7fc07fc0u;
@@ -279,16 +315,50 @@ inline uint32_t harness_seed() {
   return seed;
 }
 
-// The threadgroups of a grid, SLOTS of them at a time. Group i runs in slot
-// i % SLOTS (its own threadgroup memory, poisoned first) as tg real threads,
-// started in a random order; fn(slot, group position, thread position).
+// The values of the thread attributes MLX may declare (mx.fast.metal_kernel).
+struct Attrs {
+  uint3 thread_position_in_grid, threadgroup_position_in_grid, threadgroups_per_grid, threads_per_grid, grid_size;
+  uint3 thread_position_in_threadgroup, threads_per_threadgroup;
+  uint thread_index_in_threadgroup, thread_index_in_simdgroup, simdgroup_index_in_threadgroup;
+  uint simdgroups_per_threadgroup, threads_per_simdgroup, thread_execution_width;
+};
+
+inline Attrs attrs_of(uint3 grid, uint3 group, uint3 groups, uint3 g, uint t) {
+  uint3 tp{t % group.x, t / group.x % group.y, t / (group.x * group.y)};
+  uint3 pos{g.x * group.x + tp.x, g.y * group.y + tp.y, g.z * group.z + tp.z};
+  uint threads = group.x * group.y * group.z;
+  return Attrs{pos, g, groups, grid, grid, tp, group, t, t % 32, t / 32, (threads + 31) / 32, 32, 32};
+}
+
+// A launch as MLX dispatches it (dispatchThreads: `grid` threads, groups of
+// min(threadgroup, grid) per dimension); fn(slot, attributes) per thread.
+// A kernel that shares nothing between threads (`cooperative` false) runs
+// its threads one after another, skipping those past the grid. Otherwise
+// SLOTS threadgroups run at a time: group i in slot i % SLOTS (its own
+// threadgroup memory, poisoned first) as real threads, started in a random
+// order; such a grid must be whole threadgroups.
 template <int SLOTS, typename F>
-void run_threadgroups(uint3 groups, uint tg, std::function<std::pair<char*, char*>(int)> memory, F fn) {
-  if (tg % 32) harness_fail("threadgroup size %u is not a multiple of the SIMD width 32", tg);
+void run_launch(uint3 grid, uint3 tg, bool cooperative, std::function<std::pair<char*, char*>(int)> memory, F fn) {
+  uint3 group{std::min(tg.x, grid.x), std::min(tg.y, grid.y), std::min(tg.z, grid.z)};
+  uint3 groups{(grid.x + group.x - 1) / group.x, (grid.y + group.y - 1) / group.y, (grid.z + group.z - 1) / group.z};
+  uint threads = group.x * group.y * group.z;
   std::vector<uint3> all;
   for (uint z = 0; z < groups.z; z++)
     for (uint y = 0; y < groups.y; y++)
       for (uint x = 0; x < groups.x; x++) all.push_back(uint3{x, y, z});
+  if (!cooperative) {
+    for (uint3 g : all)
+      for (uint t = 0; t < threads; t++) {
+        Attrs a = attrs_of(grid, group, groups, g, t);
+        uint3 p = a.thread_position_in_grid;
+        if (p.x < grid.x && p.y < grid.y && p.z < grid.z) fn(0, a);
+      }
+    return;
+  }
+  if (grid.x % group.x || grid.y % group.y || grid.z % group.z)
+    harness_fail("grid (%u, %u, %u) is not whole threadgroups of (%u, %u, %u)", grid.x, grid.y, grid.z, group.x,
+                 group.y, group.z);
+  if (threads % 32) harness_fail("threadgroup size %u is not a multiple of the SIMD width 32", threads);
   std::vector<std::thread> drivers;
   for (int slot = 0; slot < SLOTS; slot++) {
     drivers.emplace_back([&, slot] {
@@ -296,20 +366,20 @@ void run_threadgroups(uint3 groups, uint tg, std::function<std::pair<char*, char
       for (size_t i = slot; i < all.size(); i += SLOTS) {
         auto [begin, end] = memory(slot);
         poison(begin, end);
-        Rendezvous barrier(int(tg), "threadgroup_barrier");
-        std::vector<SimdGroup> simd(tg / 32);
-        std::vector<uint> order(tg);
-        for (uint t = 0; t < tg; t++) order[t] = t;
+        Rendezvous barrier(int(threads), "threadgroup_barrier");
+        std::vector<SimdGroup> simd(threads / 32);
+        std::vector<uint> order(threads);
+        for (uint t = 0; t < threads; t++) order[t] = t;
         std::shuffle(order.begin(), order.end(), rng);
-        std::vector<std::thread> threads;
+        std::vector<std::thread> workers;
         for (uint t : order)
-          threads.emplace_back([&, t] {
+          workers.emplace_back([&, t] {
             lane_context = LaneContext{&barrier, &simd[t / 32], t % 32, 0};
-            fn(slot, all[i], uint3{t, 0, 0});
+            fn(slot, attrs_of(grid, group, groups, all[i], t));
             simd[t / 32].meet.leave();
             barrier.leave();
           });
-        for (auto& th : threads) th.join();
+        for (auto& w : workers) w.join();
       }
     });
   }
@@ -318,7 +388,8 @@ void run_threadgroups(uint3 groups, uint tg, std::function<std::pair<char*, char
 
 // Metal address spaces have no C++ meaning. Threadgroup memory is a static
 // local placed in the linker section TG_SECTION, which the including file
-// defines per concurrently running copy of a kernel body.
+// defines per concurrently running copy of a kernel body; `used`, so the
+// compiler never takes memory no thread writes for zeros.
 #define device
 #define constant
-#define threadgroup static __attribute__((section(TG_SECTION)))
+#define threadgroup static __attribute__((section(TG_SECTION), used))
