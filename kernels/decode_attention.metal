@@ -68,9 +68,19 @@ const int end = metal::min(len, start + per_split);
 const size_t row0 = (size_t(b) * n_kv + h) * size_t(N);  // first cache row
 const int r0 = int(tile) * RT;                            // first query head of the tile
 const size_t head0 = (size_t(b) * n_kv + h) * R + r0;
+// This head's rows, so the loops below index with 32-bit offsets (Apple GPUs
+// emulate 64-bit multiplies). `auto` keeps each input's address space.
+const auto kp = k_packed + row0 * KW;
+const auto ks = k_scales + (KC > 0 ? row0 / KCG * D : row0 * KG);
+const auto kb = k_biases + (KC > 0 ? row0 / KCG * D : row0 * KG);
+const auto vp = v_packed + row0 * VW;
+const auto vsc = v_scales + row0 * (VS > 0 ? DV / VSG : VG);
+const auto vbi = v_biases + (VS > 0 ? 0 : row0 * VG);  // q4c: not read
 
 // This lane's words of a key row (all in one group: KWL divides 8) and its
-// share of every query of the tile, pre-scaled, with their sum (bias term).
+// share of every query of the tile, pre-scaled by the attention scale and by
+// 16^-j for code j of a word, so codes are read as word & (15 << 4j), without
+// a shift (as MLX's qmv does); qsum: their plain sum (the bias term).
 const int kw0 = int(lane % KL) * KWL;
 const int vw0 = int(lane % VL) * VWL;
 float q[RT][8 * KWL];
@@ -79,10 +89,16 @@ for (int r = 0; r < RT; r++) {
   qsum[r] = 0.0f;
   for (int e = 0; e < 8 * KWL; e++) {
     float x = r0 + r < R ? scale[0] * static_cast<float>(queries[(head0 + r) * D + kw0 * 8 + e]) : 0.0f;
-    q[r][e] = x;
+    q[r][e] = x * (1.0f / float(1u << (4 * (e % 8))));
     qsum[r] += x;
   }
 }
+// q4c: the queries folded with the channel scales of the current KC-row
+// group (qk), and the bias term (qb); rebuilt when a lane's row enters a new
+// group, not for every code.
+float qk[KC > 0 ? RT : 1][KC > 0 ? 8 * KWL : 1];
+float qb[RT];
+int group = -1;
 
 float m[RT], l[RT], acc[RT][8 * VWL];
 for (int r = 0; r < RT; r++) {
@@ -104,34 +120,48 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
     s[r] = 0.0f;
   }
   if (valid) {
-    const size_t row = row0 + tok;
     if (KC > 0) {
-      // q4c: a scale and a bias per channel of the row's group (row0 is a multiple of KC)
-      const size_t p0 = (row / KCG) * D + kw0 * 8;
-      for (int i = 0; i < KWL; i++) {
-        const uint32_t word = k_packed[row * KW + kw0 + i];
-        for (int j = 0; j < 8; j++) {
-          const float k = static_cast<float>(k_scales[p0 + i * 8 + j]) * float((word >> (4 * j)) & 15u) +
-                          static_cast<float>(k_biases[p0 + i * 8 + j]);
+      if (tok / KCG != group) {
+        group = tok / KCG;
+        const int p0 = group * D + kw0 * 8;
+        for (int r = 0; r < RT; r++) {
+          qb[r] = 0.0f;
+        }
+        for (int e = 0; e < 8 * KWL; e++) {
+          const float kscale = static_cast<float>(ks[p0 + e]);
+          const float kbias = static_cast<float>(kb[p0 + e]);
           for (int r = 0; r < RT; r++) {
-            s[r] += q[r][i * 8 + j] * k;
+            qk[r][e] = q[r][e] * kscale;
+            qb[r] += q[r][e] * float(1u << (4 * (e % 8))) * kbias;
           }
         }
       }
-    } else {
-      const float ks = static_cast<float>(k_scales[row * KG + kw0 / 8]);
-      const float kb = static_cast<float>(k_biases[row * KG + kw0 / 8]);
       for (int i = 0; i < KWL; i++) {
-        const uint32_t word = k_packed[row * KW + kw0 + i];
+        const uint32_t word = kp[tok * KW + kw0 + i];
         for (int j = 0; j < 8; j++) {
-          const float c = float((word >> (4 * j)) & 15u);
+          const float c = float(word & (15u << (4 * j)));
+          for (int r = 0; r < RT; r++) {
+            s[r] += qk[r][i * 8 + j] * c;
+          }
+        }
+      }
+      for (int r = 0; r < RT; r++) {
+        s[r] += qb[r];
+      }
+    } else {
+      const float kscale = static_cast<float>(ks[tok * KG + kw0 / 8]);
+      const float kbias = static_cast<float>(kb[tok * KG + kw0 / 8]);
+      for (int i = 0; i < KWL; i++) {
+        const uint32_t word = kp[tok * KW + kw0 + i];
+        for (int j = 0; j < 8; j++) {
+          const float c = float(word & (15u << (4 * j)));
           for (int r = 0; r < RT; r++) {
             s[r] += q[r][i * 8 + j] * c;
           }
         }
       }
       for (int r = 0; r < RT; r++) {
-        s[r] = ks * s[r] + kb * qsum[r];
+        s[r] = kscale * s[r] + kbias * qsum[r];
       }
     }
   }
@@ -141,19 +171,23 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
     }
   }
 
-  // 2. Online softmax of the SIMD group: new max over its KT tokens, the
-  //    rescale of what it has so far, the tokens' weights (0 past the end).
+  // 2. Online softmax of the SIMD group: the max over its KT tokens; what
+  //    it has so far is rescaled only when that max grows (m is the same in
+  //    all 32 lanes, so the branch is too); the tokens' weights (0 past the end).
   float p[RT];
   for (int r = 0; r < RT; r++) {
     const float sv = valid ? s[r] : NO_SCORE;
     const float m_new = metal::max(m[r], simd_max(sv));  // finite: token t0 is valid
-    const float factor = metal::exp(m[r] - m_new);
-    p[r] = metal::exp(sv - m_new);
-    l[r] = l[r] * factor + simd_sum(lane % KL == 0 ? p[r] : 0.0f);
-    m[r] = m_new;
-    for (int e = 0; e < 8 * VWL; e++) {
-      acc[r][e] *= factor;
+    if (m_new > m[r]) {
+      const float factor = metal::exp(m[r] - m_new);
+      l[r] *= factor;
+      for (int e = 0; e < 8 * VWL; e++) {
+        acc[r][e] *= factor;
+      }
+      m[r] = m_new;
     }
+    p[r] = metal::exp(sv - m[r]);
+    l[r] += simd_sum(lane % KL == 0 ? p[r] : 0.0f);
   }
 
   // 3. Values: VT of the KT tokens per pass, VL lanes each, weights taken
@@ -166,13 +200,12 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
       pv[r] = simd_shuffle(p[r], ushort(metal::min(j, KT - 1) * KL));
     }
     if (j < KT && vtok < end) {
-      const size_t row = row0 + vtok;
       // q4c: symmetric groups of VS (the lane's VWL words lie in one group), bias -8 d
-      const float vs = VS > 0 ? static_cast<float>(v_scales[row * (DV / VSG) + vw0 * 8 / VSG])
-                              : static_cast<float>(v_scales[row * VG + vw0 / 8]);
-      const float vb = VS > 0 ? -8.0f * vs : static_cast<float>(v_biases[row * VG + vw0 / 8]);
+      const float vs = VS > 0 ? static_cast<float>(vsc[vtok * (DV / VSG) + vw0 * 8 / VSG])
+                              : static_cast<float>(vsc[vtok * VG + vw0 / 8]);
+      const float vb = VS > 0 ? -8.0f * vs : static_cast<float>(vbi[vtok * VG + vw0 / 8]);
       for (int i = 0; i < VWL; i++) {
-        const uint32_t word = v_packed[row * VW + vw0 + i];
+        const uint32_t word = vp[vtok * VW + vw0 + i];
         for (int e = 0; e < 8; e++) {
           const float v = vs * float((word >> (4 * e)) & 15u) + vb;
           for (int r = 0; r < RT; r++) {

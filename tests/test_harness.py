@@ -6,7 +6,10 @@ reports it, quickly. The unbroken kernels must run clean under both sanitizers.
 import mlx_agentcache  # noqa: F401  (first: preloads the BLAS before mlx.core)
 
 import dataclasses
+import importlib.util
+import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -206,3 +209,17 @@ bf16[i] = static_cast<bfloat16_t>(x[i]);
     assert np.array_equal(np_(bf16.view(mx.uint16)), np_(mx.array(x).astype(mx.bfloat16).view(mx.uint16)))
     f16, bf16 = harness.run(small_launch(source, {"x": np.full(8, np.nan, np.float32)}, outs, 8))
     assert np.isnan(np_(f16)).all() and (np_(bf16.view(mx.uint16)) & 0x7fff > 0x7f80).all()
+
+
+def test_operation_counts_are_the_committed_ones(harness):
+    """The SmolLM2 shape's operation counts of the current kernel (both layouts) are those in
+    bench_results/kernel_ops.json, and kernels/README.md shows that file's table."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "count_kernel_ops.py"
+    spec = importlib.util.spec_from_file_location("count_kernel_ops", path)
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    data = json.loads(ops.OUT.read_text())
+    r, d = ops.SHAPES["smollm2-135m"]
+    for layout in ("q4", "q4c"):
+        assert ops.count(harness, ops.pass1(harness, layout, r, d), r) == data["after"][f"smollm2-135m {layout}"]
+    assert ops.table(data) in ops.README.read_text()
