@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond pip, on Debian or Ubuntu:
-#   g++        compiles the Metal kernels' CPU harness (kernels/harness)
-#   clang      type-checks the Metal sources MLX builds, address spaces kept (tests/test_metal_source.py)
+#   g++        builds the BLAS shim and llama-cpp-python (the tests' peer) from source
+#   clang      builds the Metal kernels' CPU harness (kernels/harness) and type-checks the
+#              Metal sources MLX builds, address spaces kept (tests/test_metal_source.py)
 #   qemu-user  runs the BLAS test on an emulated AVX2-only CPU (AMD Zen 3), whatever CPU runs the tests
 # Elsewhere it does nothing; on other Linux distributions install the same tools by hand.
 set -euo pipefail

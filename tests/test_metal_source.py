@@ -13,7 +13,6 @@ import mlx_agentcache  # noqa: F401  (first: preloads the BLAS before mlx.core)
 import subprocess
 
 import mlx.core as mx
-import pytest
 from harness_runner import KERNELS, harness  # noqa: F401  (the session's fixture)
 from metal_launch import for_clang, mlx_source
 
