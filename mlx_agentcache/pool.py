@@ -497,6 +497,22 @@ class CachePool:
         self._writer.wait(name, timeout)
         return self._writer.errors(name)
 
+    def save_errors(self) -> dict[str, str]:
+        """{agent: error} of hot agents whose memory is newer than their file."""
+        failed = self._writer.errors() if self._writer else {}
+        with self._lock:
+            return {n: failed.get(n, "not saved") for n in self.hot if n in failed or n in self.unsaved}
+
+    def retry_saves(self) -> list[str]:
+        """Queue a new save of every idle hot agent whose last save failed; returns their names."""
+        failed = self._writer.errors() if self._writer else {}
+        with self._lock:
+            names = [n for n in self.hot if (n in failed or n in self.unsaved) and n not in self.busy and self.persist]
+            jobs = [self._snapshot(n, self.hot[n]) for n in names]
+            self.unsaved.difference_update(names)
+        self._run(jobs)
+        return names
+
     def pending(self, name: str | None = None) -> bool:
         return bool(self._writer and self._writer.pending(name))
 

@@ -481,6 +481,33 @@ class Runtime:
         self.histories.wait()
         return {**self.histories.errors(), **self.pool.flush()}
 
+    def saved(self, name: str) -> bool:
+        """Whether the agent's conversation is on disk as memory holds it (waits for
+        its pending history write). The history is the durable record of a turn:
+        a cache can always be rebuilt from it."""
+        self.histories.wait(name)
+        return not self.histories.errors(name)
+
+    def unsaved(self) -> dict[str, str]:
+        """{agent: last error} of agents whose memory is newer than their files: a
+        history or a cache whose save failed. `retry_saves` writes them again."""
+        out = {n: e for n, e in self.pool.save_errors().items()}
+        out.update({n: e for n, e in self.histories.errors().items() if n in self._agents})
+        return out
+
+    def retry_saves(self, wait: bool = False) -> dict[str, str]:
+        """Queue a new save of every unsaved agent (history and cache); with `wait`,
+        until the writes are done. Returns what is still unsaved."""
+        for name in list(self.histories.errors()):
+            agent = self._agents.get(name)
+            if agent is not None:
+                agent._queue_history()
+        self.pool.retry_saves()
+        if wait:
+            self.histories.wait()
+            self.pool.flush()
+        return self.unsaved()
+
     def close(self) -> None:
         """Finish queued turns, then pending saves."""
         self.scheduler.close()

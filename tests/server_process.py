@@ -27,8 +27,8 @@ def free_port() -> int:
 class Server:
     """`agentcache serve` in a subprocess on 127.0.0.1 and a free port."""
 
-    def __init__(self, home: Path, cache_dir: Path, log: Path, *args: str):
-        self.home, self.cache_dir, self.log, self.args = home, cache_dir, log, args
+    def __init__(self, home: Path, cache_dir: Path, log: Path, *args: str, key: str | None = KEY):
+        self.home, self.cache_dir, self.log, self.args, self.key = home, cache_dir, log, args, key
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.health_seen: list[int] = []
@@ -42,7 +42,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "AGENTCACHE_HOME": str(self.home)}
         cmd = [sys.executable, "-m", "mlx_agentcache", "serve", "--port", str(self.port), "--cache-dir", str(self.cache_dir),
-               "--api-key", KEY, "--max-tokens", "8", "--log-level", "warning", *self.args]
+               *(["--api-key", self.key] if self.key else []), "--max-tokens", "8", "--log-level", "warning", *self.args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         self.health_seen = []
         deadline = time.time() + LOAD_TIMEOUT_S

@@ -131,7 +131,8 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
     @app.get("/health")
     async def health():
         if state.runtime is not None:
-            return {"status": "ok", "model": state.runtime.model_name}
+            unsaved = await asyncio.to_thread(state.runtime.unsaved)
+            return {"status": "ok", "model": state.runtime.model_name, "unsaved": sorted(unsaved)}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         return JSONResponse({"status": "loading", "model": state.config.model}, status_code=503, headers={"Retry-After": "2"})
@@ -140,7 +141,8 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
     async def metrics():
         rt = state.runtime
         memory = await asyncio.to_thread(rt.memory) if rt is not None else None
-        return PlainTextResponse(state.metrics.render(memory, len(state.runs), rt is not None), media_type="text/plain; version=0.0.4")
+        unsaved = len(await asyncio.to_thread(rt.unsaved)) if rt is not None else 0
+        return PlainTextResponse(state.metrics.render(memory, len(state.runs), rt is not None, unsaved), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -169,7 +171,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         rt = state.rt()
         info = _known(rt, _agent_name(name))
         a = rt.agent(name)
-        return {**info, "busy": state.busy(name), "system": a.system, "messages": a.messages}
+        return {**info, "unsaved": name in rt.unsaved(), "busy": state.busy(name), "system": a.system, "messages": a.messages}
 
     def idle(name: str) -> None:
         if state.busy(name):

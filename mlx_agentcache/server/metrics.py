@@ -42,6 +42,8 @@ class Metrics:
         self.restore_s = 0.0
         self.restore_hidden_s = 0.0
         self.rate_limited = 0
+        self.save_failures = 0  # saves that failed: at the end of a turn, or when retried
+        self.save_retries = 0  # rounds of writing unsaved agents again
         self._decoding: deque[tuple[float, float]] = deque(maxlen=512)  # finished turns' decode spans
 
     def request(self, route: str, status: int) -> None:
@@ -73,7 +75,7 @@ class Metrics:
                 self.restore_s += load
                 self.restore_hidden_s += _union_overlap(admitted - load, admitted, list(self._decoding)[:-1] + live_spans)
 
-    def render(self, memory: dict | None, inflight: int, loaded: bool) -> str:
+    def render(self, memory: dict | None, inflight: int, loaded: bool, unsaved: int = 0) -> str:
         out = []
 
         def metric(name, kind, help_, samples):
@@ -113,6 +115,9 @@ class Metrics:
             metric("agentcache_rate_limited_total", "counter", "Requests answered 429.", [({}, self.rate_limited)])
         metric("agentcache_inflight_requests", "gauge", "Model requests being served now.", [({}, inflight)])
         metric("agentcache_model_loaded", "gauge", "1 once the model is loaded.", [({}, int(loaded))])
+        metric("agentcache_save_failures_total", "counter", "Saves that failed (at the end of a turn or when retried).", [({}, self.save_failures)])
+        metric("agentcache_save_retries_total", "counter", "Rounds of writing unsaved agents again.", [({}, self.save_retries)])
+        metric("agentcache_unsaved_agents", "gauge", "Agents whose memory is newer than their files (retried until saved).", [({}, unsaved)])
         if memory:
             metric("agentcache_hot_bytes", "gauge", "Memory held by hot agent caches.", [({}, memory["hot_bytes"])])
             metric("agentcache_budget_bytes", "gauge", "Memory budget for hot caches.", [({}, memory["budget_bytes"] or 0)])

@@ -31,6 +31,7 @@ from ..store.layout import is_agent_name
 from ..turnlock import TurnBusyError
 from .errors import APIError
 from .metrics import Metrics, now
+from .saves import Resaver
 
 AGENT_HEADER = "x-agent-id"
 SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id")
@@ -101,6 +102,7 @@ class TurnRun:
         self.stop = [s for s in stop if s]
         self.bytes_before = bytes_before
         self.need = 0  # bytes reserved at the memory gate
+        self.saved: bool | None = None  # the turn's history is on disk (known once `settle` returned)
         self.text = ""
         self.stop_hit: str | None = None
         self.error: BaseException | None = None
@@ -171,12 +173,26 @@ class TurnRun:
             return None
 
     async def rest(self):
+        """The rest of the reply; ends once it is saved (or failed to be)."""
         async for piece in self._iter:
             yield piece
+        await self.settle()
 
     async def collect(self, request) -> str:
-        """The whole reply; cancels the turn if the client goes away meanwhile."""
-        return await self.watching(request, _drain(self.pieces()))
+        """The whole reply, once it is saved (or failed to be); cancels the turn if
+        the client goes away meanwhile."""
+        text = await self.watching(request, _drain(self.pieces()))
+        await self.settle()
+        return text
+
+    async def settle(self) -> bool:
+        """Wait until the turn's history is written (or failed to be): `saved`."""
+        if self.saved is None:
+            await self._ended.wait()
+            self.saved = await asyncio.to_thread(self.state.runtime.saved, self.agent)
+            if not self.saved:
+                self.state.save_failed(self.agent)
+        return self.saved
 
     async def watching(self, request, coro):
         """Await `coro`; if the client disconnects meanwhile, cancel the turn."""
@@ -218,6 +234,7 @@ class TurnRun:
             "queue_ms": round(s.queue_ms, 3),
             "ttft_ms": round(s.ttft_ms, 3),
             "prefetched": s.prefetched,
+            "saved": self.saved,
         }
 
     def headers(self) -> dict:
@@ -228,6 +245,7 @@ class TurnRun:
             "x-agentcache-restore-ms": f"{s.load_ms:.3f}",
             "x-agentcache-bytes-read": str(self.bytes_read),
             "x-agentcache-cached-tokens": str(s.restored_tokens),
+            **({} if self.saved is None else {"x-agentcache-saved": "true" if self.saved else "false"}),
         }
 
 
@@ -297,6 +315,7 @@ class ServerState:
         self.runtime = None
         self.load_error: str | None = None
         self.metrics = Metrics()
+        self.resaver = Resaver(self.metrics)
         self.gate = MemoryGate()
         self.inflight: dict[str, int] = {}
         self.runs: set[TurnRun] = set()
@@ -322,6 +341,7 @@ class ServerState:
                          budget_bytes=self.config.budget_bytes)
             self._index_anonymous(rt)
             self.runtime = rt
+            self.resaver.start(rt)
         except Exception as e:  # reported by /health and every route
             self.load_error = f"{type(e).__name__}: {e}"
         finally:
@@ -344,6 +364,10 @@ class ServerState:
             run.cancel()
         if self.runtime is not None:
             self.runtime.close()
+            self.resaver.close()
+
+    def save_failed(self, agent: str) -> None:
+        self.resaver.failed(agent)
 
     @property
     def model_names(self) -> list[str]:
