@@ -44,9 +44,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import bitalloc
+from . import bitalloc, limits
 from .kvcache import AgentCache
-from .store import container
+from .store import container, numbers
 from .store.container import CacheFileError
 
 FORMAT = "agentcache-card"
@@ -286,7 +286,12 @@ def _parse_header(path: Path, meta: dict) -> dict:
         h = json.loads(meta["card"])
         if not isinstance(h, dict) or h.get("card_version") != CARD_VERSION:
             raise ValueError(f"card version {h.get('card_version') if isinstance(h, dict) else '?'} (expected {CARD_VERSION})")
-        int(h["tokens"]), int(h["first"]), int(h["hops"]), float(h["avg_bits"]), int(h["group_size"])
+        n = numbers.count(h["tokens"], "tokens", 1, container.MAX_DIM)
+        numbers.count(h["first"], "first", 0, container.MAX_DIM - n)
+        numbers.count(h["hops"], "hops", 0, 1 << 20)
+        numbers.real(h["avg_bits"], "avg_bits", 0, 16)
+        numbers.count(h["group_size"], "group_size", 1, 1 << 16)
+        numbers.count(h["head_dim"], "head_dim", 1, 1 << 16)
         if not isinstance(h["layers"], list):
             raise ValueError("no layer list")
     except (KeyError, ValueError, TypeError, RecursionError) as e:
@@ -328,9 +333,9 @@ def _build(h: dict, arrays: dict) -> CacheCard:
         raise ValueError("unsupported widths or group size")
     layers = []
     for i, spec in enumerate(h["layers"]):
-        lo, heads = int(spec["first"]), int(spec["heads"])
-        if not 0 <= lo < n:
-            raise ValueError(f"layer {i} starts outside the card")
+        if not isinstance(spec, dict) or not isinstance(spec.get("values"), bool):
+            raise ValueError(f"layer {i} is not a layer description")
+        lo, heads = numbers.count(spec["first"], f"layer {i} first", 0, n - 1), numbers.count(spec["heads"], f"layer {i} heads", 1, 1 << 16)
         sel = w[lo:]
         layer = {"first": lo, "k": {}, "v": {} if spec["values"] else None}
         for part in ("k", "v"):
@@ -417,6 +422,10 @@ def inject(card: CacheCard, cache: AgentCache, runner) -> int:
     at = cache.offset
     if any(layer.offset != at for layer in cache.layers):
         raise CardError("the receiving cache does not end on its token list")
+    context = limits.context_length(runner.config)
+    if context is not None and (card.first + card.n > context or at + card.n > context):
+        raise CardError(f"the card's positions [{card.first}, {card.first + card.n}) moved to [{at}, {at + card.n}) do not fit this "
+                        f"model's context of {context} tokens")
     if len(card.layers) != len(cache.layers):
         raise CardError(f"the card has {len(card.layers)} layers, this model {len(cache.layers)}")
     attn = _attention_modules(runner)
@@ -438,5 +447,6 @@ def inject(card: CacheCard, cache: AgentCache, runner) -> int:
             layer.skip_to(pos)
         layer.append_dense(k, v)
     cache.tokens.extend(card.tokens)
+    cache.foreign_from = cache.own_tokens(at)
     mx.eval([(s.keys, s.values) for layer in cache.layers for s in layer.segments[-2:]])
     return at

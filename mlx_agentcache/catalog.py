@@ -147,6 +147,7 @@ def import_card(cache_dir: Path, card: Path, name: str | None = None, force: boo
         raise FileExistsError(f"agent '{name}' already exists in {layout.dir} (use --force to replace it, or --name)")
     layout.dir.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in meta.items() if k != "card"}
+    meta["foreign_from"] = "0"  # uploaded tensors: never made into a shared prefix block (prefixes.py)
     hist = {"name": name, "system": card_history["system"], "messages": card_history["messages"]}
     if card_history.get("context") is not None:  # tokens handed over by cache cards (cards.py)
         hist["context"] = card_history["context"]
@@ -197,6 +198,8 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
             plan.append((p, f"older cache format (version {meta.get('version')})"))
         elif known_fingerprints and meta.get("fingerprint") not in known_fingerprints:
             plan.append((p, f"model not installed ({meta.get('model') or meta.get('fingerprint')})"))
+        elif (damage := _header_damage(p)) is not None:
+            plan.append((p, f"damaged cache file ({damage})"))
         else:
             ref = codec.prefix_ref(meta)
             if ref:
@@ -209,6 +212,15 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
     for p in layout.stale_tmp_files():
         plan.append((p, "temporary file of an interrupted save"))
     return plan
+
+
+def _header_damage(path: Path) -> str | None:
+    """Why the file's header fails its checks (numbers.py, checksums), or None."""
+    try:
+        container.read_header(path, codec.FORMATS)
+    except CacheFileError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
 
 
 def gc_apply(cache_dir: Path, plan: list[tuple[Path, str]]) -> int:

@@ -511,6 +511,13 @@ class AgentCache:
 
     layers: list[LayerCache]
     tokens: list[int] = field(default_factory=list)
+    # Tokens from this position on were not prefilled by this agent (an injected cache
+    # card, an imported archive): they are never made into a shared prefix block.
+    foreign_from: int | None = None
+
+    def own_tokens(self, n: int) -> int:
+        """How many of the first `n` tokens the agent prefilled itself."""
+        return n if self.foreign_from is None else min(n, self.foreign_from)
 
     @property
     def offset(self) -> int:

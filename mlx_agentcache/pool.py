@@ -366,7 +366,7 @@ class CachePool:
             return None
         peer, n = found
         c = self.hot.get(peer)
-        if c is None or peer in self.busy or not eligible(c) or c.tokens[:n] != prompt[:n] or min(layer.stored for layer in c.layers) < n:
+        if c is None or peer in self.busy or not eligible(c) or c.tokens[:n] != prompt[:n] or c.own_tokens(min(layer.stored for layer in c.layers)) < n:
             return None
         key = self.prefixes.create(c, n)
         attach(c, self.prefixes.segments(key, n, c.tokens[:n]), n, c.tokens[:n])

@@ -160,7 +160,7 @@ class PrefixIndex:
         blocks (the same tokens of the same model), so nothing is read here."""
         if not eligible(cache):
             return False
-        stored = min(layer.stored for layer in cache.layers)
+        stored = cache.own_tokens(min(layer.stored for layer in cache.layers))
         chain = chain_hashes(cache.tokens[: min(stored, len(cache.tokens))], self.salt)
         if not chain:
             return False

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
-from .container import CacheFileError, read_arrays, write_tensors
+from . import numbers
+from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
 from .layout import Layout
 
 ENCODINGS = ("fp16", "q8", "q4", "q4c")
@@ -115,6 +116,8 @@ def snapshot(cache: AgentCache, fingerprint: str, prefix: tuple[str, int] | None
     }
     if cache.layers[0].rotate_keys:  # q4k: keys are stored Hadamard-rotated (kvcache.rotate)
         meta["kv_keys"] = "hadamard"
+    if cache.foreign_from is not None:
+        meta["foreign_from"] = str(cache.foreign_from)
     return tensors, meta
 
 
@@ -160,7 +163,7 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
     arrays, meta = read_arrays(path, FORMATS, same_model)
     try:
         spans = json.loads(meta["layers"])
-        bits = int(meta["kv_bits"])
+        bits = numbers.count(meta["kv_bits"], "kv_bits", 1, 16)
         mode = meta.get("kv_mode") if meta["format"] == FORMAT else None
         extra = json.loads(meta.get("extra", "{}"))
         prefix = json.loads(meta.get("prefix", "null"))
@@ -168,18 +171,21 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
         if tokens.ndim != 1 or tokens.dtype != mx.int32:
             raise ValueError("token ids must be one int32 vector")
         tokens = tokens.tolist()
+        foreign = meta.get("foreign_from")
+        foreign = None if foreign is None else numbers.count(foreign, "foreign_from", 0, len(tokens))
         rotated = {"plain": False, "hadamard": True}[meta.get("kv_keys", "plain")]
         mode = mode or kv_mode(bits) + ("k" if rotated else "")
-        if mode not in KV_MODES or KV_MODES[mode][:2] != (bits, rotated) or int(meta["group_size"]) != GROUP_SIZE or not isinstance(spans, list):
+        if mode not in KV_MODES or KV_MODES[mode][:2] != (bits, rotated) or numbers.count(meta["group_size"], "group_size") != GROUP_SIZE:
             raise ValueError("unsupported quantization")
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        spans = [_span(i, sp, len(tokens)) for i, sp in enumerate(spans if isinstance(spans, list) else [None])]
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise CacheFileError(f"{path.name}: malformed metadata ({e})") from None
     if expect_layers is not None and len(spans) != len(expect_layers):
         raise CacheFileError(f"{path.name}: {len(spans)} layers, model has {len(expect_layers)}")
     shared = None
     if prefix is not None:
         try:
-            h, n = str(prefix["hash"]), int(prefix["tokens"])
+            h, n = str(prefix["hash"]), numbers.count(prefix["tokens"], "prefix tokens", 1, len(tokens))
         except (KeyError, TypeError, ValueError):
             raise CacheFileError(f"{path.name}: malformed prefix reference") from None
         if not 0 < n <= len(tokens) or n % BLOCK_TOKENS:
@@ -209,6 +215,8 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
                 v = tuple(arrays.pop(tensor_name(i, "v", j, r)) for j in range(3) if tensor_name(i, "v", j, r) in arrays)
                 v = v if s["values"] else None
                 _check_run(path, i, encoding, k, v, n, expect if encoding in (body, "q4") else None)
+                if expect is not None:
+                    _check_heads(path, i, encoding, k, v, expect, body)
                 runs.append((encoding, k, v))
             sinks = _sinks(path, i, s, arrays, runs, mode)
             layers.append(_restore_layer(path, i, mode, window, s, runs, None if shared is None else shared[i], sinks))
@@ -216,7 +224,7 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
         raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
     if arrays:
         raise CacheFileError(f"{path.name}: unexpected tensors {sorted(arrays)[:3]}")
-    return AgentCache(layers, tokens), extra
+    return AgentCache(layers, tokens, foreign), extra
 
 
 def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expect: list[StoredShape | None] | None = None) -> list[tuple[tuple, tuple | None]]:
@@ -235,18 +243,19 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expec
             raise CacheFileError(f"{path.name}: prefix block does not hold these tokens")
 
     arrays, meta = read_arrays(path, (BLOCK_FORMAT,), same)
-    n = len(json.loads(meta["tokens"]))
+    n = len(block_tokens(meta))
     parts = 1 if bits == 16 else 3
     out = []
     try:
         for i, s in enumerate(json.loads(meta["layers"])):
+            s = _span(i, s, n)
             k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(parts))
             v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(parts)) if s["values"] else None
             _check_run(path, i, kv_mode(bits), k, v, n, expect[i] if expect is not None and i < len(expect) else None)
             if k[0].shape[-2] != n:
                 raise ValueError(f"layer {i} holds {k[0].shape[-2]} tokens, expected {n}")
             out.append((k, v))
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
     if arrays or (expect is not None and len(out) != len(expect)):
         raise CacheFileError(f"{path.name}: prefix block has {len(out)} layers or unexpected tensors")
@@ -254,17 +263,45 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expec
 
 
 def block_tokens(meta: dict) -> list[int]:
-    """The token ids a prefix block file holds (from its checked metadata)."""
-    return json.loads(meta["tokens"])
+    """The token ids a prefix block file holds (from its checked metadata); ValueError if they are not."""
+    try:
+        tokens = json.loads(meta["tokens"])
+    except RecursionError:
+        raise ValueError("token list nested too deep") from None
+    if not isinstance(tokens, list):
+        raise ValueError("token list is not a list")
+    return [numbers.count(t, "token id", 0, MAX_DIM) for t in tokens]
 
 
 def prefix_ref(meta: dict) -> dict | None:
-    """An agent file's shared-prefix reference {"hash", "tokens"}, or None."""
+    """An agent file's shared-prefix reference {"hash": str, "tokens": int}, or None
+    (none, or not a reference at all)."""
     try:
         ref = json.loads(meta.get("prefix", "null"))
-    except ValueError:
-        return None
-    return ref if isinstance(ref, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("hash"), str):
+            return {"hash": ref["hash"], "tokens": numbers.count(ref.get("tokens"), "prefix tokens", 1, MAX_DIM)}
+    except (ValueError, RecursionError):
+        pass
+    return None
+
+
+def _span(i: int, s: object, n_tokens: int) -> dict:
+    """A layer's span from the metadata, every number checked (numbers.py)."""
+    if not isinstance(s, dict):
+        raise ValueError(f"layer {i} span is not an object")
+    what = f"layer {i}"
+    out = {**s, "start": numbers.count(s["start"], f"{what} start", 0, n_tokens), "offset": numbers.count(s["offset"], f"{what} offset", 0, n_tokens)}
+    if s.get("window") is not None:
+        out["window"] = numbers.count(s["window"], f"{what} window", 1, MAX_DIM)
+    if not isinstance(s.get("values"), bool):
+        raise ValueError(f"{what} 'values' is not true or false")
+    if s.get("runs") is not None:
+        if not isinstance(s["runs"], list) or not all(isinstance(r, list) and len(r) == 2 for r in s["runs"]):
+            raise ValueError(f"{what} runs are not [encoding, tokens] pairs")
+        out["runs"] = [[e, numbers.count(n, f"{what} run tokens", 0, n_tokens)] for e, n in s["runs"]]
+    if s.get("sinks") is not None:
+        out["sinks"] = numbers.count(s["sinks"], f"{what} sinks", 1, n_tokens)
+    return out
 
 
 def inline_prefix(arrays: dict[str, np.ndarray], meta: dict, block: dict[str, np.ndarray], n: int) -> tuple[dict, dict]:
@@ -343,6 +380,19 @@ def _check_run(path: Path, i: int, encoding: str, k: tuple, v: tuple | None, n: 
         got = StoredShape.of(k, v)
         if got != expect:
             raise CacheFileError(f"{path.name}: layer {i} stores {_describe(got)}; this model stores {_describe(expect)}")
+
+
+def _dim(encoding: str, last: int) -> int:
+    """Values per row (the head dim) of a stored tensor whose last dimension is `last`."""
+    return last * {"fp16": 1, "q8": 4}.get(encoding, 8)
+
+
+def _check_heads(path: Path, i: int, encoding: str, k: tuple, v: tuple | None, expect: StoredShape, body: str) -> None:
+    """Any run (q4c's q8 tail and fp16 runs too): the model's kv heads and head dims."""
+    want = (expect.heads, _dim(body, expect.keys[0][0]), None if expect.values is None else _dim(body, expect.values[0][0]))
+    got = (k[0].shape[0], _dim(encoding, k[0].shape[-1]), None if v is None else _dim(encoding, v[0].shape[-1]))
+    if got != want or (v is not None and v[0].shape[0] != expect.heads):
+        raise CacheFileError(f"{path.name}: layer {i} {encoding} run holds {got[0]} heads of {got[1]}; this model stores {want[0]} heads of {want[1]}")
 
 
 def _width(encoding: str, part: str, t: tuple) -> int:

@@ -30,6 +30,7 @@ from typing import BinaryIO, Callable, Iterable
 import mlx.core as mx
 import numpy as np
 
+from . import numbers
 from .layout import bad_name, tmp_name
 
 VERSION = 2
@@ -169,19 +170,24 @@ def _check(header: dict, meta: dict, name: str, size: int, data_start: int, form
         raise CacheFileError(f"{name}: metadata checksum mismatch")
     if meta.get("table_crc32") != str(_table_crc(header)):
         raise CacheFileError(f"{name}: tensor table checksum mismatch")
-    end = 0
+    end, table = 0, []
     try:
-        for tname, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for tname, e in header.items():
             dt = np.dtype(_DTYPES[e["dtype"]])
-            shape = [int(s) for s in e["shape"]]
-            a, b = (int(x) for x in e["data_offsets"])
-            if max(shape, default=0) > MAX_DIM:
-                raise CacheFileError(f"{name}: tensor {tname!r} has a dimension over {MAX_DIM}")
-            if a != end or min(shape, default=0) < 0 or b - a != dt.itemsize * math.prod(shape):
-                raise CacheFileError(f"{name}: tensor {tname!r} has inconsistent offsets")
-            end = b
+            shape = numbers.shape(e["shape"], f"tensor {tname!r} shape", MAX_DIM)
+            offsets = e["data_offsets"]
+            if not isinstance(offsets, list) or len(offsets) != 2:
+                raise numbers.HeaderNumberError(f"tensor {tname!r} data_offsets is not a pair")
+            a, b = (numbers.count(x, f"tensor {tname!r} data_offsets", 0, size) for x in offsets)
+            table.append((a, b, tname, dt.itemsize * math.prod(shape)))
+    except numbers.HeaderNumberError as e:
+        raise CacheFileError(f"{name}: malformed tensor table ({e})") from None
     except (KeyError, TypeError, ValueError, IndexError):
         raise CacheFileError(f"{name}: malformed tensor table") from None
+    for a, b, tname, nbytes in sorted(table):
+        if a != end or b - a != nbytes:
+            raise CacheFileError(f"{name}: tensor {tname!r} has inconsistent offsets")
+        end = b
     if data_start + end != size:
         raise CacheFileError(f"{name}: truncated or padded ({size} bytes, header describes {data_start + end})")
 
