@@ -592,6 +592,13 @@ class Runtime:
         self.agent(validate_agent_name(name)).reset()
         self._agents.pop(name, None)
 
+    def drop_if_empty(self, name: str) -> None:
+        """Forget an agent object that holds nothing (no messages, no context, no
+        cache): what a refused first upload leaves behind."""
+        a = self._agents.get(name)
+        if a is not None and not a.messages and a.context is None and self.pool.tier(name) == "cold":
+            self._agents.pop(name, None)
+
     def export_card(self, name: str, out: str | Path) -> Path:
         """Write the agent's cache card (as `agentcache agents export`), after pending saves."""
         self.flush()

@@ -5,13 +5,17 @@ real sockets for floods (loopback, bounded in count and time)."""
 
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 
+import json
 import os
+import struct
+import sys
 import resource
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from test_server import KEY, MODEL, Server
@@ -109,3 +113,119 @@ def test_unsaved_turn_is_reported_retried_and_survives_a_restart(home, tmp_path)
             server.proc.kill()
             server.proc.wait()
         disk.close()
+
+
+# -- crafted files: every checksum recomputed, so only the checks of meaning stand in the way
+def reforge_header(path: Path, edit) -> None:
+    """Edit a container's JSON header (tensor table and metadata); the table and metadata
+    checksums are recomputed, the tensor bytes stay. `Infinity` is written as JSON allows."""
+    from mlx_agentcache.store import container
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    edit(header, meta)
+    meta["table_crc32"] = str(container._table_crc(header))
+    meta["meta_crc32"] = str(container._meta_crc(meta))
+    raw = json.dumps({**header, "__metadata__": meta}).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def reforge_tensors(path: Path, formats: tuple, edit) -> None:
+    """Edit a container's tensors and metadata and write it again with every checksum recomputed."""
+    from mlx_agentcache.store import container
+
+    arrays, meta = container.read_tensors(path, formats)
+    arrays = {k: np.array(v) for k, v in arrays.items()}
+    edit(arrays, meta)
+    container.write_tensors(path, arrays, meta)
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGENTCACHE_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "mlx_agentcache", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def clean_failure(r: subprocess.CompletedProcess, needle: str) -> None:
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out and needle in out, out
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-safety")
+    s = Server(home, d / "cache", d / "server.log").start()
+    yield s
+    s.stop()
+
+
+def download(server: Server, path: str, out: Path) -> Path:
+    r = server.get(path)
+    assert r.status_code == 200, r.text
+    out.write_bytes(r.content)
+    return out
+
+
+def upload(server: Server, method: str, path: str, data: bytes) -> httpx.Response:
+    return httpx.request(method, server.url + path, headers={"x-api-key": KEY}, content=data, timeout=300)
+
+
+LONG_SYSTEM = " ".join(f"Rule {i}: answer in plain words and keep every reply short." for i in range(40))
+
+
+def test_infinity_in_a_cache_header_is_moved_aside_and_nothing_else_stops(server, home, tmp_path):
+    for agent in ("inf1", "inf2"):
+        assert turn(server, agent, "Say hi.").json()["x_agentcache"]["saved"] is True
+        assert server.get(f"/v1/agents/{agent}").json()["tier"] in ("hot", "warm")
+    assert httpx.post(f"{server.url}/v1/agents/inf1/evict", headers={"x-api-key": KEY}).status_code == 200
+    server.stop()  # a forged file present at start-up must not stop the server either
+
+    def infinite(header, meta):
+        name = next(n for n in header if n != "tokens")
+        header[name]["shape"][0] = float("inf")
+
+    for agent in ("inf1", "inf2"):
+        reforge_header(server.cache_dir / f"{agent}.safetensors", infinite)
+    server.start()
+    assert httpx.get(server.url + "/health").status_code == 200
+    listed = {a["name"]: a for a in server.get("/v1/agents").json()["data"]}
+    assert listed["inf1"]["tier"] == "invalid" and "not an integer" in listed["inf1"]["error"]
+    r = cli(home, "agents", "ls", "--cache-dir", str(server.cache_dir))
+    assert r.returncode == 0 and "inf2" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    r = turn(server, "inf1", "Say hi again.")  # the file is refused, moved aside and the agent re-prefilled
+    assert r.status_code == 200 and r.json()["x_agentcache"]["tier"] == "cold"
+    assert list(server.cache_dir.glob("inf1.safetensors.bad-*"))
+    r = cli(home, "agents", "gc", "--yes", "--cache-dir", str(server.cache_dir))
+    assert r.returncode == 0 and "inf2.safetensors  (damaged cache file" in r.stdout, r.stdout + r.stderr
+    assert not (server.cache_dir / "inf2.safetensors").exists() and not list(server.cache_dir.glob("inf1.safetensors.bad-*"))
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("field,value", [("first", float("inf")), ("first", -1), ("tokens", 2.5), ("hops", float("nan")), ("avg_bits", float("inf"))])
+def test_card_header_numbers_are_refused_cleanly_everywhere(server, home, tmp_path, field, value):
+    assert turn(server, "cs-src", "Name a fruit.").status_code == 200
+    card = download(server, "/v1/agents/cs-src/cachecard?bits=8", tmp_path / "x.card")
+
+    def edit(header, meta):
+        h = json.loads(meta["card"])
+        h[field] = value
+        meta["card"] = json.dumps(h)
+
+    reforge_header(card, edit)
+    r = upload(server, "POST", "/v1/agents/cs-dst/cachecard", card.read_bytes())
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_card" and field in r.json()["error"]["message"]
+    assert server.get("/v1/agents/cs-dst").status_code == 404
+    clean_failure(cli(home, "card", "show", str(card)), field)
+    if field == "first":
+        clean_failure(cli(home, "card", "inject", "--agent", "cs-cli", "--cache-dir", str(tmp_path / "c"), str(card)), field)
+
+
+def test_infinity_in_an_archive_is_refused_cleanly(server, home, tmp_path):
+    assert turn(server, "ar-src", "Name a tree.").status_code == 200
+    archive = download(server, "/v1/agents/ar-src/card", tmp_path / "a.card.safetensors")
+    reforge_header(archive, lambda header, meta: header["tokens"]["data_offsets"].__setitem__(1, float("inf")))
+    r = upload(server, "PUT", "/v1/agents/ar-dst/card", archive.read_bytes())
+    assert r.status_code == 400 and "not an integer" in r.json()["error"]["message"]
+    clean_failure(cli(home, "agents", "import", "--cache-dir", str(tmp_path / "c"), str(archive)), "not an integer")

@@ -292,6 +292,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
             try:
                 stats = await asyncio.to_thread(rt.agent(name).inject, card)
             except (ValueError, OSError, CacheFileError) as e:  # damaged, truncated, another model's, or not a card
+                rt.drop_if_empty(name)
                 raise APIError(400, f"card refused: {e}", code="invalid_card") from None
         a = rt.agent(name)
         return JSONResponse({"name": name, "injected": True, "context_tokens": len(a.context["tokens"]), **stats.as_dict()}, status_code=201)
