@@ -596,8 +596,8 @@ class Runtime:
         """Forget an agent object that holds nothing (no messages, no context, no
         cache): what a refused first upload leaves behind."""
         a = self._agents.get(name)
-        if a is not None and not a.messages and a.context is None and self.pool.tier(name) == "cold":
-            self._agents.pop(name, None)
+        if a is not None and not a.messages and a.context is None and not self.pool.describe(name).get("tokens"):
+            self.delete(name)
 
     def export_card(self, name: str, out: str | Path) -> Path:
         """Write the agent's cache card (as `agentcache agents export`), after pending saves."""

@@ -229,3 +229,60 @@ def test_infinity_in_an_archive_is_refused_cleanly(server, home, tmp_path):
     r = upload(server, "PUT", "/v1/agents/ar-dst/card", archive.read_bytes())
     assert r.status_code == 400 and "not an integer" in r.json()["error"]["message"]
     clean_failure(cli(home, "agents", "import", "--cache-dir", str(tmp_path / "c"), str(archive)), "not an integer")
+
+
+# -- 2: positions are part of a card's validity; uploads never reach another agent ---------
+def shift_positions(first: int):
+    def edit(arrays, meta):
+        h = json.loads(meta["card"])
+        h["first"] = first
+        meta["card"] = json.dumps(h)
+        arrays["positions"] = np.arange(first, first + h["tokens"], dtype=np.int32)
+    return edit
+
+
+@pytest.mark.parametrize("first", [2**31 - 1000, 8192 - 4])
+def test_card_positions_past_the_context_are_refused(server, tmp_path, first):
+    from mlx_agentcache import cards
+
+    assert turn(server, "pos-src", "Name a river.").status_code == 200
+    card = download(server, "/v1/agents/pos-src/cachecard?bits=8", tmp_path / "p.card")
+    reforge_tensors(card, (cards.FORMAT,), shift_positions(first))
+    assert cards.read(card).first == first  # structurally valid: only its positions are wrong
+    r = upload(server, "POST", "/v1/agents/pos-evil/cachecard", card.read_bytes())
+    assert r.status_code == 400 and "context of 8192 tokens" in r.json()["error"]["message"]
+    assert server.get("/v1/agents/pos-evil").status_code == 404
+
+
+def test_uploaded_tensors_never_become_another_agents_prefix(home, tmp_path):
+    """Under q4 (which shares leading 256-token blocks between agents) an upload whose
+    tokens are a common system prompt but whose values are garbage must not change the
+    reply any other agent gets for that prompt."""
+    from mlx_agentcache import cards
+
+    server = Server(home, tmp_path / "cache", tmp_path / "server.log", "--kv", "q4").start()
+    try:
+        ask = lambda agent: httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY, "X-Agent-Id": agent},  # noqa: E731
+                                       json={"model": MODEL, "max_tokens": 6, "messages": [{"role": "system", "content": LONG_SYSTEM},
+                                                                                           {"role": "user", "content": "Name a color."}]},
+                                       timeout=300).json()
+        reference = ask("q4-src")
+        assert reference["usage"]["prompt_tokens"] > 300
+        card = download(server, "/v1/agents/q4-src/cachecard?bits=8&uniform=true", tmp_path / "src.card")
+        assert server.get("/v1/agents/q4-src").status_code == 200
+        assert httpx.delete(server.url + "/v1/agents/q4-src", headers={"x-api-key": KEY}).status_code == 200
+
+        def garbage(arrays, meta):
+            for name in arrays:
+                if name.startswith("layers.") and name.endswith(".1"):  # scales: finite, wrong
+                    arrays[name] = (-7 * arrays[name]).astype(arrays[name].dtype)
+
+        reforge_tensors(card, (cards.FORMAT,), garbage)
+        r = upload(server, "POST", "/v1/agents/q4-evil/cachecard", card.read_bytes())
+        assert r.status_code == 201, r.text
+        for agent in ("q4-a", "q4-b"):  # the second one may reuse the first one's own prefill
+            got = ask(agent)
+            assert got["choices"][0]["message"]["content"] == reference["choices"][0]["message"]["content"]
+        assert ask("q4-a")["x_agentcache"]["tier"] == "hot"
+    finally:
+        server.stop()
