@@ -286,3 +286,36 @@ def test_uploaded_tensors_never_become_another_agents_prefix(home, tmp_path):
         assert ask("q4-a")["x_agentcache"]["tier"] == "hot"
     finally:
         server.stop()
+
+
+# -- 4: shape checks on every run of every encoding -----------------------------------------
+def double_q8_heads(arrays, meta):
+    """Double the kv heads of a q8 run (the q4c tail) in layer 0: a consistent run, wrong for the model."""
+    span = json.loads(meta["layers"])[0]
+    runs = [r for r, (enc, _) in enumerate(span["runs"]) if enc == "q8" and r > 0]
+    assert runs, f"no q8 run after the body in {span['runs']}"
+    prefix = f"layers.0.{runs[0]}."
+    for name in [n for n in arrays if n.startswith(prefix)]:
+        arrays[name] = np.concatenate([arrays[name], arrays[name]], axis=0)
+
+
+def test_doubled_heads_in_a_q8_tail_are_refused_by_api_and_cli(server, home, tmp_path):
+    from mlx_agentcache.store import codec
+
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY, "X-Agent-Id": "hx-src"}, timeout=300,
+                   json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi."}]})
+    assert r.status_code == 200
+    archive = download(server, "/v1/agents/hx-src/card", tmp_path / "hx.card.safetensors")
+    reforge_tensors(archive, codec.FORMATS, double_q8_heads)
+    r = upload(server, "PUT", "/v1/agents/hx/card", archive.read_bytes())
+    assert r.status_code == 400 and "q8 run holds" in r.json()["error"]["message"], r.text
+    assert server.get("/v1/agents/hx").status_code == 404
+
+    cache = tmp_path / "cli"  # the same run in an agent's own cache file: refused, moved aside, re-prefilled
+    r = cli(home, "say", "--agent", "hy", "--cache-dir", str(cache), "--max-tokens", "2", "--system", LONG_SYSTEM, "Hi.")
+    assert r.returncode == 0, r.stderr
+    reforge_tensors(cache / "hy.safetensors", codec.FORMATS, double_q8_heads)
+    for _ in range(2):
+        r = cli(home, "say", "--agent", "hy", "--cache-dir", str(cache), "--max-tokens", "2", "--json", "Again.")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(list(cache.glob("hy.safetensors.bad-*"))) == 1
