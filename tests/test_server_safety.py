@@ -319,3 +319,23 @@ def test_doubled_heads_in_a_q8_tail_are_refused_by_api_and_cli(server, home, tmp
         r = cli(home, "say", "--agent", "hy", "--cache-dir", str(cache), "--max-tokens", "2", "--json", "Again.")
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert len(list(cache.glob("hy.safetensors.bad-*"))) == 1
+
+
+# -- 6: a busy agent answers 409, never a silent overwrite ---------------------------------
+def test_concurrent_turns_on_one_agent_get_409_not_an_overwrite(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY, "X-Agent-Id": "busy-1"}, timeout=300,
+                          json={"model": MODEL, "max_tokens": 24, "messages": [{"role": "user", "content": f"Message number {i}."}]})
+
+    with ThreadPoolExecutor(5) as ex:
+        got = list(ex.map(one, range(5)))
+    ok = [(i, r) for i, r in enumerate(got) if r.status_code == 200]
+    busy = [r for r in got if r.status_code == 409]
+    assert len(ok) + len(busy) == 5 and ok and busy
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "agent_busy" for r in busy)
+    # the request is the truth: the history is one answered request's exchange, whole
+    exchanges = [[{"role": "user", "content": f"Message number {i}."}, {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}]
+                 for i, r in ok]
+    assert server.get("/v1/agents/busy-1").json()["messages"] in exchanges

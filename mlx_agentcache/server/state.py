@@ -446,7 +446,10 @@ class ServerState:
                          temperature: float | None, seed: int | None, stop: list[str], tools: bool = False) -> TurnRun:
         """Queue the turn on the scheduler once the memory gate admits it."""
         rt = self.rt()
-        self.inflight[agent] = self.inflight.get(agent, 0) + 1  # before any await: anonymous matching skips it now
+        if agent in self.inflight:  # a second turn would start from the same history and overwrite the first one's
+            raise APIError(409, f"agent '{agent}' is answering another request; retry when it is done", code="agent_busy",
+                           headers={"Retry-After": "1"})
+        self.inflight[agent] = 1  # before any await: anonymous matching and a second turn see it now
         need = 0
         try:
             info = await asyncio.to_thread(rt.describe, agent)
