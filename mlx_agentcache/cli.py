@@ -291,6 +291,8 @@ def serve(
     alias: Annotated[list[str], typer.Option("--model-alias", help="Another model name to answer to (e.g. what a client insists on sending); repeat for several.")] = [],
     max_body: Annotated[str, typer.Option("--max-body", help="Largest JSON request body.")] = "8MiB",
     anon_agents: Annotated[int, typer.Option("--anon-agents", help="Anonymous conversations (no agent id) kept at most.")] = 64,
+    max_connections: Annotated[int, typer.Option("--max-connections", help="Connections open at once; beyond: 503 and closed.")] = 512,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client has to send a request's headers.")] = 10.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ):
     """OpenAI- and Anthropic-compatible HTTP server; each agent keeps its cache (see docs/server.md)."""
@@ -305,9 +307,14 @@ def serve(
                 raise ValueError(f"{name} must be a positive number of requests per minute")
         if anon_agents < 1:
             raise ValueError("--anon-agents must be at least 1")
+        if max_connections < 1:
+            raise ValueError("--max-connections must be at least 1")
+        if not 0 < header_timeout <= 3600:
+            raise ValueError("--header-timeout must be a number of seconds above 0, at most 3600")
         config = ServerConfig(model=model, cache_dir=cache_dir, budget_bytes=parse_size(cache_budget), kv=kv, mla=mla, api_key=api_key or None,
                               temperature=temperature, seed=seed, default_max_tokens=max_tokens, max_body_bytes=parse_size(max_body, "--max-body"),
-                              agent_rpm=agent_rate_limit, global_rpm=rate_limit, aliases=list(alias), anon_agents=anon_agents)
+                              agent_rpm=agent_rate_limit, global_rpm=rate_limit, aliases=list(alias), anon_agents=anon_agents,
+                              host=host, max_connections=max_connections, header_timeout=header_timeout)
     except ValueError as e:
         _fail(str(e), 2)
     run_server(config, host, port, log_level)

@@ -339,3 +339,42 @@ def test_concurrent_turns_on_one_agent_get_409_not_an_overwrite(server):
     exchanges = [[{"role": "user", "content": f"Message number {i}."}, {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}]
                  for i, r in ok]
     assert server.get("/v1/agents/busy-1").json()["messages"] in exchanges
+
+
+# -- 5: limits without a key ----------------------------------------------------------------
+def test_idle_connection_flood_is_bounded_and_loses_nothing(home, tmp_path):
+    """More idle connections than the bound: the extra ones get a 503 at once, the held
+    ones (and one with half-sent headers) are closed after the header timeout, the log
+    stays small, and a turn answered afterwards is saved."""
+    import socket
+
+    server = Server(home, tmp_path / "cache", tmp_path / "server.log", "--max-connections", "32", "--header-timeout", "3", key=None).start()
+    socks = []
+    try:
+        log_before = server.log.stat().st_size
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(32 + 48)]
+
+        def read_all(s) -> bytes:  # ends with a 503 at once, or when the header deadline closes it
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+        replies = [read_all(s) for s in socks]
+        half = socket.create_connection(("127.0.0.1", server.port), timeout=30)  # alone now: held, then timed out
+        socks.append(half)
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        replies.append(read_all(half))
+        refused = [r for r in replies if r.startswith(b"HTTP/1.1 503")]
+        assert len(refused) >= 48 and all(b"too many open connections" in r for r in refused)
+        assert all(r == b"" for r in replies if r not in refused)  # held ones: closed without an answer
+        assert server.metric("agentcache_connections_refused_total") == len(refused)
+        assert server.metric("agentcache_connections_timed_out_total") == len(replies) - len(refused)
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi."}]},
+                       headers={"X-Agent-Id": "after-flood"}, timeout=300)
+        assert r.status_code == 200 and r.json()["x_agentcache"]["saved"] is True
+        assert server.log.stat().st_size - log_before < 4096, server.tail()
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()

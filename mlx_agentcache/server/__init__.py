@@ -21,10 +21,19 @@ def create_app(config: ServerConfig | None = None, load: bool = True):
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the server until interrupted; the model loads after the socket is bound."""
+    """Run the server until interrupted; the model loads after the socket is bound.
+    Connections, header time, header size and repeated log lines are bounded
+    (connections.py)."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    from .connections import connection_bound, guarded_protocol, quiet_repeats
+
+    config.host = host
+    app = create_app(config)
+    protocol = guarded_protocol(connection_bound(config.max_connections), config.header_timeout, app.state.metrics)
+    quiet_repeats()
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, http=protocol,
+                timeout_keep_alive=5, h11_max_incomplete_event_size=64 << 10)
 
 
 __all__ = ["ServerConfig", "create_app", "serve"]

@@ -44,6 +44,8 @@ class Metrics:
         self.rate_limited = 0
         self.save_failures = 0  # saves that failed: at the end of a turn, or when retried
         self.save_retries = 0  # rounds of writing unsaved agents again
+        self.connections_refused = 0  # over max_connections (connections.py)
+        self.connections_timed_out = 0  # no complete request head in time
         self._decoding: deque[tuple[float, float]] = deque(maxlen=512)  # finished turns' decode spans
 
     def request(self, route: str, status: int) -> None:
@@ -117,6 +119,9 @@ class Metrics:
         metric("agentcache_model_loaded", "gauge", "1 once the model is loaded.", [({}, int(loaded))])
         metric("agentcache_save_failures_total", "counter", "Saves that failed (at the end of a turn or when retried).", [({}, self.save_failures)])
         metric("agentcache_save_retries_total", "counter", "Rounds of writing unsaved agents again.", [({}, self.save_retries)])
+        metric("agentcache_connections_refused_total", "counter", "Connections answered 503 and closed: over --max-connections.", [({}, self.connections_refused)])
+        metric("agentcache_connections_timed_out_total", "counter", "Connections closed for not sending a request head within --header-timeout.",
+               [({}, self.connections_timed_out)])
         metric("agentcache_unsaved_agents", "gauge", "Agents whose memory is newer than their files (retried until saved).", [({}, unsaved)])
         if memory:
             metric("agentcache_hot_bytes", "gauge", "Memory held by hot agent caches.", [({}, memory["hot_bytes"])])

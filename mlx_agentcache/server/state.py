@@ -55,6 +55,9 @@ class ServerConfig:
     global_rpm: float | None = None
     aliases: list[str] = field(default_factory=list)
     anon_agents: int = 64
+    host: str = "127.0.0.1"  # the bound address: requests without a key must name it (or loopback) in Host
+    max_connections: int = 512  # open at once; beyond: 503 and closed (connections.py)
+    header_timeout: float = 10.0  # seconds to send a complete request head
 
 
 class RateLimiter:
