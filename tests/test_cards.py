@@ -306,7 +306,7 @@ def test_server_cachecard_download_and_upload(smollm2_path, model_home, tmp_path
 
     monkeypatch.setenv("AGENTCACHE_HOME", str(model_home))
     app = create_app(ServerConfig(model=str(smollm2_path), cache_dir=tmp_path, default_max_tokens=6))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # without a key: Host must name this server
         deadline = time.time() + 120
         while client.get("/health").status_code != 200 and time.time() < deadline:  # the model loads in the background
             time.sleep(0.2)
@@ -316,10 +316,11 @@ def test_server_cachecard_download_and_upload(smollm2_path, model_home, tmp_path
         card = client.get("/v1/agents/planner/cachecard", params={"bits": 3.5})
         assert card.status_code == 200, card.text
         assert float(card.headers["x-card-avg-bits"]) <= 3.5
-        up = client.post("/v1/agents/coder/cachecard", content=card.content)
+        binary = {"content-type": "application/octet-stream"}  # without a key uploads must say so (no form can)
+        up = client.post("/v1/agents/coder/cachecard", content=card.content, headers=binary)
         assert up.status_code == 201, up.text
         assert up.json()["context_tokens"] == int(card.headers["x-card-tokens"])
-        bad = client.post("/v1/agents/coder2/cachecard", content=card.content[:-10])
+        bad = client.post("/v1/agents/coder2/cachecard", content=card.content[:-10], headers=binary)
         assert bad.status_code == 400 and "truncated" in bad.text
         low = client.get("/v1/agents/planner/cachecard", params={"bits": 2})
         assert low.status_code == 400 and "below the minimum" in low.text

@@ -342,13 +342,21 @@ def test_concurrent_turns_on_one_agent_get_409_not_an_overwrite(server):
 
 
 # -- 5: limits without a key ----------------------------------------------------------------
-def test_idle_connection_flood_is_bounded_and_loses_nothing(home, tmp_path):
+@pytest.fixture(scope="module")
+def keyless(home, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-keyless")
+    s = Server(home, d / "cache", d / "server.log", "--max-connections", "32", "--header-timeout", "3", key=None).start()
+    yield s
+    s.stop()
+
+
+def test_idle_connection_flood_is_bounded_and_loses_nothing(keyless):
     """More idle connections than the bound: the extra ones get a 503 at once, the held
     ones (and one with half-sent headers) are closed after the header timeout, the log
     stays small, and a turn answered afterwards is saved."""
     import socket
 
-    server = Server(home, tmp_path / "cache", tmp_path / "server.log", "--max-connections", "32", "--header-timeout", "3", key=None).start()
+    server = keyless
     socks = []
     try:
         log_before = server.log.stat().st_size
@@ -377,4 +385,47 @@ def test_idle_connection_flood_is_bounded_and_loses_nothing(home, tmp_path):
     finally:
         for s in socks:
             s.close()
-        server.stop()
+
+
+def test_without_a_key_cross_origin_writes_and_rebinding_are_refused(keyless):
+    url = keyless.url + "/v1/chat/completions"
+    body = json.dumps({"model": MODEL, "max_tokens": 2, "user": "alice", "messages": [{"role": "user", "content": "Forget everything."}]})
+    r = httpx.post(url, content=body, headers={"content-type": "text/plain", "origin": "https://evil.example"}, timeout=300)
+    assert r.status_code == 415 and keyless.get("/v1/agents/alice").status_code == 404  # a form's POST changes nothing
+    for host in ("evil.example", "evil.example:%d" % keyless.port, "10.0.0.1"):  # DNS rebinding names the page's own host
+        r = httpx.get(keyless.url + "/v1/agents", headers={"host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    for host in ("localhost:%d" % keyless.port, "127.0.0.1:%d" % keyless.port):
+        assert httpx.get(keyless.url + "/v1/agents", headers={"host": host}).status_code == 200
+    r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=300)
+    assert r.status_code == 200 and r.json()["x_agentcache"]["agent"] == "alice"
+
+
+def test_large_bodies_are_parsed_and_tokenized_off_the_event_loop(keyless):
+    """Four concurrent ~2 MB prompts (refused after tokenizing: over the context) while
+    /health is asked again and again: it keeps answering. On the event loop the four
+    would run one after another and /health would wait for at least one whole of them
+    (a quarter of the work); off it, no wait comes near that (the bound is relative, so
+    a loaded machine does not decide the outcome)."""
+    import threading
+
+    text = "lorem ipsum dolor sit amet " * 80_000
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": text}]}
+    results, gaps = [], []
+
+    def big(i: int) -> None:
+        results.append(httpx.post(keyless.url + "/v1/chat/completions", json=body, headers={"X-Agent-Id": f"big-{i}"}, timeout=300))
+
+    threads = [threading.Thread(target=big, args=(i,)) for i in range(4)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        assert httpx.get(keyless.url + "/health", timeout=60).status_code == 200
+        gaps.append(time.monotonic() - t0)
+    for t in threads:
+        t.join()
+    work = time.monotonic() - start
+    assert [r.status_code for r in results] == [400] * 4 and all(r.json()["error"]["code"] == "context_length_exceeded" for r in results)
+    assert len(gaps) > 3 and max(gaps) < work / 4, (work, sorted(gaps)[-5:])

@@ -10,6 +10,7 @@ always the whole prompt, as in Anthropic's own accounting.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -32,7 +33,7 @@ def _marks_cache(body: dict) -> bool:
     return '"cache_control"' in json.dumps([body.get("system"), body.get("messages"), body.get("tools")])
 
 
-def _parse(state, body: dict):
+async def _parse(state, body: dict):
     rt = state.rt()
     model = state.check_model(body.get("model"))
     messages = conv.anthropic_messages(body.get("system"), body.get("messages"))
@@ -42,21 +43,21 @@ def _parse(state, body: dict):
         raise APIError(400, "tool_choice: must be an object such as {type: auto}")
     if choice.get("type") == "none":
         tools = []
-    prompt, tools_mode = conv.render(rt, messages, tools, choice.get("type") in ("any", "tool"))
+    prompt, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools, choice.get("type") in ("any", "tool"))
     return rt, model, messages, prompt, tools_mode
 
 
 async def count_tokens(request: Request):
     state = request.app.state.server
     body = await read_json(request, state.config.max_body_bytes)
-    _, _, _, prompt, _ = _parse(state, body)
+    _, _, _, prompt, _ = await _parse(state, body)
     return JSONResponse({"input_tokens": len(prompt)})
 
 
 async def messages(request: Request):
     state = request.app.state.server
     body = await read_json(request, state.config.max_body_bytes)
-    rt, model, msgs, prompt, tools_mode = _parse(state, body)
+    rt, model, msgs, prompt, tools_mode = await _parse(state, body)
     if "max_tokens" not in body:
         raise APIError(400, "max_tokens: Field required")
     max_tokens = number(body, "max_tokens", None, 1, rt.context_length, integer=True)

@@ -49,7 +49,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}  # values as bytes: keys may be UTF-8
         status = {"code": 500}
 
         async def counted_send(message):
@@ -58,7 +58,7 @@ class Gate:
             await send(message)
 
         try:
-            error = self._check(path, headers)
+            error = self._check(path, scope["method"], headers)
             if error is not None:
                 await error_response(path, error)(scope, receive, counted_send)
                 return
@@ -66,16 +66,20 @@ class Gate:
         finally:
             self.state.metrics.request(_route_label(path), status["code"])
 
-    def _check(self, path: str, headers: dict) -> APIError | None:
+    def _check(self, path: str, method: str, headers: dict) -> APIError | None:
         cfg = self.state.config
+        card = CARD_ROUTE.match(path)
         if cfg.api_key and path != "/health":
-            given = headers.get("x-api-key") or ""
-            auth = headers.get("authorization") or ""
-            if auth.lower().startswith("bearer "):
-                given = given or auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            auth = headers.get("authorization") or b""
+            given = [headers.get("x-api-key") or b""] + ([auth[7:].strip()] if auth[:7].lower() == b"bearer " else [])
+            want = cfg.api_key.encode()
+            if not any(hmac.compare_digest(g, want) for g in given):  # either header, whichever holds the key
                 return APIError(401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)", code="invalid_api_key")
-        limit = cfg.max_card_bytes if CARD_ROUTE.match(path) else cfg.max_body_bytes
+        elif not cfg.api_key:
+            error = _keyless(cfg.host, method, headers, bool(card))
+            if error is not None:
+                return error
+        limit = cfg.max_card_bytes if card else cfg.max_body_bytes
         try:
             length = int(headers.get("content-length") or 0)
         except ValueError:
@@ -83,6 +87,27 @@ class Gate:
         if length > limit:
             return APIError(413, f"request body of {length} bytes is over the {limit} byte limit")
         return None
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+ANY_ADDRESS = {"", "0.0.0.0", "::"}
+
+
+def _keyless(bound: str, method: str, headers: dict, card: bool) -> APIError | None:
+    """Without a key a browser is the threat: a page's cross-origin request carries no
+    custom header, so writes must carry a content type no form can send, and the
+    Host header must name this server (a DNS-rebinding page names its own domain)."""
+    host = (headers.get("host") or b"").decode("latin-1").strip().lower()
+    name = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if bound not in ANY_ADDRESS and host and name not in LOOPBACK | {bound.lower()}:
+        return APIError(403, f"Host {host!r} is not this server's address; without --api-key only requests to {bound} or loopback are served",
+                        code="host_not_allowed")
+    if method in ("POST", "PUT", "PATCH"):
+        ctype = (headers.get("content-type") or b"").decode("latin-1").split(";", 1)[0].strip().lower()
+        want = "application/octet-stream" if card else "application/json"
+        if ctype != want:
+            return APIError(415, f"without --api-key a {method} must be sent as Content-Type: {want}", code="unsupported_media_type")
+    return None
 
 
 def _agent_name(name: str) -> str:
@@ -131,8 +156,8 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
     @app.get("/health")
     async def health():
         if state.runtime is not None:
-            unsaved = await asyncio.to_thread(state.runtime.unsaved)
-            return {"status": "ok", "model": state.runtime.model_name, "unsaved": sorted(unsaved)}
+            # on the loop: a few dict reads, while worker threads may all be busy tokenizing
+            return {"status": "ok", "model": state.runtime.model_name, "unsaved": sorted(state.runtime.unsaved())}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         return JSONResponse({"status": "loading", "model": state.config.model}, status_code=503, headers={"Retry-After": "2"})

@@ -9,6 +9,7 @@ cache (hot or from disk), the rest was prefilled now. Streams end with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -77,7 +78,7 @@ async def chat_completions(request: Request):
         raise APIError(400, "only response_format {type: text} is supported", param="response_format")
     opts = _common(state, request, body, rt)
     stop = stops(body, "stop", 4)
-    prompt, tools_mode = conv.render(rt, messages, tools, choice == "required" or isinstance(choice, dict))
+    prompt, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools, choice == "required" or isinstance(choice, dict))
     max_tokens = _max_tokens(state, rt, body, len(prompt), state.config.default_max_tokens)
     agent, source = state.pick_agent(request, body, messages)
     state.limit(agent)
@@ -168,7 +169,7 @@ async def completions(request: Request):
     opts = _common(state, request, body, rt)
     echo = boolean(body, "echo")
     stop = stops(body, "stop", 4)
-    prompt = rt.encode(prompt_text)
+    prompt = await asyncio.to_thread(rt.encode, prompt_text)
     max_tokens = _max_tokens(state, rt, body, len(prompt), 16)
     agent, source = state.pick_agent(request, body, prompt_text)
     state.limit(agent)

@@ -3,6 +3,7 @@ name the parameter, so a bad request never reaches the model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from .errors import APIError
@@ -21,12 +22,17 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+PARSE_ON_LOOP = 64 << 10  # larger bodies are parsed on a worker thread: the event loop keeps serving
+
+
 async def read_json(request, limit: int) -> dict:
     raw = await read_body(request, limit)
     try:
-        body = json.loads(raw)
+        body = json.loads(raw) if len(raw) <= PARSE_ON_LOOP else await asyncio.to_thread(json.loads, raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
