@@ -18,6 +18,8 @@ caches in the background.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -588,8 +590,13 @@ class Runtime:
         return True
 
     def delete(self, name: str) -> None:
-        """Forget an agent: history, cache in memory and on disk."""
-        self.agent(validate_agent_name(name)).reset()
+        """Forget an agent: history, cache in memory and on disk. Raises OSError, and
+        changes nothing, when its files cannot be removed (a read-only directory)."""
+        a = self.agent(validate_agent_name(name))
+        for p in (self.pool.path(name), a._history_path):
+            if p.exists() and not os.access(p.parent, os.W_OK):
+                raise OSError(errno.EROFS, f"cannot remove {p.name}: its directory is not writable")
+        a.reset()
         self._agents.pop(name, None)
 
     def drop_if_empty(self, name: str) -> None:

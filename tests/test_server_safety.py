@@ -84,6 +84,9 @@ def test_unsaved_turn_is_reported_retried_and_survives_a_restart(home, tmp_path)
     try:
         assert turn(server, "t0", "Hello.").json()["x_agentcache"]["saved"] is True
         disk.fail(server)
+        r = httpx.delete(server.url + "/v1/agents/t0", headers={"x-api-key": KEY})  # reported, and nothing forgotten
+        assert r.status_code == 500 and r.json()["error"]["code"] == "delete_failed" and str(disk.dir) not in r.text
+        assert server.get("/v1/agents/t0").json()["messages"][0]["content"] == "Hello."
         r = turn(server, "t3", "Remember the word apple.")
         assert r.status_code == 200
         assert r.json()["x_agentcache"]["saved"] is False and r.headers["x-agentcache-saved"] == "false"
@@ -429,3 +432,42 @@ def test_large_bodies_are_parsed_and_tokenized_off_the_event_loop(keyless):
     work = time.monotonic() - start
     assert [r.status_code for r in results] == [400] * 4 and all(r.json()["error"]["code"] == "context_length_exceeded" for r in results)
     assert len(gaps) > 3 and max(gaps) < work / 4, (work, sorted(gaps)[-5:])
+
+
+# -- 8: the smaller items ------------------------------------------------------------------
+@pytest.mark.parametrize("body,needle", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": 5}, {"role": "user", "content": "x"}]}).encode(), "tool_calls"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": "f"}]}, {"role": "user", "content": "x"}]}).encode(), "tool_calls"),
+])
+def test_malformed_bodies_are_400s(server, body, needle):
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"x-api-key": KEY, "content-type": "application/json"}, timeout=300)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"]
+
+
+def test_bad_card_budget_history_of_another_agent_and_paths(server):
+    assert turn(server, "sm-src", "Hi.").status_code == 200
+    for bits in ("inf", "nan", "0", "100"):
+        r = server.get(f"/v1/agents/sm-src/cachecard?bits={bits}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bits"
+    forged = {"name": "sm-src", "system": None, "messages": [{"role": "user", "content": "not yours"}, {"role": "assistant", "content": "x"}]}
+    (server.cache_dir / "sm-other.json").write_text(json.dumps(forged))
+    r = server.get("/v1/agents/sm-other")  # refused and moved aside: the agent starts anew
+    assert "not yours" not in r.text and list(server.cache_dir.glob("sm-other.json.bad-*"))
+    (server.cache_dir / "sm-nocache.json").write_text(json.dumps({**forged, "name": "sm-nocache"}))
+    r = server.get("/v1/agents/sm-nocache/card")
+    assert r.status_code == 404 and "sm-nocache" in r.text and str(server.cache_dir) not in r.text and "/" not in r.json()["error"]["message"]
+
+
+def test_utf8_key_and_either_key_header(home, tmp_path):
+    key = "clé-ü-🔑"
+    server = Server(home, tmp_path / "cache", tmp_path / "server.log", key=key).start()
+    try:
+        raw = key.encode()
+        get = lambda headers: httpx.get(server.url + "/v1/models", headers=headers).status_code  # noqa: E731
+        assert get({"x-api-key": raw}) == 200 and get({"authorization": b"Bearer " + raw}) == 200
+        assert get({"x-api-key": b"wrong", "authorization": b"Bearer " + raw}) == 200  # either header may hold it
+        assert get({"x-api-key": raw, "authorization": b"Bearer wrong"}) == 200
+        assert get({"x-api-key": b"cl\xe9"}) == 401 and get({}) == 401
+    finally:
+        server.stop()

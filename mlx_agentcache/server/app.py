@@ -110,6 +110,11 @@ def _keyless(bound: str, method: str, headers: dict, card: bool) -> APIError | N
     return None
 
 
+def public(e: BaseException) -> str:
+    """An error's message without directories: a client learns a file's name, never where the cache lives."""
+    return re.sub(r"(?<![\w.])(?:/[^/\s'\"]+)+/(?=[^/\s'\"]+)", "", str(e))
+
+
 def _agent_name(name: str) -> str:
     if not is_agent_name(name):
         raise APIError(400, f"invalid agent id {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit", code="invalid_agent_id")
@@ -150,7 +155,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, e: Exception):
-        return JSONResponse(error_body(request.url.path, APIError(500, f"internal error: {type(e).__name__}: {e}")), status_code=500)
+        return JSONResponse(error_body(request.url.path, APIError(500, f"internal error: {type(e).__name__}: {public(e)}")), status_code=500)
 
     # -- service -------------------------------------------------------------------
     @app.get("/health")
@@ -219,7 +224,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         except PinError as e:
             raise APIError(409, str(e), code="agent_pinned") from None
         except OSError as e:
-            raise APIError(500, str(e)) from None
+            raise APIError(500, public(e)) from None
         return {"name": name, "evicted": evicted, "tier": rt.describe(name)["tier"]}
 
     @app.post("/v1/agents/{name}/pin")
@@ -244,7 +249,10 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         rt = state.rt()
         _known(rt, _agent_name(name))
         idle(name)
-        await asyncio.to_thread(rt.delete, name)
+        try:
+            await asyncio.to_thread(rt.delete, name)
+        except OSError as e:  # a read-only directory: the agent stays as it was, in memory and on disk
+            raise APIError(500, f"could not delete agent '{name}': {public(e)}", code="delete_failed") from None
         state.anon.pop(name, None)
         return {"name": name, "deleted": True}
 
@@ -256,9 +264,9 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         try:
             path = await asyncio.to_thread(rt.export_card, name, tmp)
         except FileNotFoundError as e:
-            raise APIError(404, str(e), code="agent_not_found") from None
+            raise APIError(404, public(e), code="agent_not_found") from None
         except (ValueError, OSError) as e:
-            raise APIError(500, f"could not export agent '{name}': {e}") from None
+            raise APIError(500, f"could not export agent '{name}': {public(e)}") from None
 
         def cleanup():
             path.unlink(missing_ok=True)
@@ -278,9 +286,9 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
             try:
                 got = await asyncio.to_thread(rt.import_card, card, name)
             except FileExistsError as e:
-                raise APIError(409, str(e), code="agent_exists") from None
+                raise APIError(409, public(e), code="agent_exists") from None
             except (ValueError, OSError) as e:  # a damaged card, another model's, or not a card
-                raise APIError(400, f"card refused: {e}", code="invalid_card") from None
+                raise APIError(400, f"card refused: {public(e)}", code="invalid_card") from None
         return JSONResponse({"name": got, "imported": True, **rt.describe(got)}, status_code=201)
 
     # -- cache cards (cards.py): a token range of one agent's context, to inject into another
@@ -291,12 +299,14 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         idle(name)
         if range not in ("all", "last-turn"):
             raise APIError(400, f"range must be 'all' or 'last-turn', got {range!r}")
+        if not 1 <= bits <= 16:  # also refuses inf and nan
+            raise APIError(400, f"bits must be a number from 1 to 16, got {bits}", param="bits")
         tmp = Path(tempfile.mkdtemp(prefix="agentcache-cachecard-")) / f"{name}{CACHE_CARD_SUFFIX}"
         try:
             card = await asyncio.to_thread(rt.agent(name).export_card, tmp, bits, range, "uniform" if uniform else "mixed")
         except ValueError as e:  # a budget below the minimum, nothing to hand over
             tmp.parent.rmdir()
-            raise APIError(400, str(e), code="invalid_card_request") from None
+            raise APIError(400, public(e), code="invalid_card_request") from None
 
         def cleanup():
             tmp.unlink(missing_ok=True)
@@ -318,7 +328,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
                 stats = await asyncio.to_thread(rt.agent(name).inject, card)
             except (ValueError, OSError, CacheFileError) as e:  # damaged, truncated, another model's, or not a card
                 rt.drop_if_empty(name)
-                raise APIError(400, f"card refused: {e}", code="invalid_card") from None
+                raise APIError(400, f"card refused: {public(e)}", code="invalid_card") from None
         a = rt.agent(name)
         return JSONResponse({"name": name, "injected": True, "context_tokens": len(a.context["tokens"]), **stats.as_dict()}, status_code=201)
 

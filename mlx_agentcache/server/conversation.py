@@ -59,7 +59,10 @@ def openai_messages(raw) -> list[dict]:
         role = "system" if m["role"] == "developer" else m["role"]
         msg = {"role": role, "content": _text(m.get("content"), f"messages[{i}]")}
         if role == "assistant" and m.get("tool_calls"):
-            msg["tool_calls"] = [_call_for_template(c) for c in m["tool_calls"] if isinstance(c, dict)]
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+                raise APIError(400, f"messages[{i}].tool_calls must be a list of {{'function': {{'name', 'arguments'}}}} objects", param="messages")
+            msg["tool_calls"] = [_call_for_template(c) for c in calls]
         if role == "tool" and m.get("tool_call_id"):
             msg["tool_call_id"] = str(m["tool_call_id"])
         out.append(msg)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from .container import atomic_write
+from .layout import HISTORY_SUFFIX
 
 MAX_HISTORY_BYTES = 256 << 20
 
@@ -81,7 +82,10 @@ def load(path: Path) -> dict | None:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, empty
         raise HistoryError(f"{p.name}: not UTF-8 JSON ({e.__class__.__name__})") from None
-    return check(data, p.name)
+    data = check(data, p.name)
+    if data.get("name") is not None and data["name"] != p.name[: -len(HISTORY_SUFFIX)]:
+        raise HistoryError(f"{p.name}: holds the history of agent {str(data['name'])[:64]!r}, not of this one")
+    return data
 
 
 def read(path: Path) -> dict | None:
