@@ -282,7 +282,8 @@ def serve(
     cache_budget: Budget = None,
     kv: Kv = DEFAULT_KV,
     mla: Mla = "latent",
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="AGENTCACHE_API_KEY", help="Require this key on every route but /health.")] = None,
+    api_key: Annotated[list[str], typer.Option("--api-key", envvar="AGENTCACHE_API_KEY", help="Require this key on every route but /health; "
+                                               "repeat for several; KEY:PREFIX* limits a key to agents whose names start with PREFIX.")] = [],
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens generated when a request does not say.")] = 256,
     seed: Seed = 0,
     temperature: Annotated[float, typer.Option("--temperature", help="Used when a request does not say; 0 means greedy.")] = 0.0,
@@ -298,6 +299,7 @@ def serve(
     """OpenAI- and Anthropic-compatible HTTP server; each agent keeps its cache (see docs/server.md)."""
     from .kvcache import kv_mode
     from .server import ServerConfig, serve as run_server
+    from .server.state import parse_keys
 
     try:
         kv_mode(kv)
@@ -307,11 +309,12 @@ def serve(
                 raise ValueError(f"{name} must be a positive number of requests per minute")
         if anon_agents < 1:
             raise ValueError("--anon-agents must be at least 1")
+        parse_keys([k for k in api_key if k])
         if max_connections < 1:
             raise ValueError("--max-connections must be at least 1")
         if not 0 < header_timeout <= 3600:
             raise ValueError("--header-timeout must be a number of seconds above 0, at most 3600")
-        config = ServerConfig(model=model, cache_dir=cache_dir, budget_bytes=parse_size(cache_budget), kv=kv, mla=mla, api_key=api_key or None,
+        config = ServerConfig(model=model, cache_dir=cache_dir, budget_bytes=parse_size(cache_budget), kv=kv, mla=mla, api_key=[k for k in api_key if k] or None,
                               temperature=temperature, seed=seed, default_max_tokens=max_tokens, max_body_bytes=parse_size(max_body, "--max-body"),
                               agent_rpm=agent_rate_limit, global_rpm=rate_limit, aliases=list(alias), anon_agents=anon_agents,
                               host=host, max_connections=max_connections, header_timeout=header_timeout)

@@ -459,15 +459,31 @@ def test_bad_card_budget_history_of_another_agent_and_paths(server):
     assert r.status_code == 404 and "sm-nocache" in r.text and str(server.cache_dir) not in r.text and "/" not in r.json()["error"]["message"]
 
 
-def test_utf8_key_and_either_key_header(home, tmp_path):
+def test_keys_utf8_either_header_and_scoped(home, tmp_path):
     key = "clé-ü-🔑"
-    server = Server(home, tmp_path / "cache", tmp_path / "server.log", key=key).start()
+    server = Server(home, tmp_path / "cache", tmp_path / "server.log", "--api-key", "team-key:team-*", key=key).start()
     try:
         raw = key.encode()
-        get = lambda headers: httpx.get(server.url + "/v1/models", headers=headers).status_code  # noqa: E731
-        assert get({"x-api-key": raw}) == 200 and get({"authorization": b"Bearer " + raw}) == 200
-        assert get({"x-api-key": b"wrong", "authorization": b"Bearer " + raw}) == 200  # either header may hold it
-        assert get({"x-api-key": raw, "authorization": b"Bearer wrong"}) == 200
-        assert get({"x-api-key": b"cl\xe9"}) == 401 and get({}) == 401
+        get = lambda path, headers: httpx.get(server.url + path, headers=headers, timeout=300)  # noqa: E731
+        assert get("/v1/models", {"x-api-key": raw}).status_code == 200 and get("/v1/models", {"authorization": b"Bearer " + raw}).status_code == 200
+        assert get("/v1/models", {"x-api-key": b"wrong", "authorization": b"Bearer " + raw}).status_code == 200  # either header may hold it
+        assert get("/v1/models", {"x-api-key": raw, "authorization": b"Bearer wrong"}).status_code == 200
+        assert get("/v1/models", {"x-api-key": b"cl\xe9"}).status_code == 401 and get("/v1/models", {}).status_code == 401
+
+        team = {"x-api-key": "team-key"}
+        ask = lambda headers, agent: httpx.post(server.url + "/v1/chat/completions", timeout=300, headers={**headers, **({"X-Agent-Id": agent} if agent else {})},  # noqa: E731
+                                                json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi."}]})
+        assert ask({"x-api-key": raw}, "boss").status_code == 200
+        assert ask(team, "team-a").status_code == 200
+        for agent in ("boss", "other", None):  # another agent, a new one, an anonymous one
+            r = ask(team, agent)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "agent_out_of_scope"
+        assert [a["name"] for a in get("/v1/agents", team).json()["data"]] == ["team-a"]
+        assert {a["name"] for a in get("/v1/agents", {"x-api-key": raw}).json()["data"]} == {"boss", "team-a"}
+        for path in ("/v1/agents/boss", "/v1/agents/boss/card", "/v1/agents/boss/cachecard"):
+            assert get(path, team).status_code == 404
+        assert get("/v1/agents/team-a", team).json()["messages"][0]["content"] == "Hi."
+        assert httpx.delete(server.url + "/v1/agents/boss", headers=team).status_code == 404
+        assert get("/v1/agents/boss", {"x-api-key": raw}).status_code == 200
     finally:
         server.stop()

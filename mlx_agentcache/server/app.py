@@ -27,9 +27,10 @@ from ..store.container import CacheFileError
 from .errors import APIError, error_body, error_response
 from .params import read_body
 from ..store.layout import CACHE_CARD_SUFFIX, CARD_SUFFIX, is_agent_name
-from .state import ServerConfig, ServerState
+from .state import ServerConfig, ServerState, parse_keys
 
 CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/(card|cachecard)$")
+AGENT_ROUTE = re.compile(r"^/v1/agents/([^/]+)")
 
 
 def _route_label(path: str) -> str:
@@ -44,6 +45,7 @@ class Gate:
     def __init__(self, app, state: ServerState):
         self.app = app
         self.state = state
+        self.keys = parse_keys(state.config.api_key)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -58,7 +60,7 @@ class Gate:
             await send(message)
 
         try:
-            error = self._check(path, scope["method"], headers)
+            error = self._check(scope, path, scope["method"], headers)
             if error is not None:
                 await error_response(path, error)(scope, receive, counted_send)
                 return
@@ -66,16 +68,22 @@ class Gate:
         finally:
             self.state.metrics.request(_route_label(path), status["code"])
 
-    def _check(self, path: str, method: str, headers: dict) -> APIError | None:
+    def _check(self, scope: dict, path: str, method: str, headers: dict) -> APIError | None:
         cfg = self.state.config
         card = CARD_ROUTE.match(path)
-        if cfg.api_key and path != "/health":
+        if self.keys and path != "/health":
             auth = headers.get("authorization") or b""
             given = [headers.get("x-api-key") or b""] + ([auth[7:].strip()] if auth[:7].lower() == b"bearer " else [])
-            want = cfg.api_key.encode()
-            if not any(hmac.compare_digest(g, want) for g in given):  # either header, whichever holds the key
+            # either header, whichever holds a key; every key compared (no early exit)
+            found = [prefix for key, prefix in self.keys if any([hmac.compare_digest(g, key) for g in given])]
+            if not found:
                 return APIError(401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)", code="invalid_api_key")
-        elif not cfg.api_key:
+            if None not in found:  # a scoped key: only agents named with its prefix exist for it
+                scope["agentcache.scope"] = found[0]
+                named = AGENT_ROUTE.match(path)
+                if named and not named.group(1).startswith(found[0]):
+                    return APIError(404, f"no agent '{named.group(1)}'", code="agent_not_found")
+        elif not self.keys:
             error = _keyless(cfg.host, method, headers, bool(card))
             if error is not None:
                 return error
@@ -189,9 +197,11 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
 
     # -- caches --------------------------------------------------------------------
     @app.get("/v1/agents")
-    async def list_agents():
+    async def list_agents(request: Request):
         rt = state.rt()
         agents = await asyncio.to_thread(rt.agents)
+        scope = request.scope.get("agentcache.scope")
+        agents = [a for a in agents if scope is None or a["name"].startswith(scope)]
         for a in agents:
             a["busy"] = state.busy(a["name"])
         return {"object": "list", "data": agents, "memory": await asyncio.to_thread(rt.memory)}

@@ -45,7 +45,7 @@ class ServerConfig:
     budget_bytes: int | None = None
     kv: str = DEFAULT_KV
     mla: str = "latent"
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # one key, or several: `KEY` (every agent) or `KEY:PREFIX*` (agents named PREFIX...)
     temperature: float = 0.0
     seed: int = 0
     default_max_tokens: int = 256
@@ -58,6 +58,19 @@ class ServerConfig:
     host: str = "127.0.0.1"  # the bound address: requests without a key must name it (or loopback) in Host
     max_connections: int = 512  # open at once; beyond: 503 and closed (connections.py)
     header_timeout: float = 10.0  # seconds to send a complete request head
+
+
+def parse_keys(api_key: str | list[str] | None) -> list[tuple[bytes, str | None]]:
+    """[(key as UTF-8, agent-name prefix or None for every agent)] from `--api-key` values."""
+    out = []
+    for k in [api_key] if isinstance(api_key, str) else (api_key or []):
+        key, scope = (k[:-1].rsplit(":", 1) if k.endswith("*") and ":" in k else (k, None))
+        if not key:
+            raise ValueError(f"--api-key {k!r}: the key part is empty")
+        if scope and not is_agent_name(scope + "x"):
+            raise ValueError(f"--api-key {k!r}: {scope!r} does not start agent names")
+        out.append((key.encode(), scope or None))
+    return out
 
 
 class RateLimiter:
@@ -449,6 +462,9 @@ class ServerState:
                          temperature: float | None, seed: int | None, stop: list[str], tools: bool = False) -> TurnRun:
         """Queue the turn on the scheduler once the memory gate admits it."""
         rt = self.rt()
+        scope = request.scope.get("agentcache.scope")
+        if scope is not None and not agent.startswith(scope):
+            raise APIError(403, f"this key may only use agents whose names start with {scope!r}; name one with X-Agent-Id", code="agent_out_of_scope")
         if agent in self.inflight:  # a second turn would start from the same history and overwrite the first one's
             raise APIError(409, f"agent '{agent}' is answering another request; retry when it is done", code="agent_busy",
                            headers={"Retry-After": "1"})
