@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from test_server import KEY, MODEL, Server
+from test_server import KEY, MODEL, Server, home, server  # noqa: F401  (module fixtures: the model home, one server)
 
 DEADLINE_S = 60
 
@@ -54,11 +54,6 @@ class Disk:
         self.recover()
         if self.mounted:
             subprocess.run(["umount", "-l", str(self.dir)], check=True)
-
-
-@pytest.fixture(scope="module")
-def home(smollm2_path, model_home) -> Path:
-    return model_home
 
 
 def turn(server: Server, agent: str, text: str, **kw) -> httpx.Response:
@@ -154,14 +149,6 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 def clean_failure(r: subprocess.CompletedProcess, needle: str) -> None:
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in out and needle in out, out
-
-
-@pytest.fixture(scope="module")
-def server(home, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve-safety")
-    s = Server(home, d / "cache", d / "server.log").start()
-    yield s
-    s.stop()
 
 
 def download(server: Server, path: str, out: Path) -> Path:

@@ -7,6 +7,8 @@ agent keeps its own persistent KV cache. See docs/server.md.
     conversation.py   both APIs' messages and tools for the chat template
     state.py          agent selection, rate limits, turns bridged to asyncio
     metrics.py        /metrics in Prometheus text
+    saves.py          unsaved agents: reported, retried with backoff, written at a stop
+    connections.py    bounds that need no key: connections, header time, log repeats
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 each API's shape, model loading in the background.
 
 `/health` answers without a key: 503 while the model loads, 200 once it
-serves, 500 if loading failed. Every other route needs the key when one is
-set (`Authorization: Bearer KEY` or `x-api-key: KEY`).
+serves, 500 if loading failed. Every other route needs a key when any is
+set (`Authorization: Bearer KEY` or `x-api-key: KEY`); a key scoped to a
+name prefix sees only those agents. Without a key, writes must be JSON (or
+octet-stream uploads) and Host must name this server (docs/server.md,
+"Security").
 """
 
 from __future__ import annotations
