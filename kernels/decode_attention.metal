@@ -28,9 +28,13 @@
 // sequence's tokens). The RT heads share every key and value read.
 //
 // Structure (that of MLX's sdpa_vector, for packed codes and GQA tiles):
-// each SIMD group takes KT tokens at a time, KL lanes per key row, every lane
-// loading whole uint32 words (8 codes); the dot products are reduced with
-// simd_shuffle_xor inside the KL lanes. Each SIMD group keeps its own online
+// each SIMD group takes KT tokens at a time: KL lanes per key row, every lane
+// loading whole uint32 words (8 codes) of TB consecutive rows, so that one
+// butterfly of simd_shuffle_xor inside the KL lanes reduces TB dot products
+// at once (its first stages halve the sums each lane carries, its last ones
+// add up one); afterwards KLE = KL / TB lanes hold each token's score. TB
+// keeps the per-lane partial scores (RT * TB floats) within 16 registers,
+// beside the at most 64 of queries and accumulators. Each SIMD group keeps its own online
 // softmax state (max and denominator per head, uniform over its lanes) and
 // accumulates its tokens' values into per-lane registers (VL lanes per value
 // row, whole words again). At the end, lanes holding the same value words are
@@ -44,7 +48,11 @@ constexpr int KWL = KW > 32 ? KW / 32 : 1;   // key words per lane
 constexpr int VWL = VW > 32 ? VW / 32 : 1;   // value words per lane
 constexpr int KL = KW / KWL;                 // lanes per key row
 constexpr int VL = VW / VWL;                 // lanes per value row
-constexpr int KT = 32 / KL;                  // key rows per SIMD-group step
+constexpr int TBR = 16 / RT;                 // scores a lane may carry per head (16 in all)
+constexpr int TB0 = TBR >= 16 ? 16 : TBR >= 8 ? 8 : TBR >= 4 ? 4 : TBR >= 2 ? 2 : 1;
+constexpr int TB = TB0 < KL ? TB0 : KL;      // key rows per lane and butterfly (a power of 2)
+constexpr int KLE = KL / TB;                 // lanes holding one token's score after it
+constexpr int KT = 32 / KLE;                 // key rows per SIMD-group step
 constexpr int VT = 32 / VL;                  // value rows per pass over the lanes
 constexpr int TILES = (R + RT - 1) / RT;
 constexpr int NT = 32 * NSG;                 // threads per threadgroup
@@ -112,17 +120,23 @@ for (int r = 0; r < RT; r++) {
 // The bounds are the same for the 32 lanes of a SIMD group, so every
 // SIMD-group function below is reached by all of them.
 for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
-  // 1. Scores of token t0 + lane / KL: s (q . codes) + b sum(q) per group.
-  const int tok = t0 + int(lane) / KL;
-  const bool valid = tok < end;
-  float s[RT];
+  // 1. Scores of rows t0 + (lane / KL) * TB + i, i < TB: s[r][i] (q . codes)
+  //    + b sum(q) per group; rows at or past the end add 0.
+  const int trow = t0 + int(lane) / KL * TB;
+  float s[RT][TB];
   for (int r = 0; r < RT; r++) {
-    s[r] = 0.0f;
+    for (int i = 0; i < TB; i++) {
+      s[r][i] = 0.0f;
+    }
   }
-  if (valid) {
+  for (int i = 0; i < TB; i++) {
+    const int row = trow + i;
+    if (row >= end) {
+      break;
+    }
     if (KC > 0) {
-      if (tok / KCG != group) {
-        group = tok / KCG;
+      if (row / KCG != group) {
+        group = row / KCG;
         const int p0 = group * D + kw0 * 8;
         for (int r = 0; r < RT; r++) {
           qb[r] = 0.0f;
@@ -136,38 +150,55 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
           }
         }
       }
-      for (int i = 0; i < KWL; i++) {
-        const uint32_t word = kp[tok * KW + kw0 + i];
+      for (int w = 0; w < KWL; w++) {
+        const uint32_t word = kp[row * KW + kw0 + w];
         for (int j = 0; j < 8; j++) {
           const float c = float(word & (15u << (4 * j)));
           for (int r = 0; r < RT; r++) {
-            s[r] += qk[r][i * 8 + j] * c;
+            s[r][i] += qk[r][w * 8 + j] * c;
           }
         }
       }
       for (int r = 0; r < RT; r++) {
-        s[r] += qb[r];
+        s[r][i] += qb[r];
       }
     } else {
-      const float kscale = static_cast<float>(ks[tok * KG + kw0 / 8]);
-      const float kbias = static_cast<float>(kb[tok * KG + kw0 / 8]);
-      for (int i = 0; i < KWL; i++) {
-        const uint32_t word = kp[tok * KW + kw0 + i];
+      const float kscale = static_cast<float>(ks[row * KG + kw0 / 8]);
+      const float kbias = static_cast<float>(kb[row * KG + kw0 / 8]);
+      for (int w = 0; w < KWL; w++) {
+        const uint32_t word = kp[row * KW + kw0 + w];
         for (int j = 0; j < 8; j++) {
           const float c = float(word & (15u << (4 * j)));
           for (int r = 0; r < RT; r++) {
-            s[r] += q[r][i * 8 + j] * c;
+            s[r][i] += q[r][w * 8 + j] * c;
           }
         }
       }
       for (int r = 0; r < RT; r++) {
-        s[r] = kscale * s[r] + kbias * qsum[r];
+        s[r][i] = kscale * s[r][i] + kbias * qsum[r];
       }
     }
   }
+  // The butterfly. While a lane carries n > 1 sums, the lane with bit `off`
+  // set keeps the upper half and gives its partner the lower one (the
+  // partner the reverse), so one shuffle adds two sums: TB - 1 shuffles leave
+  // lane l with row t0 + l / KLE summed over KL / KLE lanes; the log2(KLE)
+  // stages after that sum one value each.
+  for (int n = TB, off = KL / 2; n > 1; n /= 2, off /= 2) {
+    const bool upper = (lane & uint(off)) != 0;
+    for (int r = 0; r < RT; r++) {
+      for (int i = 0; i < n / 2; i++) {
+        const float give = upper ? s[r][i] : s[r][n / 2 + i];
+        const float keep = upper ? s[r][n / 2 + i] : s[r][i];
+        s[r][i] = keep + simd_shuffle_xor(give, ushort(off));
+      }
+    }
+  }
+  const int tok = t0 + int(lane) / KLE;
+  const bool valid = tok < end;
   for (int r = 0; r < RT; r++) {
-    for (int off = KL / 2; off > 0; off /= 2) {
-      s[r] += simd_shuffle_xor(s[r], ushort(off));
+    for (int off = KLE / 2; off > 0; off /= 2) {
+      s[r][0] += simd_shuffle_xor(s[r][0], ushort(off));
     }
   }
 
@@ -176,7 +207,7 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
   //    all 32 lanes, so the branch is too); the tokens' weights (0 past the end).
   float p[RT];
   for (int r = 0; r < RT; r++) {
-    const float sv = valid ? s[r] : NO_SCORE;
+    const float sv = valid ? s[r][0] : NO_SCORE;
     const float m_new = metal::max(m[r], simd_max(sv));  // finite: token t0 is valid
     if (m_new > m[r]) {
       const float factor = metal::exp(m[r] - m_new);
@@ -187,17 +218,17 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
       m[r] = m_new;
     }
     p[r] = metal::exp(sv - m[r]);
-    l[r] += simd_sum(lane % KL == 0 ? p[r] : 0.0f);
+    l[r] += simd_sum(lane % KLE == 0 ? p[r] : 0.0f);
   }
 
   // 3. Values: VT of the KT tokens per pass, VL lanes each, weights taken
-  //    from the first lane of the token's key row.
+  //    from the first of the KLE lanes holding the token's score.
   for (int j0 = 0; j0 < KT; j0 += VT) {
     const int j = j0 + int(lane) / VL;
     const int vtok = t0 + j;
     float pv[RT];
     for (int r = 0; r < RT; r++) {
-      pv[r] = simd_shuffle(p[r], ushort(metal::min(j, KT - 1) * KL));
+      pv[r] = simd_shuffle(p[r], ushort(metal::min(j, KT - 1) * KLE));
     }
     if (j < KT && vtok < end) {
       // q4c: symmetric groups of VS (the lane's VWL words lie in one group), bias -8 d

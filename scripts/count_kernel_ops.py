@@ -12,7 +12,8 @@ arithmetic is not counted.
 
 `--source` counts another body of decode_attention.metal (the kernel before
 a change, say); the counts go under `--label` in bench_results/kernel_ops.json,
-beside the others, and the table in kernels/README.md is rewritten from it.
+beside the others, and the table in kernels/README.md is rewritten from it,
+one step per label of STAGES present in the file.
 """
 
 from __future__ import annotations
@@ -70,13 +71,19 @@ README = ROOT / "kernels" / "README.md"
 TABLE_START, TABLE_END = "<!-- kernel_ops table: scripts/count_kernel_ops.py -->", "<!-- end of kernel_ops table -->"
 
 
+# The kernel's versions, oldest first: as first written; with the inner loops' rescaling, q4c scale
+# hoisting and 32-bit offsets; with several tokens per butterfly as well.
+STAGES = ("before", "loops", "after")
+
+
 def table(data: dict) -> str:
-    """The README's table: SIMD-group functions / exp / conversions per token and head, before -> after."""
+    """The README's table: SIMD-group functions / exp / conversions per token and head, one step per stage."""
     lines = [TABLE_START, "", "| shape (R, D) | layout | SIMD-group functions | exp | fp16 conversions |", "|---|---|---|---|---|"]
+    stages = [s for s in STAGES if s in data]
     for key in data["after"]:
         name, layout = key.split()
         r, d = SHAPES[name]
-        cells = [f"{data['before'][key][k]:g} -> {data['after'][key][k]:g}" for k in ("simd", "exp", "convert")]
+        cells = [" -> ".join(f"{data[s][key][k]:g}" for s in stages) for k in ("simd", "exp", "convert")]
         lines.append(f"| {name} ({r}, {d}) | {layout} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", TABLE_END])
 
@@ -100,7 +107,7 @@ def main() -> None:
                  "exp calls, fp16/bfloat16 -> float conversions; one sequence, one split, fp16 queries",
                  args.label: counts})
     OUT.write_text(json.dumps(data, indent=1) + "\n")
-    if "before" in data and "after" in data:
+    if "after" in data:
         text = README.read_text()
         a, b = text.index(TABLE_START), text.index(TABLE_END) + len(TABLE_END)
         README.write_text(text[:a] + table(data) + text[b:])

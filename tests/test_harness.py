@@ -143,7 +143,7 @@ def test_missing_arrival_times_out_instead_of_hanging(harness, case):
 
 
 def test_divergent_simd_function_fails(harness, case):
-    bad = broken(case[0], lambda s: s.replace("      s[r] += simd_shuffle_xor(", "      if (lane < 16) s[r] += simd_shuffle_xor("))
+    bad = broken(case[0], lambda s: s.replace("      s[r][0] += simd_shuffle_xor(", "      if (lane < 16) s[r][0] += simd_shuffle_xor("))
     proc, _, _ = start(harness, bad)
     assert proc.returncode == 3 and "SIMD-group function" in proc.stderr, proc.stderr
 
@@ -212,14 +212,15 @@ bf16[i] = static_cast<bfloat16_t>(x[i]);
 
 
 def test_operation_counts_are_the_committed_ones(harness):
-    """The SmolLM2 shape's operation counts of the current kernel (both layouts) are those in
-    bench_results/kernel_ops.json, and kernels/README.md shows that file's table."""
+    """The SmolLM2 and Gemma 3 (D = 256) shapes' operation counts of the current kernel (both
+    layouts) are those in bench_results/kernel_ops.json, and kernels/README.md shows that file's table."""
     path = Path(__file__).resolve().parent.parent / "scripts" / "count_kernel_ops.py"
     spec = importlib.util.spec_from_file_location("count_kernel_ops", path)
     ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ops)
     data = json.loads(ops.OUT.read_text())
-    r, d = ops.SHAPES["smollm2-135m"]
-    for layout in ("q4", "q4c"):
-        assert ops.count(harness, ops.pass1(harness, layout, r, d), r) == data["after"][f"smollm2-135m {layout}"]
+    for name in ("smollm2-135m", "gemma3-270m"):
+        r, d = ops.SHAPES[name]
+        for layout in ("q4", "q4c"):
+            assert ops.count(harness, ops.pass1(harness, layout, r, d), r) == data["after"][f"{name} {layout}"]
     assert ops.table(data) in ops.README.read_text()

@@ -108,8 +108,9 @@ DECODE_CASES = [
     # dtype, D, Dv, R, B, n_kv, N, lengths, splits
     (f32, 128, 128, 4, 2, 2, 300, [300, 137], 1),
     (f32, 64, 128, 1, 3, 3, 100, [1, 64, 100], 2),
-    (f32, 256, 64, 3, 1, 2, 70, [70], 1),        # one key row per SIMD step, four value rows per pass
-    (f32, 64, 256, 2, 1, 1, 50, [50], 1),        # four key rows per SIMD step, one value row per pass
+    (f32, 256, 64, 3, 1, 2, 70, [70], 1),        # 4 key rows per butterfly and SIMD step, 4 value rows per pass
+    (f32, 64, 256, 2, 1, 1, 50, [50], 1),        # 8 key rows per lane, 32 per SIMD step, 1 value row per pass
+    (f16, 256, 128, 1, 2, 1, 150, [150, 19], 2),  # 16 key rows per butterfly, some past the end
     (f32, 512, 512, 2, 1, 1, 40, [40], 1),       # two words per lane
     (f16, 128, 64, 2, 2, 1, 256, [256, 0], 3),   # an empty sequence: zeros
     (bf16, 256, 256, 8, 1, 1, 120, [120], 2),    # two tiles of heads
