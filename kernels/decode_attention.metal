@@ -34,8 +34,8 @@
 // at once (its first stages halve the sums each lane carries, its last ones
 // add up one); afterwards KLE = KL / TB lanes hold each token's score. TB
 // keeps the per-lane partial scores (RT * TB floats) within 16 registers,
-// beside the at most 64 of queries and accumulators. Each SIMD group keeps its own online
-// softmax state (max and denominator per head, uniform over its lanes) and
+// beside the at most 64 of queries and accumulators. Each SIMD group keeps
+// its own online softmax state (max and denominator per head, uniform over its lanes) and
 // accumulates its tokens' values into per-lane registers (VL lanes per value
 // row, whole words again). At the end, lanes holding the same value words are
 // summed, then the NSG SIMD groups are merged through threadgroup memory.
@@ -182,8 +182,8 @@ for (int t0 = start + int(sg) * KT; t0 < end; t0 += NSG * KT) {
   // The butterfly. While a lane carries n > 1 sums, the lane with bit `off`
   // set keeps the upper half and gives its partner the lower one (the
   // partner the reverse), so one shuffle adds two sums: TB - 1 shuffles leave
-  // lane l with row t0 + l / KLE summed over KL / KLE lanes; the log2(KLE)
-  // stages after that sum one value each.
+  // lane l with row t0 + l / KLE summed over TB lanes; the log2(KLE) stages
+  // after that sum one value each.
   for (int n = TB, off = KL / 2; n > 1; n /= 2, off /= 2) {
     const bool upper = (lane & uint(off)) != 0;
     for (int r = 0; r < RT; r++) {
