@@ -149,7 +149,7 @@ def spends_more(data: dict) -> list[str]:
             longest = s["longest_length_above_q4_0"]
             out.append(f"{model}, context {c}: q4c averages {s['mean_bits']:.3f} bits over lengths 1..{c} and {s['mean_bits_last_128']:.3f} over the last 128 "
                        f"(q4_0: {q:.2f} at every length); {s['lengths_above_q4_0']} of the {c} lengths store more than q4_0"
-                       + (f", none from {longest + 1} tokens on" if longest and longest < c else ""))
+                       + (f", none from {longest + 1} tokens on" if longest and longest < int(c) - 128 else ""))
     return out
 
 
