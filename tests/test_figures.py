@@ -149,3 +149,14 @@ def test_the_check_fails_on_a_figure_that_disagrees_with_its_json(tmp_path):
         "line 1: '1.9%' in 'a 3.46x gain, 54.7 s, +1.9% and 0.018'", "line 1: '0.018' in 'a 3.46x gain, 54.7 s, +1.9% and 0.018'"]
     assert unannotated("goal: under 3% at 4.5 bits <!-- figures: not measured, the goal and q4_0's format -->") == []
     assert unannotated("`0.25 s` in code, Python 3.11+, MLX 0.32.4, arXiv:2603.04428, q4_0, 256 tokens, 3.46x<!-- fig: r.json [a/b] -->") == []
+
+
+def test_every_figure_of_the_readme_fails_when_typed_otherwise():
+    """Each annotated README figure, its last digit changed, no longer matches its JSON."""
+    text = (ROOT / "README.md").read_text()
+    found = list(FIG.finditer(text))
+    assert len(found) >= 20
+    for m in found:
+        num = m["num"]
+        wrong = num[:-1] + str((int(num[-1]) + 5) % 10)
+        assert mismatches(text[: m.start("num")] + wrong + text[m.end("num") :]), (num, m["expr"])
