@@ -412,6 +412,11 @@ def _bits_section(out: Path, b: dict | None) -> list[str]:
     return lines + ["", f"![bits per value]({_plot(out / 'bits.png', curves)})", ""]
 
 
+def capacity_mode(c: dict) -> str:
+    """The default KV mode where capacity.json measured it (older files: q4)."""
+    return DEFAULT_KV if DEFAULT_KV in c["bytes_per_token"] else "q4"
+
+
 def capacity_ratio(c: dict, mode: str) -> float:
     """How many times smaller than fp16 a `mode` cache is, from capacity.json's measured bytes per token."""
     return c["bytes_per_token"]["fp16"] / c["bytes_per_token"][mode]
@@ -603,7 +608,7 @@ def published_table(ttft: dict, q: dict | None, c: dict | None, it: dict | None,
     rows = [("TTFT, warm restore vs re-prefill", "Gemma 3 12B 22-136x (4K-32K); DeepSeek-Coder-V2-Lite 11-76x (4K-32K); Llama 3.1 8B 24-111x (4K-16K); 3-10x at 1K",
              ours_ttft or "n/a", "speedups grow with context in both; ours are 135M-270M models (DeepSeek: tiny random)")]
     if c:
-        kv = DEFAULT_KV if DEFAULT_KV in c["bytes_per_token"] else "q4"
+        kv = capacity_mode(c)
         rows.append(("Agents per budget, Q4 vs fp16", "4x", f"{kv} {capacity_ratio(c, kv):.2f}x, q4 {capacity_ratio(c, 'q4'):.2f}x ({c['model']}, bytes per token)",
                      "same ratio of bytes per token"))
     if q and q.get("headline"):
@@ -683,7 +688,7 @@ def summary_rows(out: Path) -> list[tuple[str, str, str]]:
                                for model, r in b["models"].items()), "bits.json"))
     c = get("capacity.json")
     if c:
-        h, kv = c["headline"], DEFAULT_KV if DEFAULT_KV in c["bytes_per_token"] else "q4"
+        h, kv = c["headline"], capacity_mode(c)
         pc = c.get("pool_check")
         check = (f"; real pool at {pc['context']} tokens: " + ", ".join(f"{m} {x['hot_agents']} hot (computed {x['computed_agents']})" for m, x in pc["modes"].items())) if pc else ""
         rows.append((f"Cache size, fp16 vs {kv} (measured bytes per token; agents per budget follow)", f"{capacity_ratio(c, kv):.2f}x "
