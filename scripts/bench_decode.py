@@ -44,6 +44,7 @@ TEXT = ROOT / "tests" / "data" / "python_reference.txt"
 OURS = [m for m in ("fp16", "q4c", "q4", "q4k") if m in KV_MODES]
 MODES = ["mlx_lm", *OURS]  # mlx_lm: mlx-lm's own KVCache, the baseline
 LLAMA_CPP = ("llama_cpp_f16", "llama_cpp_q4_0")
+Q4_0_PER_F16 = 18 / 64  # a q4_0 block: 32 values in 18 bytes (16 of codes, an fp16 scale); f16: 64 bytes
 
 
 def reencode(cache: AgentCache, mode: str, chunk: int = 512) -> AgentCache:
@@ -131,8 +132,8 @@ def bench_context(runner: ModelRunner, model: str, tokens: list[int], ctx: int, 
     for m in engines:
         q = statistics.quantiles(times[m], n=4)
         med = statistics.median(times[m])
-        if m in peers:  # computed from ours: the same K/V values at 2 bytes (f16) or 18 bytes per 32 (q4_0)
-            nbytes, computed = base.nbytes * (1.0 if m.endswith("f16") else 18 / 32), True
+        if m in peers:  # computed from our fp16 cache: the same K/V values at f16 (64 bytes per 32) or q4_0 (18 bytes per 32)
+            nbytes, computed = base.nbytes * (1.0 if m.endswith("f16") else Q4_0_PER_F16), True
         else:
             nbytes, computed = (sum(c.nbytes for c in caches[m]) if m == "mlx_lm" else caches[m].nbytes), False
         res[m] = {"ms_per_token": med * 1e3, "iqr_ms": [q[0] * 1e3, q[2] * 1e3], "tokens_per_s": 1.0 / med, "cache_bytes": nbytes,

@@ -47,14 +47,8 @@ def test_quick_run_of_every_benchmark_records_the_machine_and_writes_the_report(
     for name, r in runs.items():
         assert r["rc"] == 0 and r["quick"] is True, name
         assert (tmp_path / r["log"]).read_text().strip(), name
-    decode = json.loads((tmp_path / "decode.json").read_text())
-    assert decode["results"][0]["mlx_lm"]["ms_per_token"] > 0  # the baseline is mlx-lm's own cache
-    quality = json.loads((tmp_path / "quality.json").read_text())
-    assert {"smollm2-135m", "gemma3-270m"} <= set(quality["headline"])
-    handoff = json.loads((tmp_path / "handoff.json").read_text())
-    assert handoff["fidelity"]["budgets"] and handoff["workflow"]
-    interleave = json.loads((tmp_path / "interleave.json").read_text())
-    assert interleave["quick"] is True and interleave["headline"]["overlap_vs_hot_8b_geometry"] > 0
+    plausible_results(tmp_path)
+    assert json.loads((tmp_path / "interleave.json").read_text())["quick"] is True
     report = tmp_path / "REPORT.md"
     text = report.read_text()
     for heading in ("## Machine", "## Published figures beside ours", "## Time to first token", "## Quality", "## Capacity",
@@ -69,6 +63,76 @@ def test_quick_run_of_every_benchmark_records_the_machine_and_writes_the_report(
     assert len(images) >= 5
     for img in images:
         assert img.read_bytes()[:8] == PNG, img
+
+
+def within(x: float, lo: float, hi: float, what: str) -> None:
+    assert lo <= x <= hi, f"{what} = {x}, outside the plausible band [{lo}, {hi}]"
+
+
+def plausible_results(out: Path) -> None:
+    """Each quick run's ratios in a band that a working benchmark lands in on any machine (wide:
+    a slow or busy CPU moves times, not these orders), exact where the quantity is arithmetic."""
+    get = lambda name: json.loads((out / name).read_text())  # noqa: E731
+    for res in (get(p.name) for p in out.glob("ttft_*.json")):
+        for n, r in res["contexts"].items():
+            within(r["speedup_warm"], 1.5, 2000, f"ttft {res['model']} {n}: cold / warm")  # a restore beats a re-prefill
+            within(r["ours"]["hot_ttft_ms"] / r["ours"]["cold_ttft_ms"], 0, 0.7, f"ttft {res['model']} {n}: hot / cold")
+            if r.get("prefill_ratio_vs_llamacpp"):
+                within(r["prefill_ratio_vs_llamacpp"], 0.05, 20, f"ttft {res['model']} {n}: prefill rate vs llama.cpp")
+    quality = get("quality.json")
+    assert {"smollm2-135m", "gemma3-270m"} <= set(quality["headline"])
+    for model, h in quality["headline"].items():
+        within(h["ppl_change_pct"], -3, 8, f"quality {model}: q4c ppl change %")
+        within(h["kl"], 1e-4, 0.05, f"quality {model}: q4c KL")
+        within(h["bits_per_value"], 4.3, 4.7, f"quality {model}: q4c bits at the window end")
+    bits = get("bits.json")
+    assert bits["llama_cpp_q4_0"]["bits_per_value"] == 4.5
+    for model, r in bits["models"].items():
+        for mode, exact in (("q4", 4.5), ("q4k", 4.5), ("q8", 8.5), ("fp16", 16.0)):
+            assert all(c["min_bits"] == c["max_bits"] == pytest.approx(exact) for c in r["modes"][mode]["contexts"].values()), (model, mode)
+        for c, x in r["modes"]["q4c"]["contexts"].items():
+            within(x["bits_at_context"], 4.38, 4.6, f"bits {model} q4c at {c}")
+            within(x["mean_bits"], x["bits_at_context"], 8, f"bits {model} q4c mean over 1..{c}")  # the short lengths pay for sinks and tail
+    capacity = get("capacity.json")
+    per_token = capacity["bytes_per_token"]
+    within(per_token["fp16"] / per_token["q4"], 3.5, 3.6, "capacity: fp16 / q4 bytes per token")  # 16 / 4.5 in whole blocks
+    within(per_token["fp16"] / per_token["q4c"], 1.4, 3.7, "capacity: fp16 / q4c bytes per token")  # a short cache (quick: 32 tokens) is mostly sinks and 8-bit tail
+    decode = get("decode.json")
+    for r in decode["results"]:
+        for mode in ("fp16", "q4c", "q4", "q4k"):
+            within(r[mode]["time_vs_mlx_lm"], 0.3, 5, f"decode {r['context']}: {mode} time vs mlx-lm's cache")
+        within(r["q4c"]["time_vs_fp16"], 0.4, 2.5, f"decode {r['context']}: q4c time vs our fp16")
+        if "llama_cpp_q4_0" in r:
+            assert r["llama_cpp_q4_0"]["cache_bytes"] == pytest.approx(r["llama_cpp_f16"]["cache_bytes"] * 18 / 64)
+    interleave = get("interleave.json")
+    for name, r in interleave["runs"].items():
+        within(r["overlap"]["vs_hot"]["median"], 0.5, 2.0, f"interleave {name}: overlapped reload / all hot")
+        within(r["reload"]["vs_hot"]["median"], 0.5, 3.0, f"interleave {name}: reload without overlap / all hot")
+        within(r["batch"]["4"]["speedup_spread"]["median"], 0.7, 4.5, f"interleave {name}: batch 4 / batch 1 tokens/s")
+    handoff = get("handoff.json")
+    assert handoff["fidelity"]["budgets"] and handoff["workflow"]
+    for n, r in handoff["ttft"].items():
+        within(r["card_mixed_4bit"]["receiver_ttft_ms"]["median"] / r["reprefill"]["receiver_ttft_ms"]["median"], 0.001, 0.9,
+               f"handoff {n}: card TTFT / re-prefill")
+    for budget, kl in handoff["headline"]["kl_hop5"].items():
+        within(kl["mixed"], 0, 3, f"handoff: KL at hop 5, {budget} bits")
+    server = get("server.json")
+    for r in server["runs"]:
+        assert r["checks"]["lost"] == 0 and r["checks"]["cross_agent_leaks"] == [], r["checks"]
+
+
+def test_the_plausibility_check_holds_for_the_committed_results():
+    """The same bands hold for the full committed runs, and a result outside one fails."""
+    plausible_results(ROOT / "bench_results")
+
+
+def test_a_result_outside_its_band_fails(tmp_path):
+    shutil.copytree(ROOT / "bench_results", tmp_path / "r", ignore=shutil.ignore_patterns("*.png"))
+    decode = json.loads((tmp_path / "r" / "decode.json").read_text())
+    decode["results"][0]["q4c"]["time_vs_fp16"] = 0.01  # a cache 100x faster than fp16: a broken run, not a result
+    (tmp_path / "r" / "decode.json").write_text(json.dumps(decode))
+    with pytest.raises(AssertionError, match="q4c time vs our fp16"):
+        plausible_results(tmp_path / "r")
 
 
 def test_report_over_the_committed_results(tmp_path):

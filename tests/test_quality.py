@@ -122,9 +122,23 @@ def test_eval_ppl_cli(model_home, smollm2_path, monkeypatch, tmp_path):
         ppl[kv] = out["ppl"]
     assert ppl["fp16"] <= ppl["q4"] * 1.01, ppl
     assert ppl["q4k"] < ppl["q4"], ppl
-    assert ppl["q4c"] < ppl["q4k"] and ppl["q4c"] < ppl["fp16"] * 1.03, ppl
+    # measured here: q4c +1.50% over fp16 (OpenBLAS SkylakeX kernels), +0.84% (Haswell); the bound is the larger + 0.5 points
+    assert ppl["q4c"] < ppl["q4k"] and ppl["q4c"] < ppl["fp16"] * 1.020, ppl
     bad = CliRunner().invoke(app, ["eval", "ppl", "--kv", "q3", str(text)])
     assert bad.exit_code == 2
+
+
+def test_q4c_next_token_distributions_stay_close_to_fp16(model_home, smollm2_path):
+    """KL(fp16 || q4c) of the next-token distributions on the same 598 scored tokens as above."""
+    from mlx_agentcache.models.runner import ModelRunner
+
+    runner = ModelRunner.load("smollm2-135m", model_home)
+    toks = runner.tokenizer.encode(TEXT.read_text(encoding="utf-8")[:6000])[:600]
+    r = quality.compare(runner, toks, ["fp16", "q4c"], 300)
+    assert r["tokens"] == 598
+    # measured here: KL 0.0064 under either kernel set (SkylakeX 0.00637, Haswell 0.00641)
+    assert 0 < r["q4c"]["kl"] < 0.008, r["q4c"]
+    assert r["q4c"]["ppl"] < r["fp16"]["ppl"] * 1.020, r
 
 
 # -- q4c -----------------------------------------------------------------------------

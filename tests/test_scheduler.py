@@ -2,6 +2,7 @@
 behind decoding, cancellation, slow readers, and `agentcache run`."""
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def make_warm(sched, name: str, prompt: list[int]) -> None:
     assert sched.pool.tier(name) == "warm"
 
 
+def after_tokens(h, n: int, timeout: float = 120.0) -> None:
+    """Return once turn `h` generated `n` tokens, woken by its own stream (up to `timeout`)."""
+    reached = threading.Event()
+
+    def follow():
+        try:
+            for _ in h:
+                if len(h.tokens) >= n:
+                    reached.set()
+        finally:
+            reached.set()  # the turn ended (or failed): the assertion below says which
+
+    threading.Thread(target=follow, daemon=True).start()
+    assert reached.wait(timeout), f"{h.agent} generated {len(h.tokens)} tokens in {timeout} s"
+    assert len(h.tokens) >= n, f"{h.agent} ended after {len(h.tokens)} tokens"
+
+
 def decode_span(sched, agent: str) -> tuple[float, float]:
     steps = [(t0, t1) for kind, who, t0, t1 in sched.timeline if kind == "decode" and agent in who]
     return steps[0][0], steps[-1][1]
@@ -75,8 +93,7 @@ def test_reload_runs_inside_another_agents_decode(sched, runner):
     prompt = chat(runner, TEXT[:1500])
     make_warm(sched, "sleeper", prompt)
     talker = sched.submit(Turn("talker", chat(runner, "Count from one to forty, in words, separated by commas."), max_tokens=40))
-    while len(talker.tokens) < 3:
-        time.sleep(0.01)
+    after_tokens(talker, 3)
     sleeper = sched.submit(Turn("sleeper", prompt + chat(runner, "Which box is red?"), max_tokens=4))
     sleeper.wait()
     talker.wait()
@@ -90,8 +107,7 @@ def test_reload_runs_inside_another_agents_decode(sched, runner):
 
 def test_newcomer_prefill_is_sliced_between_decode_steps(sched, runner):
     talker = sched.submit(Turn("talker", chat(runner, "Count from one to forty, in words, separated by commas."), max_tokens=40))
-    while len(talker.tokens) < 2:
-        time.sleep(0.01)
+    after_tokens(talker, 2)
     newcomer = sched.submit(Turn("newcomer", chat(runner, TEXT[:1500]), max_tokens=2))
     newcomer.wait()
     talker.wait()

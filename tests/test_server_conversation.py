@@ -74,24 +74,34 @@ def test_memory_gate_queues_turns_that_would_overrun_the_budget():
     async def scenario():
         gate = MemoryGate()
         held = [0]
+
+        async def parked(need: int):
+            """A turn that must wait: returned once the gate has checked it against the budget."""
+            checked = asyncio.Event()
+
+            def held_bytes():
+                checked.set()
+                return held[0]
+
+            task = asyncio.ensure_future(gate.acquire(need, 100, held_bytes))
+            await asyncio.wait_for(checked.wait(), 1)
+            return task
+
         first = await gate.acquire(60, 100, lambda: held[0])
-        second = asyncio.ensure_future(gate.acquire(60, 100, lambda: held[0]))  # 60 more would be 120 > 100
-        await asyncio.sleep(0.05)
+        second = await parked(60)  # 60 more would be 120 > 100
         assert first == 60 and not second.done()
         gate.release(first)
         assert await asyncio.wait_for(second, 1) == 60
         gate.release(60)
         held[0] = 50  # pinned agents the pool cannot evict
         third = await gate.acquire(40, 100, lambda: held[0])  # 40 + 50 fits
-        fourth = asyncio.ensure_future(gate.acquire(20, 100, lambda: held[0]))  # 40 + 20 + 50 does not
-        await asyncio.sleep(0.05)
+        fourth = await parked(20)  # 40 + 20 + 50 does not
         assert not fourth.done()
         gate.release(third)
         assert await asyncio.wait_for(fourth, 1) == 20
         gate.release(20)
         alone = await asyncio.wait_for(gate.acquire(500, 100, lambda: held[0]), 1)  # over the budget: admitted alone
-        late = asyncio.ensure_future(gate.acquire(1, 100, lambda: held[0]))
-        await asyncio.sleep(0.05)
+        late = await parked(1)
         assert alone == 500 and not late.done()
         gate.release(alone)
         assert await asyncio.wait_for(late, 1) == 1

@@ -34,6 +34,27 @@ def finish(p: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
+def holding_open(procs, path: Path) -> set[int]:
+    """The pids of `procs` that have `path` open: a turn waiting for its lock holds the file open."""
+    pids = {p.pid for p in procs}
+    if not Path("/proc").is_dir():  # macOS
+        out = subprocess.run(["lsof", "-t", str(path)], capture_output=True, text=True).stdout
+        return {int(x) for x in out.split()} & pids
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path.resolve()):
+                    found.add(pid)
+            except OSError:
+                continue
+    return found
+
+
 def saved_history(d: Path, agent: str = "c") -> list[dict]:
     return json.loads((d / f"{agent}.json").read_text())["messages"]
 
@@ -71,7 +92,11 @@ def test_say_processes_wait_for_a_held_turn_then_all_land(tmp_path, smollm2_path
     texts = ("Question one", "Question two", "Question three")
     procs = {t: say(model_home, d, t) for t in texts}
     try:
-        time.sleep(8)  # the models load; each turn then waits for the lock this test holds
+        deadline = time.monotonic() + 300  # the models load; each turn then waits for the lock this test holds
+        while holding_open(procs.values(), lock.path) != {p.pid for p in procs.values()}:
+            assert [t for t, p in procs.items() if p.poll() is not None] == [], "a turn ended while the test held the lock"
+            assert time.monotonic() < deadline, "the say processes never reached the turn lock"
+            time.sleep(0.05)
         assert [t for t, p in procs.items() if p.poll() is not None] == []
         assert len(saved_history(d)) == 2
     finally:
