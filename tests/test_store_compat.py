@@ -9,6 +9,7 @@ import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import pytest
 
 from mlx_agentcache.pool import CachePool
+from mlx_agentcache.store import codec, container
 from tiny import same_tensors, tiny_runner, tokens
 
 DATA = Path(__file__).parent / "data" / "store_v2"
@@ -38,6 +39,7 @@ def test_v2_file_loads_and_is_converted_on_save(tmp_path, mode):
     runner.prefill(more[reuse:], cache, logits=False)
     pool.checkin("agent", cache)
     assert pool.flush() == {}
+    assert container.peek_meta(pool.path("agent"))["format"] == codec.MANIFEST  # converted
     pool.forget("agent")
     back, tier = pool.checkout("agent")
     assert tier == "warm" and same_tensors(back, cache)

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
-from . import numbers
+from . import numbers, segments
 from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
 from .layout import Layout
 
@@ -39,7 +39,8 @@ ENCODINGS = ("fp16", "q8", "q4", "q4c")
 
 FORMAT = "agentcache-kv-2"
 FORMAT_V1 = "agentcache-kv"
-FORMATS = (FORMAT, FORMAT_V1)
+MANIFEST = segments.MANIFEST_FORMAT  # an agent file that names its segments (segments.py)
+FORMATS = (FORMAT, FORMAT_V1, MANIFEST)
 BLOCK_FORMAT = "agentcache-prefix"
 CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "kv_mode", "group_size", "block_tokens", "n_tokens", "extra")
 
@@ -52,6 +53,9 @@ def tensor_name(layer: int, part: str, j: int, run: int = 0) -> str:
 
 def sinks_name(layer: int, part: str) -> str:
     return f"layers.{layer}.sinks.{part}"
+
+
+NAMES = (tensor_name, sinks_name)  # handed to segments.py, which keeps codec's tensor names
 
 
 def stored_views(layer: LayerCache, first: int) -> tuple[tuple, tuple | None]:
@@ -136,7 +140,8 @@ def block_snapshot(layers: list[tuple[tuple, tuple | None]], tokens: list[int], 
 
 
 def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = None, prefix: tuple[str, int] | None = None, model: str | None = None) -> int:
-    """Write `cache` to `path` atomically; returns bytes written.
+    """Write `cache` to `path` atomically as one self-contained file (format 2: cards,
+    tests); agents are saved as segments (`save_segments`). Returns bytes written.
 
     `prefix` = (hash, tokens): the first `tokens` positions live in that
     shared prefix block file and are not written here.
@@ -144,11 +149,22 @@ def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = N
     return write_tensors(path, *snapshot(cache, fingerprint, prefix, extra, model))
 
 
+def save_segments(layout: Layout, agent: str, tensors: dict, meta: dict, changed: list[int] | None = None,
+                  base: str | None = None) -> tuple[int, int, str]:
+    """A snapshot written as the agent's new segment and manifest (segments.save):
+    (bytes written, bytes of old segments deleted, generation)."""
+    body = LayerCache(meta["kv_mode"]).encoding
+    return segments.save(layout, agent, tensors, meta, changed, base, body, NAMES)
+
+
 PrefixSource = Callable[[str, int, list[int]], list[Segment]]
 
 
-def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None) -> tuple[AgentCache, dict]:
+def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None,
+         meta_out: dict | None = None) -> tuple[AgentCache, dict]:
     """Read, verify and rebuild an AgentCache. Raises CacheFileError on any doubt.
+    A manifest's segments are read and joined first (segments.py); `meta_out` receives the
+    file's metadata.
 
     `prefix_source(hash, n, tokens)` returns one shared segment per layer for
     a file that refers to a prefix block (see prefixes.py); without it the
@@ -161,10 +177,14 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
 
     arrays, meta = read_arrays(path, FORMATS, same_model)
+    if meta["format"] == MANIFEST:
+        arrays, meta = segments.assemble(path, arrays, meta, fingerprint, NAMES)
+    if meta_out is not None:
+        meta_out.update(meta)
     try:
         spans = json.loads(meta["layers"])
         bits = numbers.count(meta["kv_bits"], "kv_bits", 1, 16)
-        mode = meta.get("kv_mode") if meta["format"] == FORMAT else None
+        mode = meta.get("kv_mode") if meta["format"] != FORMAT_V1 else None
         extra = json.loads(meta.get("extra", "{}"))
         prefix = json.loads(meta.get("prefix", "null"))
         tokens = arrays.pop("tokens")
