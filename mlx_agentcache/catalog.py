@@ -16,17 +16,13 @@ import json
 import time
 from pathlib import Path
 
-from .store import codec, container, history, segments
+from .store import codec, container, history, index, segments
 from .store.container import CacheFileError
 from .store.layout import CARD_SUFFIX, SUFFIX, Layout, validate_agent_name
 
 __all__ = ["CARD_SUFFIX", "names", "describe", "listing", "remove", "export_card", "import_card", "installed_fingerprints", "gc_plan", "gc_apply"]
 
 LOCK_TIMEOUT_S = 30.0
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def names(cache_dir: Path) -> list[str]:
@@ -38,42 +34,22 @@ def describe(cache_dir: Path, name: str, verify: bool = False) -> dict:
     """One agent as stored: tier (warm: cache file, cold: history only), tokens,
     bytes, shared prefix, model, last use; `verify` also checks every checksum."""
     layout = Layout(cache_dir)
-    path = layout.agent_file(name)
-    hist = history.read(layout.history_file(name))
-    messages = hist.get("messages") if hist else None
-    info = {"name": name, "tier": "cold", "tokens": 0, "bytes": 0, "shared_bytes": 0, "model": None, "last_used": None,
-            "messages": len(messages) if isinstance(messages, list) else 0}
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    info, meta = index.describe(layout, name)
+    if not verify or meta is None:
         return info
-    info.update(bytes=st.st_size, file_bytes=st.st_size, last_used=_when(st.st_mtime))
-    try:
-        _, meta, _ = container.read_header(path, codec.FORMATS)
-        info.update(bytes=st.st_size + int(meta.get("stored_bytes", 0)))
-        if verify:  # every checksum, and the structure (spans, shapes, dtypes, finite scales)
-            codec.load(path, meta.get("fingerprint", ""))
-        ref = codec.prefix_ref(meta)
-        info.update(tier="warm", tokens=int(meta["n_tokens"]), model=meta.get("model") or None, fingerprint=meta.get("fingerprint"), kv_bits=int(meta["kv_bits"]))
-        if ref:
-            block = layout.block_file(ref["hash"])
-            info["shared_prefix"] = {"hash": ref["hash"], "tokens": ref["tokens"], "present": block.exists()}
-            if block.exists():
-                _, bmeta, _ = container.read_header(block, (codec.BLOCK_FORMAT,))
-                info["shared_bytes"] = block.stat().st_size * ref["tokens"] // max(len(codec.block_tokens(bmeta)), 1)
-                if verify:
-                    container.read_tensors(block, (codec.BLOCK_FORMAT,))
-        if verify:
-            info["layers"] = len(json.loads(meta["layers"]))
-            info["saved_at"] = _when(int(meta["saved_at"]))
-            info["status"] = "ok"
+    try:  # every checksum, and the structure (spans, shapes, dtypes, finite scales)
+        codec.load(layout.agent_file(name), meta.get("fingerprint", ""))
+        if info.get("shared_prefix", {}).get("present"):
+            container.read_tensors(layout.block_file(info["shared_prefix"]["hash"]), (codec.BLOCK_FORMAT,))
+        info.update(layers=len(json.loads(meta["layers"])), saved_at=index.when(int(meta["saved_at"])), status="ok")
     except (CacheFileError, OSError, KeyError, ValueError, TypeError) as e:
         info.update(tier="invalid", error=str(e))
     return info
 
 
 def listing(cache_dir: Path) -> list[dict]:
-    return [describe(cache_dir, n) for n in names(Path(cache_dir))]
+    """Every agent, from the listing index (store/index.py)."""
+    return index.listing(cache_dir)
 
 
 def remove(cache_dir: Path, name: str, history: bool = True, timeout: float = LOCK_TIMEOUT_S) -> list[Path]:

@@ -354,10 +354,10 @@ def agents_ls(
     json_out: Json = False,
 ):
     """Agents on disk: tier (warm: cache file, cold: history only), tokens, size, model, last use."""
-    from . import catalog
+    from .store import index  # not catalog: a listing imports no MLX
 
     d = _cache_dir(cache_dir)
-    infos = catalog.listing(d)
+    infos = index.listing(d)
     if model:  # only an installed model: listing never builds one
         from .config import default_home
         from .models.runner import fingerprint
@@ -372,12 +372,10 @@ def agents_ls(
     if not infos:
         typer.echo(f"no agents in {d}")
         return
-    typer.echo(f"{'NAME':<20} {'TIER':<7} {'TOKENS':>7} {'FILE':>12} {'SHARED':>12}  {'MODEL':<16} LAST USED")
-    for i in infos:
-        typer.echo(
-            f"{i['name']:<20} {i['tier']:<7} {i['tokens']:>7} {_kib(i['bytes']):>12} {_kib(i['shared_bytes']):>12}  "
-            f"{(i.get('model') or '-')[:16]:<16} {i.get('last_used') or '-'}"
-        )
+    lines = [f"{'NAME':<20} {'TIER':<7} {'TOKENS':>7} {'FILE':>12} {'SHARED':>12}  {'MODEL':<16} LAST USED"]
+    lines += [f"{i['name']:<20} {i['tier']:<7} {i['tokens']:>7} {_kib(i['bytes']):>12} {_kib(i['shared_bytes']):>12}  "
+              f"{(i.get('model') or '-')[:16]:<16} {i.get('last_used') or '-'}" for i in infos]
+    typer.echo("\n".join(lines))
 
 
 @agents_app.command("show")

@@ -727,9 +727,10 @@ class CachePool:
             return {"tier": "hot", "tokens": c.offset, "bytes": c.nbytes, "pending_write": pending, "unsaved": name in self.unsaved,
                     "pinned": name in self.pinned}
 
-    def describe(self, name: str) -> dict:
-        """Tier, tokens, bytes, model and last use of one agent, without loading its tensors."""
-        info = catalog.describe(self.dir, name)
+    def describe(self, name: str, stored: dict | None = None) -> dict:
+        """Tier, tokens, bytes, model and last use of one agent, without loading its tensors
+        (`stored`: what a listing already read of its files)."""
+        info = dict(stored) if stored is not None else catalog.describe(self.dir, name)
         info["model_match"] = info.get("fingerprint") == self.fingerprint if info.get("fingerprint") else None
         if not self.persist and info["tier"] == "warm":
             info["tier"] = "cold"

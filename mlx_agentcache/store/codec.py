@@ -31,17 +31,16 @@ import numpy as np
 
 from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
-from . import numbers, segments
+from . import formats, numbers, segments
 from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
+from .formats import block_tokens, prefix_ref  # noqa: F401  (re-exported: callers read them from the codec)
 from .layout import Layout
 
 ENCODINGS = ("fp16", "q8", "q4", "q4c")
 
-FORMAT = "agentcache-kv-2"
-FORMAT_V1 = "agentcache-kv"
-MANIFEST = segments.MANIFEST_FORMAT  # an agent file that names its segments (segments.py)
-FORMATS = (FORMAT, FORMAT_V1, MANIFEST)
-BLOCK_FORMAT = "agentcache-prefix"
+FORMAT, FORMAT_V1, MANIFEST = formats.FORMAT, formats.FORMAT_V1, formats.MANIFEST
+FORMATS = formats.AGENT_FORMATS
+BLOCK_FORMAT = formats.BLOCK
 CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "kv_mode", "group_size", "block_tokens", "n_tokens", "extra")
 
 
@@ -280,29 +279,6 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expec
     if arrays or (expect is not None and len(out) != len(expect)):
         raise CacheFileError(f"{path.name}: prefix block has {len(out)} layers or unexpected tensors")
     return out
-
-
-def block_tokens(meta: dict) -> list[int]:
-    """The token ids a prefix block file holds (from its checked metadata); ValueError if they are not."""
-    try:
-        tokens = json.loads(meta["tokens"])
-    except RecursionError:
-        raise ValueError("token list nested too deep") from None
-    if not isinstance(tokens, list):
-        raise ValueError("token list is not a list")
-    return [numbers.count(t, "token id", 0, MAX_DIM) for t in tokens]
-
-
-def prefix_ref(meta: dict) -> dict | None:
-    """An agent file's shared-prefix reference {"hash": str, "tokens": int}, or None
-    (none, or not a reference at all)."""
-    try:
-        ref = json.loads(meta.get("prefix", "null"))
-        if isinstance(ref, dict) and isinstance(ref.get("hash"), str):
-            return {"hash": ref["hash"], "tokens": numbers.count(ref.get("tokens"), "prefix tokens", 1, MAX_DIM)}
-    except (ValueError, RecursionError):
-        pass
-    return None
 
 
 def _span(i: int, s: object, n_tokens: int) -> dict:

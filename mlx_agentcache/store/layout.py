@@ -9,6 +9,7 @@
     <cache_dir>/.locks/<agent>.turn            held by a turn from reading the history to its saves
     <cache_dir>/blocks/<hash>.safetensors      a shared prefix (codec.BLOCK_FORMAT)
     <cache_dir>/blocks/.lock                   held while a block is written or collected
+    <cache_dir>/.index/agents.json             the listing index (index.py): what each agent's files said
     <anything>.card.safetensors                an agent archive (`agents export`; cards.py writes cache cards)
 
 Every other module asks a `Layout` for paths and never builds one itself.
@@ -30,6 +31,7 @@ CACHE_CARD_SUFFIX = ".card"  # a cache card (cards.py), wherever the user keeps 
 BLOCKS_DIR = "blocks"
 SEGMENTS_DIR = "segments"
 LOCKS_DIR = ".locks"
+INDEX_DIR, INDEX = ".index", "agents.json"
 # Anchored at both ends (\Z, not $: `$` also matches before a trailing newline).
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 TMP_RE = re.compile(r"\A\..+\.tmp(\d+)\Z")
@@ -173,6 +175,28 @@ class Layout:
 
     def block_files(self) -> list[Path]:
         return sorted(self.blocks_dir.glob("*" + SUFFIX))
+
+    @property
+    def index_file(self) -> Path:
+        return self.dir / INDEX_DIR / INDEX
+
+    def scan(self, known: set[str] = frozenset()) -> dict[str, tuple[os.stat_result | None, os.stat_result | None]]:
+        """Agents with a cache file or a history, from one directory read:
+        name -> (stat of the cache file, stat of the history), None where it has none.
+        Names in `known` were checked before and are not checked again."""
+        out: dict[str, list] = {}
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return {}
+        for e in entries:
+            for slot, suffix in ((0, SUFFIX), (1, HISTORY_SUFFIX)):
+                if e.name.endswith(suffix) and (e.name[: -len(suffix)] in known or self._listed(e.name[: -len(suffix)])):
+                    try:
+                        out.setdefault(e.name[: -len(suffix)], [None, None])[slot] = e.stat()
+                    except FileNotFoundError:
+                        pass
+        return {n: (c, h) for n, (c, h) in out.items()}
 
     # -- listing ------------------------------------------------------------------
     def agent_files(self) -> list[Path]:

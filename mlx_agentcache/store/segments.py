@@ -39,12 +39,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..q4_format import KEY_GROUP
-from . import container
+from . import container, formats
 from .container import CacheFileError, CacheWriteError, peek_meta, read_arrays, read_header
 from .layout import Layout
 
-MANIFEST_FORMAT = "agentcache-kv-3"
-SEGMENT_FORMAT = "agentcache-segment"
+MANIFEST_FORMAT, SEGMENT_FORMAT = formats.MANIFEST, formats.SEGMENT
 ID_RE = re.compile(r"\A[0-9a-f]{16}\Z")
 
 # (layer, "k"|"v", part, run) -> tensor name, and (layer, "k"|"v") -> sinks name: codec's spelling
@@ -190,8 +189,7 @@ def _size(path: Path) -> int:
 
 def disk_bytes(path: Path) -> int:
     """Bytes an agent's cache takes on disk: its file and, for a manifest, the segments it names."""
-    meta = peek_meta(path) or {}
-    return Path(path).stat().st_size + int(meta.get("stored_bytes", 0) if meta.get("format") == MANIFEST_FORMAT else 0)
+    return Path(path).stat().st_size + formats.stored_bytes(peek_meta(path) or {})
 
 
 def referenced(meta: dict) -> set[str]:
