@@ -538,7 +538,7 @@ def doctor(json_out: Json = False):
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="all, or one of: ttft, quality, capacity, decode, interleave, handoff, server (comma separated).")] = "all",
+    which: Annotated[str, typer.Argument(help="all, or one of: ttft, quality, capacity, decode, interleave, handoff, server, store (comma separated).")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: checks that everything runs (minutes), numbers not comparable.")] = False,
     models: Annotated[Optional[str], typer.Option("--models", help="Comma separated models for the benchmarks that take them.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Where the JSON, plots and REPORT.md go.")] = Path("bench_results"),
