@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -38,6 +37,7 @@ from pathlib import Path
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import mlx.core as mx
 
+from mlx_agentcache.blas import read_cpuinfo
 from mlx_agentcache.config import default_home
 from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.pool import CachePool
@@ -47,16 +47,6 @@ from mlx_agentcache.store.layout import Layout
 
 GEOMETRY = "llama3-8b-geometry-random"
 AGENTCACHE = str(Path(sys.executable).parent / "agentcache")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def spread(xs: list[float], nd: int = 4) -> dict:
@@ -217,7 +207,7 @@ def ls_times(counts: list[int], repeats: int, work: Path) -> list[dict]:
 
 def report(r: dict) -> str:
     lines = ["# Agent store", "", f"CPU: {r['cpu']} ({r['cores']} cores, load average {r['load_average']} at the start). "
-             f"Geometry {r['geometry']['layers']} layers x {r['geometry']['kv_heads']} KV heads x {r['geometry']['head_dim']} dims, q4c."
+             f"Geometry {r['geometry']['layers']} of {r['geometry'].get('model_layers')} layers x {r['geometry']['kv_heads']} KV heads x {r['geometry']['head_dim']} dims, q4c."
              + (" Quick run: small sizes, numbers not comparable." if r["quick"] else ""), "",
              "## Bytes written per turn (2 tokens cut, 18 prefilled, 4 decoded)", "",
              "| context | ours MB (median, min-max) | whole-file save MB | stored MB | ours / stored | segments |", "|---|---|---|---|---|---|"]
@@ -241,21 +231,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", type=int, help="Of the geometry's layers, this many (bytes scale with it; shares do not).")
     a = ap.parse_args()
     contexts = [1024, 2048] if a.quick else [1024, 2048, 3584, 8192, 16384, 32768]
     counts = [100, 1000] if a.quick else [100, 1000, 10000]
     layers, heads, dim = geometry(default_home())
-    if a.quick:
-        layers = 4  # a few layers of the geometry: the bytes scale with the layer count
+    full_layers = layers
+    layers = 4 if a.quick else (a.layers or layers)  # bytes scale with the layer count, their shares do not
     started = time.time()
-    r = {"quick": a.quick, "cpu": cpu_model(), "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-         "geometry": {"model": GEOMETRY, "layers": layers, "kv_heads": heads, "head_dim": dim}}
+    r = {"quick": a.quick, "cpu": read_cpuinfo().model, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+         "geometry": {"model": GEOMETRY, "layers": layers, "model_layers": full_layers, "kv_heads": heads, "head_dim": dim}}
     default_home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=default_home(), prefix="bench-store-") as tmp:  # the disk agents live on
         work = Path(tmp)
         agent = Agent(layers, heads, dim)
         r["bytes_per_turn"] = bytes_per_turn(agent, contexts, 3 if a.quick else 5, work)
-        r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else 5)
+        r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else a.repeats)
         r["ls"] = ls_times(counts, 3 if a.quick else a.repeats, work)
     r["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     r["seconds"] = round(time.time() - started, 1)

@@ -15,7 +15,7 @@ import pytest
 
 from mlx_agentcache import catalog
 from mlx_agentcache.pool import CachePool
-from mlx_agentcache.store import codec, container, segments
+from mlx_agentcache.store import container, index, segments
 from mlx_agentcache.store.layout import Layout
 from tiny import random_cache, same_tensors, tiny_runner, tokens
 
@@ -202,3 +202,56 @@ def test_sigkill_during_appends_and_gc_leaves_the_last_complete_turn(tmp_path):
         k = got + 1
     print(f"{kills} kills, {with_gc} with gc running, {mid} inside a segment write")
     assert kills >= 10 and with_gc >= 4
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {tests!r})
+from crashstates import advance, new_cache
+from mlx_agentcache.pool import CachePool
+p = CachePool({d!r}, "f" * 32, new_cache, float("inf"), warn=lambda m: None, share_prefixes=False, write_behind=False)
+cache = new_cache()
+for k in range({start}, {start} + 12):
+    advance(cache, k)
+    p.save("a", cache)
+    print(k, flush=True)
+"""
+
+OTHERS = """
+import os
+from mlx_agentcache import catalog
+from mlx_agentcache.store import index
+n = 0
+while not os.path.exists({stop!r}) or n < 3:
+    n += 1
+    if {rm}:
+        catalog.remove({d!r}, "a")
+    else:
+        index.listing({d!r}, warn=lambda m: None)
+"""
+
+
+def test_concurrent_writers_rm_and_listings_never_corrupt_the_store(tmp_path):
+    """Two processes saving one agent, one removing it and one listing, all at once: after
+    them the agent restores as one of the states written, byte for byte (or is gone), gc
+    finds only what an interrupted save can leave, and the index says what the files say."""
+    from crashstates import new_cache, replayed, state_tokens
+
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER.format(tests=str(TESTS), d=str(tmp_path), start=s)], stdout=subprocess.PIPE, text=True)
+             for s in (0, 20)]
+    stop = tmp_path.parent / f"{tmp_path.name}-stop"
+    procs += [subprocess.Popen([sys.executable, "-c", OTHERS.format(d=str(tmp_path), rm=rm, stop=str(stop))]) for rm in (True, False)]
+    written = set()
+    for p in procs[:2]:
+        written |= {int(x) for x in p.communicate(timeout=300)[0].split()}
+    stop.touch()  # the writers are done: the others finish their round
+    for p in procs[2:]:
+        assert p.wait(timeout=300) == 0
+    assert len(written) == 24
+    path = Layout(tmp_path).agent_file("a")
+    if path.exists():
+        cache, tier = CachePool(tmp_path, "f" * 32, new_cache, float("inf"), warn=pytest.fail, share_prefixes=False).checkout("a")
+        k = next(j for j in written if state_tokens(j) == cache.tokens)
+        assert tier == "warm" and same_tensors(cache, replayed(k))
+    assert all(why == "segment no manifest names" for _, why in catalog.gc_plan(tmp_path, set()))
+    assert index.listing(tmp_path) == [catalog.describe(tmp_path, n) for n in Layout(tmp_path).names()]
