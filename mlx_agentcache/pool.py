@@ -41,7 +41,7 @@ from .config import warn as default_warn
 from .kvcache import AgentCache
 from .q4 import BLOCK_TOKENS
 from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shared_bytes
-from .store import codec, container, segments
+from .store import codec, container, formats, segments
 from .store.container import CacheFileError, CacheWriteError
 from .store.layout import Layout, validate_agent_name
 from .store.workers import Writer
@@ -323,7 +323,7 @@ class CachePool:
             self.warn(f"warning: cache for agent '{name}' not used ({e}); {where}; re-prefilling")
             return None
         with self._lock:
-            self.stats.bytes_read += st.st_size + int(meta.get("stored_bytes", 0)) + read[0]
+            self.stats.bytes_read += st.st_size + formats.stored_bytes(meta) + read[0]
             self._gen[name] = meta.get("gen")  # None for an older format: the next save writes everything
             self._changed[name] = []
             cache.take_changed()
