@@ -9,7 +9,8 @@
   version 2 store) writes for the same cache after the same turn.
 * Restore bandwidth: a fresh pool restores that agent (manifest and every
   segment) with the page cache dropped for its files (posix_fadvise), against
-  a plain sequential read of the same files, alternating, after a warm-up.
+  a plain sequential read of the same files and a restore of the same cache
+  saved as one version 2 file, alternating, after a warm-up.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -149,16 +150,27 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         assert tier == "warm"
         return time.perf_counter() - t
 
-    cold = drop(files)
-    restore(), read_all()  # warm-up
-    r, s = [], []
-    for _ in range(repeats):
+    whole = d / "whole.safetensors"  # the same cache as one version 2 file (bytes_per_turn's last save)
+
+    def restore_whole() -> float:
+        t = time.perf_counter()
+        cache, _ = codec.load(whole, "f" * 32, agent.new_cache().layers)
+        mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
+        return time.perf_counter() - t
+
+    cold = drop(files + [whole])
+    restore(), read_all(), restore_whole()  # warm-up
+    r, s, w = [], [], []
+    for _ in range(repeats):  # alternating
         cold = drop(files) and cold
         r.append(total / restore() / 1e6)
         drop(files)
         s.append(total / read_all() / 1e6)
+        drop([whole])
+        w.append(whole.stat().st_size / restore_whole() / 1e6)
     return {"bytes": total, "files": len(files), "page_cache": "dropped" if cold else "not dropped",
-            "restore_MBps": spread(r, 1), "sequential_read_MBps": spread(s, 1), "ratio": round(statistics.median(r) / statistics.median(s), 3)}
+            "restore_MBps": spread(r, 1), "sequential_read_MBps": spread(s, 1), "ratio": round(statistics.median(r) / statistics.median(s), 3),
+            "one_file_restore_MBps": spread(w, 1)}
 
 
 def ls_times(counts: list[int], repeats: int, work: Path) -> list[dict]:
@@ -219,7 +231,9 @@ def report(r: dict) -> str:
     lines += ["", "## Restore bandwidth", "",
               f"{rb['bytes'] / 1e6:.1f} MB in {rb['files']} files, page cache {rb['page_cache']}: restore {rb['restore_MBps']['median']} MB/s "
               f"({rb['restore_MBps']['min']}-{rb['restore_MBps']['max']}), sequential read {rb['sequential_read_MBps']['median']} MB/s "
-              f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}.", "",
+              f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}."
+              + (f" The same cache as one version 2 file restores at {rb['one_file_restore_MBps']['median']} MB/s "
+                 f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else ""), "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")
