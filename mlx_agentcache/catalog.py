@@ -16,17 +16,13 @@ import json
 import time
 from pathlib import Path
 
-from .store import codec, container, history
+from .store import codec, container, history, index, segments
 from .store.container import CacheFileError
-from .store.layout import CARD_SUFFIX, Layout, validate_agent_name
+from .store.layout import CARD_SUFFIX, SUFFIX, Layout, validate_agent_name
 
 __all__ = ["CARD_SUFFIX", "names", "describe", "listing", "remove", "export_card", "import_card", "installed_fingerprints", "gc_plan", "gc_apply"]
 
 LOCK_TIMEOUT_S = 30.0
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def names(cache_dir: Path) -> list[str]:
@@ -38,53 +34,35 @@ def describe(cache_dir: Path, name: str, verify: bool = False) -> dict:
     """One agent as stored: tier (warm: cache file, cold: history only), tokens,
     bytes, shared prefix, model, last use; `verify` also checks every checksum."""
     layout = Layout(cache_dir)
-    path = layout.agent_file(name)
-    hist = history.read(layout.history_file(name))
-    messages = hist.get("messages") if hist else None
-    info = {"name": name, "tier": "cold", "tokens": 0, "bytes": 0, "shared_bytes": 0, "model": None, "last_used": None,
-            "messages": len(messages) if isinstance(messages, list) else 0}
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    info, meta = index.describe(layout, name)
+    if not verify or meta is None:
         return info
-    info.update(bytes=st.st_size, file_bytes=st.st_size, last_used=_when(st.st_mtime))
-    try:
-        _, meta, _ = container.read_header(path, codec.FORMATS)
-        if verify:  # every checksum, and the structure (spans, shapes, dtypes, finite scales)
-            codec.load(path, meta.get("fingerprint", ""))
-        ref = codec.prefix_ref(meta)
-        info.update(tier="warm", tokens=int(meta["n_tokens"]), model=meta.get("model") or None, fingerprint=meta.get("fingerprint"), kv_bits=int(meta["kv_bits"]))
-        if ref:
-            block = layout.block_file(ref["hash"])
-            info["shared_prefix"] = {"hash": ref["hash"], "tokens": ref["tokens"], "present": block.exists()}
-            if block.exists():
-                _, bmeta, _ = container.read_header(block, (codec.BLOCK_FORMAT,))
-                info["shared_bytes"] = block.stat().st_size * ref["tokens"] // max(len(codec.block_tokens(bmeta)), 1)
-                if verify:
-                    container.read_tensors(block, (codec.BLOCK_FORMAT,))
-        if verify:
-            info["layers"] = len(json.loads(meta["layers"]))
-            info["saved_at"] = _when(int(meta["saved_at"]))
-            info["status"] = "ok"
+    try:  # every checksum, and the structure (spans, shapes, dtypes, finite scales)
+        codec.load(layout.agent_file(name), meta.get("fingerprint", ""))
+        if info.get("shared_prefix", {}).get("present"):
+            container.read_tensors(layout.block_file(info["shared_prefix"]["hash"]), (codec.BLOCK_FORMAT,))
+        info.update(layers=len(json.loads(meta["layers"])), saved_at=index.when(int(meta["saved_at"])), status="ok")
     except (CacheFileError, OSError, KeyError, ValueError, TypeError) as e:
         info.update(tier="invalid", error=str(e))
     return info
 
 
 def listing(cache_dir: Path) -> list[dict]:
-    return [describe(cache_dir, n) for n in names(Path(cache_dir))]
+    """Every agent, from the listing index (store/index.py)."""
+    return index.listing(cache_dir)
 
 
-def remove(cache_dir: Path, name: str, history: bool = True) -> list[Path]:
-    """Delete an agent's cache file (and history), under its lock. Returns removed paths."""
+def remove(cache_dir: Path, name: str, history: bool = True, timeout: float = LOCK_TIMEOUT_S) -> list[Path]:
+    """Delete an agent's cache file, its segments (and history), under its lock. Returns removed paths."""
     layout = Layout(cache_dir)
     validate_agent_name(name)
     removed = []
-    with layout.agent_lock(name, LOCK_TIMEOUT_S):
-        for p in [layout.agent_file(name)] + ([layout.history_file(name)] if history else []):
+    with layout.agent_lock(name, timeout):
+        for p in [layout.agent_file(name)] + ([layout.history_file(name)] if history else []) + layout.segment_files(name):
             if p.exists():
                 p.unlink()
                 removed.append(p)
+        segments.collect(layout, name, set())
     return removed
 
 
@@ -98,6 +76,9 @@ def export_card(cache_dir: Path, name: str, out: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"agent '{name}' has no cache file in {layout.dir}")
     arrays, meta = container.read_tensors(path, codec.FORMATS)
+    if meta["format"] == codec.MANIFEST:
+        joined, meta = segments.assemble(path, arrays, meta, meta.get("fingerprint", ""), codec.NAMES)
+        arrays = segments.numpy(joined)
     ref = codec.prefix_ref(meta)
     tensors = dict(arrays)
     if ref:  # inline the shared prefix: the card must not depend on the blocks folder
@@ -111,7 +92,7 @@ def export_card(cache_dir: Path, name: str, out: Path) -> Path:
         tensors, meta = codec.inline_prefix(arrays, meta, battrs, n)
     card = {"name": name, "history": history.read(layout.history_file(name)), "exported_at": int(time.time())}
     new_meta = {k: meta[k] for k in codec.CARD_KEYS if k in meta}
-    new_meta.update(layers=meta["layers"], prefix="null", card=json.dumps(card))
+    new_meta.update(format=codec.FORMAT, layers=meta["layers"], prefix="null", card=json.dumps(card))
     out = Path(out)
     container.write_tensors(out, tensors, new_meta)
     return out
@@ -189,9 +170,10 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
     some model is installed), older formats, damaged files set aside, prefix
     blocks nothing refers to, temporary files of crashed saves. Histories stay."""
     layout = Layout(cache_dir)
-    plan, used = [], set()
+    plan, used, named = [], set(), {}
     for p in layout.agent_files():
         meta = container.peek_meta(p)
+        named[p.name[: -len(SUFFIX)]] = segments.referenced(meta or {})
         if meta is None or meta.get("format") not in codec.FORMATS:
             continue  # not ours, or damaged: it is moved aside when an agent tries to use it
         if meta.get("version") != str(container.VERSION):
@@ -207,6 +189,9 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
     for p in layout.block_files():
         if layout.block_key(p) not in used:
             plan.append((p, "shared prefix block no agent uses"))
+    for name in layout.segment_owners():
+        for p in segments.unreferenced(layout, name, named.get(name, set())):
+            plan.append((p, "segment no manifest names"))
     for p in layout.set_aside_files():
         plan.append((p, "damaged cache file set aside"))
     for p in layout.stale_tmp_files():
@@ -236,7 +221,13 @@ def gc_apply(cache_dir: Path, plan: list[tuple[Path, str]]) -> int:
         except FileNotFoundError:
             return 0
 
-    freed = sum(rm(p) for p, _ in plan if not layout.is_block_file(p))
+    freed = sum(rm(p) for p, _ in plan if not layout.is_block_file(p) and not layout.is_segment_file(p))
+    owners = sorted({p.parent.name for p, _ in plan if layout.is_segment_file(p)})
+    for name in owners:  # rechecked under the agent's lock: a save may have named a new segment meanwhile
+        with layout.agent_lock(name, LOCK_TIMEOUT_S):
+            keep = segments.referenced(container.peek_meta(layout.agent_file(name)) or {}) if layout.agent_file(name).exists() else set()
+            gone = {p for p in segments.unreferenced(layout, name, keep)}
+            freed += sum(rm(p) for p, _ in plan if p in gone)
     planned = [p for p, _ in plan if layout.is_block_file(p)]
     if planned:
         with layout.blocks_lock(LOCK_TIMEOUT_S):

@@ -354,10 +354,10 @@ def agents_ls(
     json_out: Json = False,
 ):
     """Agents on disk: tier (warm: cache file, cold: history only), tokens, size, model, last use."""
-    from . import catalog
+    from .store import index  # not catalog: a listing imports no MLX
 
     d = _cache_dir(cache_dir)
-    infos = catalog.listing(d)
+    infos = index.listing(d)
     if model:  # only an installed model: listing never builds one
         from .config import default_home
         from .models.runner import fingerprint
@@ -372,12 +372,10 @@ def agents_ls(
     if not infos:
         typer.echo(f"no agents in {d}")
         return
-    typer.echo(f"{'NAME':<20} {'TIER':<7} {'TOKENS':>7} {'FILE':>12} {'SHARED':>12}  {'MODEL':<16} LAST USED")
-    for i in infos:
-        typer.echo(
-            f"{i['name']:<20} {i['tier']:<7} {i['tokens']:>7} {_kib(i['bytes']):>12} {_kib(i['shared_bytes']):>12}  "
-            f"{(i.get('model') or '-')[:16]:<16} {i.get('last_used') or '-'}"
-        )
+    lines = [f"{'NAME':<20} {'TIER':<7} {'TOKENS':>7} {'FILE':>12} {'SHARED':>12}  {'MODEL':<16} LAST USED"]
+    lines += [f"{i['name']:<20} {i['tier']:<7} {i['tokens']:>7} {_kib(i['bytes']):>12} {_kib(i['shared_bytes']):>12}  "
+              f"{(i.get('model') or '-')[:16]:<16} {i.get('last_used') or '-'}" for i in infos]
+    typer.echo("\n".join(lines))
 
 
 @agents_app.command("show")
@@ -540,7 +538,7 @@ def doctor(json_out: Json = False):
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="all, or one of: ttft, quality, bits, capacity, decode, interleave, handoff, server (comma separated).")] = "all",
+    which: Annotated[str, typer.Argument(help="all, or one of: ttft, quality, bits, capacity, decode, interleave, handoff, server, store (comma separated).")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: checks that everything runs (minutes), numbers not comparable.")] = False,
     models: Annotated[Optional[str], typer.Option("--models", help="Comma separated models for the benchmarks that take them.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Where the JSON, plots and REPORT.md go.")] = Path("bench_results"),

@@ -182,6 +182,7 @@ class LayerCache:
         self.sinks: tuple[mx.array, mx.array] | None = None  # q4c: exact keys, values of positions [0, n)
         self.fresh: tuple[int, mx.array] | None = None  # q4c: (first position, 8-bit keys) of the last append, until attention reads it
         self.expect: StoredShape | None = None
+        self.clean = 0  # positions [start, clean) hold the bytes they held at the last `take_changed`
         self._sink_arrays = None  # (sinks, dtype, keys transposed, values) for attention, rebuilt when either changes
 
     # -- mlx-lm cache protocol -------------------------------------------
@@ -280,6 +281,7 @@ class LayerCache:
             values = mx.concatenate([decode(v0, "q8", "v", values.dtype), values], axis=-2)
             self.segments.pop()
             self.offset = first
+            self.clean = min(self.clean, first)
         # What a query of this append sees of its own key group: 8 bits, as in a decode step
         # (attention.py); kept until the next append, never stored.
         self.fresh = (first, decode(encode(keys, "q8"), "q8", "k", mx.float32))
@@ -331,6 +333,7 @@ class LayerCache:
             raise ValueError(f"position {pos} is before this layer's next position {self.offset}")
         self.segments, self.start, self.offset = [], pos, pos
         self.sinks = self.fresh = None
+        self.clean = 0
 
     def _drop_outside_window(self, next_pos: int) -> None:
         """Drop whole leading blocks no query at or after `next_pos` can see."""
@@ -357,6 +360,7 @@ class LayerCache:
             out.append(s)
         self.start += self.stored - sum(s.length for s in out)
         self.segments = out
+        self.clean = 0  # a window moved: its layer is saved whole (store/segments.py)
         if self.start:
             self.sinks = None
 
@@ -415,6 +419,7 @@ class LayerCache:
         if not self.can_trim_to(n):
             raise ValueError(f"cannot trim layer cache to {n} tokens (stored from {self.start})")
         self.fresh = None
+        self.clean = min(self.clean, n)
         if n == 0:
             self.segments, self.start, self.offset, self.sinks = [], 0, 0, None
             return
@@ -441,6 +446,7 @@ class LayerCache:
         self.offset = n
         if tail is not None:
             self.offset -= tail[0].shape[-2]
+            self.clean = min(self.clean, self.offset)
             self.append(encode(tail[0], "q8", "k"), encode(tail[1], "q8", "v"), "q8")
 
     # -- attention ---------------------------------------------------------
@@ -462,6 +468,12 @@ class LayerCache:
                 return want, self.offset
             pos += s.length
         return want, self.offset
+
+    def take_changed(self) -> int:
+        """The first position whose stored bytes changed since the last call (appends
+        included), and start counting again: a save writes only from there."""
+        first, self.clean = min(self.clean, self.offset), self.offset
+        return first
 
     def stored_segments(self, first: int) -> list[tuple[str, tuple, tuple | None]]:
         """(encoding, keys, values) of the stored tokens from `first` on, one entry per run of one encoding."""
@@ -494,6 +506,7 @@ class LayerCache:
         c.start = start
         c.offset = offset
         c.segments = [Segment(k, v, _tokens(k), encoding=e) for e, k, v in runs]
+        c.clean = 0
         if any(e == "q4" for e, _, _ in runs) and c.encoding == "q4c":
             c.encoding = "q4"  # a latent layer
         return c
@@ -544,6 +557,10 @@ class AgentCache:
         if not self.can_trim_to(n):
             return 0  # a window layer no longer holds what position n would need
         return max(n, 0)
+
+    def take_changed(self) -> list[int]:
+        """Per layer, the first position changed since the last call (LayerCache.take_changed)."""
+        return [layer.take_changed() for layer in self.layers]
 
     def trim_to(self, n: int) -> None:
         for layer in self.layers:

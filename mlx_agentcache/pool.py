@@ -41,7 +41,7 @@ from .config import warn as default_warn
 from .kvcache import AgentCache
 from .q4 import BLOCK_TOKENS
 from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shared_bytes
-from .store import codec, container
+from .store import codec, container, formats, segments
 from .store.container import CacheFileError, CacheWriteError
 from .store.layout import Layout, validate_agent_name
 from .store.workers import Writer
@@ -70,6 +70,13 @@ def default_budget() -> int:
     return int(available_memory() * BUDGET_FRACTION)
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 class AgentBusyError(CacheWriteError):
     """Another process holds the agent's lock."""
 
@@ -91,6 +98,7 @@ class PoolStats:
     hits: dict = field(default_factory=lambda: {"hot": 0, "warm": 0, "cold": 0})
     bytes_written: int = 0
     bytes_read: int = 0
+    bytes_collected: int = 0  # segments no manifest names any more, deleted after a save
     writes: int = 0
     write_errors: int = 0
     evictions: int = 0
@@ -112,6 +120,7 @@ class _SaveJob:
     tensors: dict
     meta: dict
     prefix: str | None
+    seq: int  # this pool's snapshot number: a save writes what changed since the last one on disk
 
 
 class CachePool:
@@ -157,6 +166,9 @@ class CachePool:
         self._sizes: dict[str, int] = {}
         self._reserved: dict[str, int] = {}  # bytes claimed for a load or a turn, until checkin
         self._version: dict[str, int] = {}  # bumped at every checkin: an eviction checks nothing changed
+        self._gen: dict[str, str | None] = {}  # generation of the agent's manifest as this pool last read or wrote it
+        self._changed: dict[str, list[tuple[int, list[int]]]] = {}  # (seq, first changed position per layer) of snapshots not yet on disk
+        self._seq = 0
         self._lock = threading.RLock()
         self._over = False  # in an over-budget episode (warned once per episode)
         probe = new_cache()
@@ -280,9 +292,10 @@ class CachePool:
         path = self.path(name)
         try:
             st = path.stat()
+            size = segments.disk_bytes(path)
         except FileNotFoundError:
             return None
-        self._make_room(name, st.st_size)  # the file's tensors are about what the arrays take
+        self._make_room(name, size)  # the files' tensors are about what the arrays take
         read = [0]
 
         def prefix_source(key: str, n: int, tokens: list[int]):
@@ -290,9 +303,16 @@ class CachePool:
                 raise CacheFileError(f"{path.name}: shared prefix {key} is missing (this pool shares none)")
             return self.prefixes.segments(key, n, tokens, load=lambda k, t: self._read_block(k, t, read))
 
+        meta: dict = {}
         try:
-            cache, _ = codec.load(path, self.fingerprint, self.new_cache().layers, prefix_source=prefix_source)
-        except (CacheFileError, PrefixMissing) as e:
+            try:
+                cache, _ = codec.load(path, self.fingerprint, self.new_cache().layers, prefix_source=prefix_source, meta_out=meta)
+            except CacheFileError:
+                if _inode(path) in (st.st_ino, None):
+                    raise
+                st = path.stat()  # another process saved meanwhile (and collected the segments read): read its save
+                cache, _ = codec.load(path, self.fingerprint, self.new_cache().layers, prefix_source=prefix_source, meta_out=meta)
+        except (CacheFileError, PrefixMissing, FileNotFoundError) as e:
             with self._lock:
                 self.stats.refused_files += 1
             try:
@@ -303,7 +323,10 @@ class CachePool:
             self.warn(f"warning: cache for agent '{name}' not used ({e}); {where}; re-prefilling")
             return None
         with self._lock:
-            self.stats.bytes_read += st.st_size + read[0]
+            self.stats.bytes_read += st.st_size + formats.stored_bytes(meta) + read[0]
+            self._gen[name] = meta.get("gen")  # None for an older format: the next save writes everything
+            self._changed[name] = []
+            cache.take_changed()
         return cache
 
     def _read_block(self, key: str, tokens: list[int], read: list[int]):
@@ -418,9 +441,25 @@ class CachePool:
 
     # -- saving ----------------------------------------------------------------
     def _snapshot(self, name: str, cache: AgentCache) -> _SaveJob:
+        """Under the lock: the cache's views and where it changed since the previous snapshot."""
         ref = prefix_of(cache) if self.prefixes else None
         tensors, meta = codec.snapshot(cache, self.fingerprint, ref, model=self.model)
-        return _SaveJob(name, tensors, meta, ref[0] if ref else None)
+        self._seq += 1
+        self._changed.setdefault(name, []).append((self._seq, cache.take_changed()))
+        return _SaveJob(name, tensors, meta, ref[0] if ref else None, self._seq)
+
+    def _save_files(self, job: _SaveJob) -> int:
+        """Append the snapshot's changes to the agent's segments (caller holds the agent's lock)."""
+        with self._lock:
+            owed = [c for seq, c in self._changed.get(job.name, []) if seq <= job.seq]
+            changed = [min(x) for x in zip(*owed)] if owed else None
+            base = self._gen.get(job.name)
+        n, freed, gen = codec.save_segments(self.layout, job.name, job.tensors, job.meta, changed, base)
+        with self._lock:
+            self._gen[job.name] = gen
+            self._changed[job.name] = [(seq, c) for seq, c in self._changed.get(job.name, []) if seq > job.seq]
+            self.stats.bytes_collected += freed
+        return n
 
     def _run(self, jobs: list[_SaveJob], raise_for: str | None = None) -> int:
         """Hand snapshots to the writer, or write them now (no pool lock held).
@@ -452,11 +491,11 @@ class CachePool:
         try:
             with self.agent_lock(job.name):
                 if job.prefix is None:
-                    n = container.write_tensors(path, job.tensors, job.meta)
+                    n = self._save_files(job)
                 else:  # the block file must exist before a file refers to it; gc holds this lock too
                     with self.layout.blocks_lock(self.lock_timeout):
                         n = self._ensure_block(job.prefix)
-                        n += container.write_tensors(path, job.tensors, job.meta)
+                        n += self._save_files(job)
         except Timeout:
             raise AgentBusyError(errno.EBUSY, f"agent '{job.name}' is being saved by another process (waited {self.lock_timeout:g} s)") from None
         except CacheWriteError:
@@ -577,6 +616,8 @@ class CachePool:
             self.busy.discard(name)
             self._out.pop(name, None)
             self._reserved.pop(name, None)
+            self._gen.pop(name, None)
+            self._changed.pop(name, None)
             self._drop(name)
 
     # -- pins ------------------------------------------------------------------
@@ -586,7 +627,7 @@ class CachePool:
         then hold more than PIN_SHARE of the budget. Pins last as long as the pool."""
         validate_agent_name(name)
         try:
-            on_disk = self.path(name).stat().st_size if self.persist else None
+            on_disk = segments.disk_bytes(self.path(name)) if self.persist else None
         except FileNotFoundError:
             on_disk = None
         with self._lock:
@@ -629,16 +670,11 @@ class CachePool:
                 self.warn(f"warning: agent '{n}' unpinned: pinned agents grew past {PIN_SHARE:.0%} of the {self.budget / 2**20:.2f} MiB cache budget")
 
     def remove(self, name: str) -> list[Path]:
-        """Forget the agent (and its pin) and delete its cache file (under its lock). Returns removed paths."""
+        """Forget the agent (and its pin) and delete its cache file and segments (under its lock). Returns removed paths."""
         self.forget(name)
         with self._lock:
             self.pinned.discard(name)
-        removed = []
-        with self.agent_lock(name):
-            p = self.path(name)
-            if p.exists():
-                p.unlink()
-                removed.append(p)
+        removed = catalog.remove(self.dir, name, history=False, timeout=self.lock_timeout)
         if self.prefixes:
             self.prefixes.set_ref(name, None)
         return removed
@@ -691,9 +727,10 @@ class CachePool:
             return {"tier": "hot", "tokens": c.offset, "bytes": c.nbytes, "pending_write": pending, "unsaved": name in self.unsaved,
                     "pinned": name in self.pinned}
 
-    def describe(self, name: str) -> dict:
-        """Tier, tokens, bytes, model and last use of one agent, without loading its tensors."""
-        info = catalog.describe(self.dir, name)
+    def describe(self, name: str, stored: dict | None = None) -> dict:
+        """Tier, tokens, bytes, model and last use of one agent, without loading its tensors
+        (`stored`: what a listing already read of its files)."""
+        info = dict(stored) if stored is not None else catalog.describe(self.dir, name)
         info["model_match"] = info.get("fingerprint") == self.fingerprint if info.get("fingerprint") else None
         if not self.persist and info["tier"] == "warm":
             info["tier"] = "cold"

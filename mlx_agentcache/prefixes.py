@@ -322,6 +322,7 @@ def attach(cache: AgentCache, segs: list[SharedSegment], n: int, tokens: list[in
             rest = [Segment(_copy(k, 0, layer.offset - n), _copy(v, 0, layer.offset - n), layer.offset - n)]
         layer.segments = [seg] + rest
         layer.start = 0
+        layer.clean = 0  # its own segments start anew: the next save writes them whole
         if not keep:
             layer.offset = n
     if not keep:

@@ -635,5 +635,6 @@ class Runtime:
 
     def agents(self) -> list[dict]:
         """Every agent known in the cache directory, with tier, tokens and bytes."""
-        names = set(catalog.names(self.cache_dir)) | set(self.pool.known()) | set(self._agents)
-        return [self.pool.describe(n) for n in sorted(names)]
+        listed = {i["name"]: i for i in catalog.listing(self.cache_dir)}
+        names = set(listed) | set(self.pool.known()) | set(self._agents)
+        return [self.pool.describe(n, listed.get(n)) for n in sorted(names)]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mlx_agentcache import catalog
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
-from mlx_agentcache.store import codec, container, history
+from mlx_agentcache.store import codec, container, history, segments
 from mlx_agentcache.store.layout import Layout, validate_agent_name
 from tiny import tiny_runner, tokens
 
@@ -48,8 +48,11 @@ def saved_agent(d: Path, runner, name: str = "a", n: int = 40) -> Path:
 
 def rewrite(path: Path, change) -> None:
     """Change a file's tensors or metadata and write it back with correct checksums:
-    only the structure is wrong, never a CRC."""
-    tensors, meta = container.read_tensors(path, codec.FORMATS)
+    only the structure is wrong, never a CRC. A manifest's one segment holds the layers."""
+    _, meta, _ = container.read_header(path, codec.FORMATS)
+    if meta["format"] == codec.MANIFEST:
+        (path,) = Layout(path.parent).segment_files(Layout.agent_of(path))
+    tensors, meta = container.read_tensors(path, codec.FORMATS + (segments.SEGMENT_FORMAT,))
     tensors = {k: np.array(v) for k, v in tensors.items()}
     change(tensors, meta)
     container.write_tensors(path, tensors, meta)

@@ -31,16 +31,16 @@ import numpy as np
 
 from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
-from . import numbers
+from . import formats, numbers, segments
 from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
+from .formats import block_tokens, prefix_ref  # noqa: F401  (re-exported: callers read them from the codec)
 from .layout import Layout
 
 ENCODINGS = ("fp16", "q8", "q4", "q4c")
 
-FORMAT = "agentcache-kv-2"
-FORMAT_V1 = "agentcache-kv"
-FORMATS = (FORMAT, FORMAT_V1)
-BLOCK_FORMAT = "agentcache-prefix"
+FORMAT, FORMAT_V1, MANIFEST = formats.FORMAT, formats.FORMAT_V1, formats.MANIFEST
+FORMATS = formats.AGENT_FORMATS
+BLOCK_FORMAT = formats.BLOCK
 CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "kv_mode", "group_size", "block_tokens", "n_tokens", "extra")
 
 
@@ -52,6 +52,9 @@ def tensor_name(layer: int, part: str, j: int, run: int = 0) -> str:
 
 def sinks_name(layer: int, part: str) -> str:
     return f"layers.{layer}.sinks.{part}"
+
+
+NAMES = (tensor_name, sinks_name)  # handed to segments.py, which keeps codec's tensor names
 
 
 def stored_views(layer: LayerCache, first: int) -> tuple[tuple, tuple | None]:
@@ -136,7 +139,8 @@ def block_snapshot(layers: list[tuple[tuple, tuple | None]], tokens: list[int], 
 
 
 def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = None, prefix: tuple[str, int] | None = None, model: str | None = None) -> int:
-    """Write `cache` to `path` atomically; returns bytes written.
+    """Write `cache` to `path` atomically as one self-contained file (format 2: cards,
+    tests); agents are saved as segments (`save_segments`). Returns bytes written.
 
     `prefix` = (hash, tokens): the first `tokens` positions live in that
     shared prefix block file and are not written here.
@@ -144,11 +148,22 @@ def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = N
     return write_tensors(path, *snapshot(cache, fingerprint, prefix, extra, model))
 
 
+def save_segments(layout: Layout, agent: str, tensors: dict, meta: dict, changed: list[int] | None = None,
+                  base: str | None = None) -> tuple[int, int, str]:
+    """A snapshot written as the agent's new segment and manifest (segments.save):
+    (bytes written, bytes of old segments deleted, generation)."""
+    body = LayerCache(meta["kv_mode"]).encoding
+    return segments.save(layout, agent, tensors, meta, changed, base, body, NAMES)
+
+
 PrefixSource = Callable[[str, int, list[int]], list[Segment]]
 
 
-def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None) -> tuple[AgentCache, dict]:
+def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None,
+         meta_out: dict | None = None) -> tuple[AgentCache, dict]:
     """Read, verify and rebuild an AgentCache. Raises CacheFileError on any doubt.
+    A manifest's segments are read and joined first (segments.py); `meta_out` receives the
+    file's metadata.
 
     `prefix_source(hash, n, tokens)` returns one shared segment per layer for
     a file that refers to a prefix block (see prefixes.py); without it the
@@ -161,10 +176,14 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             raise CacheFileError(f"{path.name}: cache was made by another model (fingerprint {meta.get('fingerprint')}, this model {fingerprint})")
 
     arrays, meta = read_arrays(path, FORMATS, same_model)
+    if meta["format"] == MANIFEST:
+        arrays, meta = segments.assemble(path, arrays, meta, fingerprint, NAMES)
+    if meta_out is not None:
+        meta_out.update(meta)
     try:
         spans = json.loads(meta["layers"])
         bits = numbers.count(meta["kv_bits"], "kv_bits", 1, 16)
-        mode = meta.get("kv_mode") if meta["format"] == FORMAT else None
+        mode = meta.get("kv_mode") if meta["format"] != FORMAT_V1 else None
         extra = json.loads(meta.get("extra", "{}"))
         prefix = json.loads(meta.get("prefix", "null"))
         tokens = arrays.pop("tokens")
@@ -260,29 +279,6 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expec
     if arrays or (expect is not None and len(out) != len(expect)):
         raise CacheFileError(f"{path.name}: prefix block has {len(out)} layers or unexpected tensors")
     return out
-
-
-def block_tokens(meta: dict) -> list[int]:
-    """The token ids a prefix block file holds (from its checked metadata); ValueError if they are not."""
-    try:
-        tokens = json.loads(meta["tokens"])
-    except RecursionError:
-        raise ValueError("token list nested too deep") from None
-    if not isinstance(tokens, list):
-        raise ValueError("token list is not a list")
-    return [numbers.count(t, "token id", 0, MAX_DIM) for t in tokens]
-
-
-def prefix_ref(meta: dict) -> dict | None:
-    """An agent file's shared-prefix reference {"hash": str, "tokens": int}, or None
-    (none, or not a reference at all)."""
-    try:
-        ref = json.loads(meta.get("prefix", "null"))
-        if isinstance(ref, dict) and isinstance(ref.get("hash"), str):
-            return {"hash": ref["hash"], "tokens": numbers.count(ref.get("tokens"), "prefix tokens", 1, MAX_DIM)}
-    except (ValueError, RecursionError):
-        pass
-    return None
 
 
 def _span(i: int, s: object, n_tokens: int) -> dict:

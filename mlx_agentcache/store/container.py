@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-import mlx.core as mx
 import numpy as np
 
 from . import numbers
@@ -39,8 +38,6 @@ MAX_DIM = (1 << 31) - 1  # MLX array dimensions are 32-bit
 
 _DTYPES = {"U32": np.uint32, "F16": np.float16, "I32": np.int32, "F32": np.float32, "U8": np.uint8}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-_MX_DTYPES = {"U32": mx.uint32, "F16": mx.float16, "I32": mx.int32, "F32": mx.float32, "U8": mx.uint8}
-_empty = getattr(mx, "empty", mx.zeros)
 
 
 class CacheFileError(Exception):
@@ -254,7 +251,7 @@ def read_tensors(path: Path, formats: tuple[str, ...], check: Callable[[dict], N
     return out, meta
 
 
-def read_arrays(path: Path, formats: tuple[str, ...], check: Callable[[dict], None] | None = None) -> tuple[dict[str, mx.array], dict]:
+def read_arrays(path: Path, formats: tuple[str, ...], check: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
     """Read a file straight into MLX memory and verify it: ({name: array}, metadata).
 
     Every tensor is read with `readinto` into a freshly allocated MLX buffer
@@ -262,6 +259,9 @@ def read_arrays(path: Path, formats: tuple[str, ...], check: Callable[[dict], No
     the array, and nothing is used before every check passed. The file is
     opened once, so a concurrent atomic replace cannot mix two versions.
     """
+    import mlx.core as mx  # here, not at the top: listings (index.py) read headers without MLX
+
+    empty = getattr(mx, "empty", mx.zeros)
     path = Path(path)
     try:
         with open(path, "rb", buffering=0) as f:
@@ -271,7 +271,7 @@ def read_arrays(path: Path, formats: tuple[str, ...], check: Callable[[dict], No
                 check(meta)
             crcs = _crcs(path.name, header, meta)
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-            arrays = {name: _empty(tuple(e["shape"]), _MX_DTYPES[e["dtype"]]) for name, e in entries}
+            arrays = {name: empty(tuple(e["shape"]), getattr(mx, np.dtype(_DTYPES[e["dtype"]]).name)) for name, e in entries}
             mx.eval(list(arrays.values()))
             with ThreadPoolExecutor(1) as checker:  # checksums overlap the next reads (both release the GIL)
                 sums = []

@@ -1,6 +1,7 @@
 """Where an agent's files live and what their names mean: the disk layout, spelled once.
 
-    <cache_dir>/<agent>.safetensors            the agent's KV cache (codec.FORMAT)
+    <cache_dir>/<agent>.safetensors            the agent's KV cache: a manifest (segments.py; older: codec.FORMAT)
+    <cache_dir>/segments/<agent>/<id>.safetensors  an immutable segment of the agent's cache
     <cache_dir>/<agent>.json                   its conversation history
     <cache_dir>/<agent>.safetensors.bad-<t>-<pid>  a refused file, moved aside (histories too)
     <cache_dir>/.<file>.tmp<pid>               a save in progress (stale once <pid> is gone)
@@ -8,6 +9,7 @@
     <cache_dir>/.locks/<agent>.turn            held by a turn from reading the history to its saves
     <cache_dir>/blocks/<hash>.safetensors      a shared prefix (codec.BLOCK_FORMAT)
     <cache_dir>/blocks/.lock                   held while a block is written or collected
+    <cache_dir>/.index/agents.json             the listing index (index.py): what each agent's files said
     <anything>.card.safetensors                an agent archive (`agents export`; cards.py writes cache cards)
 
 Every other module asks a `Layout` for paths and never builds one itself.
@@ -27,7 +29,9 @@ HISTORY_SUFFIX = ".json"
 CARD_SUFFIX = ".card" + SUFFIX
 CACHE_CARD_SUFFIX = ".card"  # a cache card (cards.py), wherever the user keeps it
 BLOCKS_DIR = "blocks"
+SEGMENTS_DIR = "segments"
 LOCKS_DIR = ".locks"
+INDEX_DIR, INDEX = ".index", "agents.json"
 # Anchored at both ends (\Z, not $: `$` also matches before a trailing newline).
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 TMP_RE = re.compile(r"\A\..+\.tmp(\d+)\Z")
@@ -103,6 +107,11 @@ class Layout:
     def agent_file(self, name: str) -> Path:
         return self.dir / (validate_agent_name(name) + SUFFIX)
 
+    @staticmethod
+    def agent_of(path: Path) -> str:
+        """The agent whose cache file `path` is."""
+        return Path(path).name[: -len(SUFFIX)]
+
     def history_file(self, name: str) -> Path:
         return self.dir / (validate_agent_name(name) + HISTORY_SUFFIX)
 
@@ -119,6 +128,30 @@ class Layout:
 
     def agent_lock(self, name: str, timeout: float) -> FileLock:
         return FileLock(self.lock_file(name), timeout=timeout)
+
+    # -- an agent's segments ------------------------------------------------------
+    def segments_dir(self, name: str) -> Path:
+        return self.dir / SEGMENTS_DIR / validate_agent_name(name)
+
+    def segment_file(self, name: str, seg_id: str) -> Path:
+        return self.segments_dir(name) / f"{seg_id}{SUFFIX}"
+
+    @staticmethod
+    def segment_id(path: Path) -> str:
+        return Path(path).name[: -len(SUFFIX)]
+
+    def segment_files(self, name: str) -> list[Path]:
+        """The agent's segment files (not temporary files of saves in progress)."""
+        d = self.segments_dir(name)
+        return sorted(d.glob("[!.]*" + SUFFIX)) if d.is_dir() else []
+
+    def is_segment_file(self, path: Path) -> bool:
+        return Path(path).parent.parent == self.dir / SEGMENTS_DIR
+
+    def segment_owners(self) -> list[str]:
+        """Agents with a segments folder (their manifest may be gone)."""
+        d = self.dir / SEGMENTS_DIR
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and is_agent_name(p.name)) if d.is_dir() else []
 
     # -- shared prefix blocks ---------------------------------------------------
     @property
@@ -142,6 +175,28 @@ class Layout:
 
     def block_files(self) -> list[Path]:
         return sorted(self.blocks_dir.glob("*" + SUFFIX))
+
+    @property
+    def index_file(self) -> Path:
+        return self.dir / INDEX_DIR / INDEX
+
+    def scan(self, known: set[str] = frozenset()) -> dict[str, tuple[os.stat_result | None, os.stat_result | None]]:
+        """Agents with a cache file or a history, from one directory read:
+        name -> (stat of the cache file, stat of the history), None where it has none.
+        Names in `known` were checked before and are not checked again."""
+        out: dict[str, list] = {}
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return {}
+        for e in entries:
+            for slot, suffix in ((0, SUFFIX), (1, HISTORY_SUFFIX)):
+                if e.name.endswith(suffix) and (e.name[: -len(suffix)] in known or self._listed(e.name[: -len(suffix)])):
+                    try:
+                        out.setdefault(e.name[: -len(suffix)], [None, None])[slot] = e.stat()
+                    except FileNotFoundError:
+                        pass
+        return {n: (c, h) for n, (c, h) in out.items()}
 
     # -- listing ------------------------------------------------------------------
     def agent_files(self) -> list[Path]:
@@ -168,7 +223,8 @@ class Layout:
 
     def stale_tmp_files(self) -> list[Path]:
         """Temporary files of saves whose process died."""
-        return [p for d in (self.dir, self.blocks_dir) for p in sorted(d.glob(".*.tmp*")) if is_stale_tmp(p)]
+        dirs = [self.dir, self.blocks_dir] + [self.segments_dir(n) for n in self.segment_owners()]
+        return [p for d in dirs for p in sorted(d.glob(".*.tmp*")) if is_stale_tmp(p)]
 
     def remove_stale_tmp(self) -> None:
         for p in self.stale_tmp_files():

@@ -1,0 +1,49 @@
+"""The `format` names of the store's files and the metadata fields listings read,
+spelled once and importable without MLX (store/index.py lists agents with them)."""
+
+from __future__ import annotations
+
+import json
+
+from . import numbers
+from .container import MAX_DIM
+
+FORMAT = "agentcache-kv-2"  # one self-contained agent file (cards; agents saved before segments)
+FORMAT_V1 = "agentcache-kv"  # before q4c: no kv_mode
+MANIFEST = "agentcache-kv-3"  # an agent's manifest naming its segments (segments.py)
+SEGMENT = "agentcache-segment"
+BLOCK = "agentcache-prefix"  # a shared prefix block (prefixes.py)
+AGENT_FORMATS = (FORMAT, FORMAT_V1, MANIFEST)  # what `<agent>.safetensors` may hold
+
+
+def block_tokens(meta: dict) -> list[int]:
+    """The token ids a prefix block file holds (from its checked metadata); ValueError if they are not."""
+    try:
+        tokens = json.loads(meta["tokens"])
+    except RecursionError:
+        raise ValueError("token list nested too deep") from None
+    if not isinstance(tokens, list):
+        raise ValueError("token list is not a list")
+    return [numbers.count(t, "token id", 0, MAX_DIM) for t in tokens]
+
+
+def prefix_ref(meta: dict) -> dict | None:
+    """An agent file's shared-prefix reference {"hash": str, "tokens": int}, or None
+    (none, or not a reference at all)."""
+    try:
+        ref = json.loads(meta.get("prefix", "null"))
+        if isinstance(ref, dict) and isinstance(ref.get("hash"), str):
+            return {"hash": ref["hash"], "tokens": numbers.count(ref.get("tokens"), "prefix tokens", 1, MAX_DIM)}
+    except (ValueError, RecursionError):
+        pass
+    return None
+
+
+def stored_bytes(meta: dict) -> int:
+    """Bytes of the segments a manifest names (0 for a self-contained file)."""
+    if meta.get("format") != MANIFEST:
+        return 0
+    try:
+        return numbers.count(meta.get("stored_bytes", "0"), "stored_bytes", 0, 1 << 62)
+    except ValueError:  # a listing's figure only: the segments themselves are checked when read
+        return 0
