@@ -247,6 +247,7 @@ class Agent:
         seed: int | None = None,
         stop: list[str] | None = None,
         tools: bool = False,
+        constraint: object | None = None,
     ) -> Handle:
         """Queue a turn on a prompt the caller rendered (an HTTP client sends the
         whole conversation each time, so the request, not the stored history, is
@@ -256,6 +257,7 @@ class Agent:
         at the first of `stop`, and the cache is cut back to it as after `chat`
         (not when `tools` were rendered into the prompt: the history does not
         hold them); without, the history stays as it is (a raw text completion).
+        `constraint` keeps the reply inside a grammar (server/grammar.Constraint).
         Bad options or a prompt that cannot fit raise ValueError before anything is queued."""
         rt = self.runtime
         limits.options(max_tokens, temperature, seed)
@@ -282,6 +284,7 @@ class Agent:
             rt.seed if seed is None else seed,
             record=record,
             ended=self._turn_ended,
+            constraint=constraint,
         )
         try:
             return rt.scheduler.submit(turn)

@@ -101,6 +101,7 @@ class Turn:
     seed: int = 0
     record: Callable[["Handle"], list[int] | None] | None = None
     ended: Callable[["Handle"], None] | None = None  # after the turn closed, however it ended (turnlock.py)
+    constraint: object | None = None  # allowed(size) -> bool mask, advance(token), done: a grammar (server/grammar.py)
 
 
 class Handle:
@@ -406,10 +407,13 @@ class Scheduler:
         greedy = [h.turn.temperature <= 0 for h in batch]
         picks = mx.argmax(logits, axis=-1).tolist() if any(greedy) else None
         self.timeline.append(("decode", tuple(h.agent for h in batch), t0, time.perf_counter()))
-        self._running = [h for i, h in enumerate(batch) if self._emit(h, logits[i], picks[i] if greedy[i] else None)]
+        self._running = [h for i, h in enumerate(batch) if self._emit(h, logits[i], picks[i] if greedy[i] and h.turn.constraint is None else None)]
 
     def _emit(self, h: Handle, logits: mx.array, pick: int | None = None) -> bool:
-        """Sample one token; stream it. False when the turn ended."""
+        """Sample one token (within the turn's grammar, if any); stream it. False when the turn ended."""
+        c = h.turn.constraint
+        if c is not None:  # only this row's logits are masked: the batch's step is shared
+            logits = mx.where(mx.array(c.allowed(logits.shape[-1])), logits, -mx.inf)
         if pick is not None:
             tok = pick
         elif h.turn.temperature <= 0:
@@ -430,6 +434,11 @@ class Scheduler:
         piece = h._detok.last_segment  # reading it consumes it
         if piece:
             h._queue.put(piece)
+        if c is not None:
+            c.advance(tok)
+            if c.done:  # the grammar is complete: only an end of turn could follow
+                self._end(h, "done")
+                return False
         if len(h.tokens) >= h.turn.max_tokens:
             self._end(h, "done")
             return False

@@ -214,15 +214,6 @@ def test_anonymous_requests_continue_the_conversation_they_extend(server):
     assert info3["agent"] != info["agent"]  # a conversation that does not extend it gets its own agent
 
 
-def test_tools_are_ignored_honestly_when_the_template_has_none(server):
-    client = server.openai()
-    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-    text, _, info, _ = chat(client, "tools-1", [{"role": "user", "content": "What time is it?"}], tools=[tool])
-    assert text and info["tools"] == "ignored"
-    with pytest.raises(openai.BadRequestError, match="no tool support"):
-        chat(client, "tools-1", [{"role": "user", "content": "What time is it?"}], tools=[tool], tool_choice="required")
-
-
 # -- Anthropic ---------------------------------------------------------------------------
 def test_anthropic_messages_usage_and_stream(server, tokenizer):
     client = server.anthropic()

@@ -4,6 +4,7 @@ parsing, identities, rate limits and the restore-overlap measure."""
 import pytest
 
 from mlx_agentcache.server import conversation as conv
+from mlx_agentcache.server import tools as tl
 from mlx_agentcache.server.errors import APIError
 from mlx_agentcache.server.metrics import _union_overlap
 from mlx_agentcache.server.state import RateLimiter, derived_name
@@ -41,9 +42,45 @@ def test_anthropic_messages_put_system_first_and_split_tool_results():
 
 
 def test_tool_calls_are_parsed_out_of_the_reply():
-    text, calls = conv.parse_tool_calls('Sure. <tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>')
+    text, calls = tl.parse_calls('Sure. <tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>')
     assert text == "Sure." and calls[0]["name"] == "get_time" and calls[0]["arguments"] == {"tz": "UTC"}
-    assert conv.parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert tl.parse_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+def test_generic_format_renders_tools_calls_results_and_late_system_messages_as_alternating_text():
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
+    out = tl.plain_conversation(conv.anthropic_messages("Sys", [
+        {"role": "user", "content": "Q"},
+        {"role": "system", "content": "Late note."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "42"}]},
+    ]), tools)
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"].startswith("Sys\n\n# Tools") and '{"name":"f","description":"d","parameters":{"type":"object"}}' in out[0]["content"]
+    assert out[1]["content"] == "Q\n\n<system>\nLate note.\n</system>"
+    assert out[2]["content"] == '<tool_call>{"name":"f","arguments":{"a":1}}</tool_call>'
+    assert out[3]["content"] == "<tool_response>\n42\n</tool_response>"
+
+
+def test_tool_choice_names_a_given_tool_or_is_refused():
+    tools = [{"type": "function", "function": {"name": n}} for n in ("a", "b")]
+    assert tl.required_tools(tools, "auto", "openai") is None
+    assert tl.required_tools(tools, "required", "openai") == tools
+    assert tl.required_tools(tools, {"type": "tool", "name": "b"}, "anthropic") == tools[1:]
+    for choice, api in (({"type": "function", "function": {"name": "c"}}, "openai"), ({"type": "tool", "name": "c"}, "anthropic")):
+        with pytest.raises(APIError, match="'c', which is not in tools"):
+            tl.required_tools(tools, choice, api)
+
+
+def test_closed_schemas_take_no_unlisted_keys_unless_they_say_so():
+    from mlx_agentcache.server.grammar import closed
+
+    schema = {"type": "object", "properties": {"o": {"type": "object", "properties": {"x": {"const": {"properties": {}}}}},
+                                               "free": {"type": "object", "properties": {}, "additionalProperties": True}}}
+    out = closed(schema)
+    assert out["additionalProperties"] is False and out["properties"]["o"]["additionalProperties"] is False
+    assert out["properties"]["free"]["additionalProperties"] is True
+    assert out["properties"]["o"]["properties"]["x"] == {"const": {"properties": {}}}  # values are not schemas
 
 
 def test_identities_that_are_not_agent_names_are_hashed():

@@ -18,9 +18,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import conversation as conv
+from . import grammar as gr
+from . import tools as tl
+from ..limits import MAX_TOKENS
 from .errors import APIError
-from .params import boolean, number, read_json, stops
+from .params import boolean, ignored, number, read_json, stops
 
+EARLY_HEADERS = ("x-agentcache-agent", "x-agentcache-max-tokens")  # known before the turn starts
+PING_S = 5.0  # seconds between pings while a stream waits for its first token
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "stop_sequence": "stop_sequence"}
 
 
@@ -33,6 +38,10 @@ def _marks_cache(body: dict) -> bool:
     return '"cache_control"' in json.dumps([body.get("system"), body.get("messages"), body.get("tools")])
 
 
+FIELDS = {"model", "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stream", "stop_sequences", "metadata", "tools",
+          "tool_choice", "output_format"}
+
+
 async def _parse(state, body: dict):
     rt = state.rt()
     model = state.check_model(body.get("model"))
@@ -41,36 +50,54 @@ async def _parse(state, body: dict):
     choice = body.get("tool_choice") or {}
     if not isinstance(choice, dict):
         raise APIError(400, "tool_choice: must be an object such as {type: auto}")
+    required = tl.required_tools(tools, choice, "anthropic")
     if choice.get("type") == "none":
         tools = []
-    prompt, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools, choice.get("type") in ("any", "tool"))
-    return rt, model, messages, prompt, tools_mode
+    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools)
+    return rt, model, rendered, prompt, tools_mode, required
+
+
+def _grammar(body: dict, required) -> str | None:
+    """A required tool call, or structured output: `output_config.format` or the
+    older `output_format`, both `{type: json_schema, schema}`."""
+    if required:
+        return gr.tool_call_grammar(required)
+    config = body.get("output_config")
+    fmt = body.get("output_format") or (config.get("format") if isinstance(config, dict) else None)
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise APIError(400, "output_config.format: must be {type: json_schema, schema: {...}}")
+    return gr.json_schema_grammar(fmt["schema"], "output_config.format.schema")
 
 
 async def count_tokens(request: Request):
     state = request.app.state.server
     body = await read_json(request, state.config.max_body_bytes)
-    _, _, _, prompt, _ = await _parse(state, body)
+    prompt = (await _parse(state, body))[3]
     return JSONResponse({"input_tokens": len(prompt)})
 
 
 async def messages(request: Request):
     state = request.app.state.server
     body = await read_json(request, state.config.max_body_bytes)
-    rt, model, msgs, prompt, tools_mode = await _parse(state, body)
+    rt, model, msgs, prompt, tools_mode, required = await _parse(state, body)
     if "max_tokens" not in body:
         raise APIError(400, "max_tokens: Field required")
-    max_tokens = number(body, "max_tokens", None, 1, rt.context_length, integer=True)
-    conv.check_length(rt, len(prompt), max_tokens)
+    max_tokens, clamped = conv.fit_max_tokens(rt, len(prompt), number(body, "max_tokens", None, 1, MAX_TOKENS, integer=True), 0)
     temperature = number(body, "temperature", None, 0.0, 1.0)
     number(body, "top_p", None, 0.0, 1.0)
     number(body, "top_k", None, 0, 1 << 31, integer=True)
     stream = boolean(body, "stream")
     stop = stops(body, "stop_sequences", 64)
+    grammar = _grammar(body, required)
     creation = _marks_cache(body)
     agent, source = state.pick_agent(request, body, msgs)
     state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, msgs, max_tokens, temperature, None, stop, tools=tools_mode == "rendered")
+    run = await state.start_turn(request, agent, source, prompt, messages=msgs, max_tokens=max_tokens, temperature=temperature,
+                                 stop=stop, tools=tools_mode == "template", grammar=grammar)
+    run.note(tools=tools_mode, max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens},
+             ignored=ignored(body, FIELDS) + [f"?{k}" for k in request.query_params] + (["anthropic-beta"] if "anthropic-beta" in request.headers else []))
     mid = "msg_" + uuid.uuid4().hex[:24]
 
     def usage(final: bool = True) -> dict:
@@ -83,16 +110,10 @@ async def messages(request: Request):
             "output_tokens": s.generated_tokens if final else 0,
         }
 
-    def info():
-        out = run.info()
-        if tools_mode:
-            out["tools"] = tools_mode
-        return out
-
     def blocks(text: str) -> tuple[list[dict], str]:
         calls = []
-        if tools_mode == "rendered":
-            text, calls = conv.parse_tool_calls(text)
+        if tools_mode:
+            text, calls = tl.parse_calls(text)
         out = [{"type": "text", "text": text}] if text or not calls else []
         out += [{"type": "tool_use", "id": "toolu_" + c["id"][5:], "name": c["name"], "input": c["arguments"]} for c in calls]
         return out, ("tool_use" if calls else STOP_REASONS[run.finish])
@@ -108,19 +129,29 @@ async def messages(request: Request):
         content, reason = blocks(text)
         return JSONResponse(
             {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": reason,
-             "stop_sequence": run.stop_hit, "usage": usage(), "x_agentcache": info()},
+             "stop_sequence": run.stop_hit, "usage": usage(), "x_agentcache": run.info()},
             headers=run.headers(),
         )
 
-    first = await run.watching(request, run.first())
-    if run.error is not None and first is None:
-        raise APIError(500, f"the turn failed: {run.error}")
-
     async def events():
+        # The stream opens at once and pings while the prompt is read: a long
+        # prompt on a CPU takes minutes, longer than clients wait for a first byte.
         yield _event("message_start", {"type": "message_start", "message": {
             "id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
             "stop_sequence": None, "usage": usage(final=False)}})
-        if tools_mode == "rendered":  # tool calls are known only once the reply is complete
+        waiting = asyncio.ensure_future(run.first())
+        try:
+            while not (await asyncio.wait({waiting}, timeout=PING_S))[0]:
+                yield _event("ping", {"type": "ping"})
+        finally:
+            if not waiting.done():  # the client went away: the turn stops
+                waiting.cancel()
+                run.cancel()
+        first = waiting.result()
+        if run.error is not None and first is None:
+            yield _event("error", {"type": "error", "error": {"type": "api_error", "message": f"the turn failed: {run.error}"}})
+            return
+        if tools_mode:  # tool calls are known only once the reply is complete
             text = first or ""
             async for piece in run.rest():
                 text += piece
@@ -148,7 +179,7 @@ async def messages(request: Request):
             return
         remember(run.text)
         yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": run.stop_hit},
-                                       "usage": usage(), "x_agentcache": info()})
+                                       "usage": usage(), "x_agentcache": run.info()})
         yield _event("message_stop", {"type": "message_stop"})
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={**run.headers(), "cache-control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers={**{k: v for k, v in run.headers().items() if k in EARLY_HEADERS}, "cache-control": "no-cache"})

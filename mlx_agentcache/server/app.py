@@ -1,8 +1,8 @@
 """The ASGI application: routes, the API-key and body-size gate, errors in
 each API's shape, model loading in the background.
 
-`/health` answers without a key: 503 while the model loads, 200 once it
-serves, 500 if loading failed. Every other route needs a key when any is
+`/health` and `/` (Claude Code probes `HEAD /`) answer without a key;
+`/health`: 503 while the model loads, 200 once it serves, 500 if loading failed. Every other route needs a key when any is
 set (`Authorization: Bearer KEY` or `x-api-key: KEY`); a key scoped to a
 name prefix sees only those agents. Without a key, writes must be JSON (or
 octet-stream uploads) and Host must name this server (docs/server.md,
@@ -32,6 +32,7 @@ from .params import read_body
 from ..store.layout import CACHE_CARD_SUFFIX, CARD_SUFFIX, is_agent_name
 from .state import ServerConfig, ServerState, parse_keys
 
+OPEN_PATHS = ("/", "/health")
 CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/(card|cachecard)$")
 AGENT_ROUTE = re.compile(r"^/v1/agents/([^/]+)")
 
@@ -74,7 +75,7 @@ class Gate:
     def _check(self, scope: dict, path: str, method: str, headers: dict) -> APIError | None:
         cfg = self.state.config
         card = CARD_ROUTE.match(path)
-        if self.keys and path != "/health":
+        if self.keys and path not in OPEN_PATHS:
             auth = headers.get("authorization") or b""
             given = [headers.get("x-api-key") or b""] + ([auth[7:].strip()] if auth[:7].lower() == b"bearer " else [])
             # either header, whichever holds a key; every key compared (no early exit)
@@ -177,6 +178,10 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         return JSONResponse({"status": "loading", "model": state.config.model}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root():
+        return {"status": "ok" if state.runtime is not None else "loading", "service": "agentcache"}
 
     @app.get("/metrics")
     async def metrics():

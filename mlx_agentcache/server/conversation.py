@@ -1,30 +1,26 @@
 """Both APIs' messages as one conversation the chat template renders, tools,
-and the context-length check.
+and the context-length fit.
 
 Messages become `{"role", "content"}` dicts (OpenAI's layout, which Hugging
 Face chat templates expect): text parts are joined, Anthropic's top-level
-`system` becomes the first message, `tool_result` blocks become `tool`
-messages and `tool_use` blocks an assistant's `tool_calls`. Images and other
-media are refused: the models served here read text only.
+`system` becomes the first message and a `system` message inside `messages`
+stays at its position, `tool_result` blocks become `tool` messages and
+`tool_use` blocks an assistant's `tool_calls`. Images and other media are
+refused: the models served here read text only.
 
-Tools are rendered only when the model's chat template uses them (SmolLM2's
-and Gemma 3's do not). Otherwise a request that merely offers tools gets a
-plain text reply, marked `tools: "ignored"` in `x_agentcache`, and one that
-requires a tool call is refused. Tool calls are read back from the reply in
-the `<tool_call>{"name": ..., "arguments": ...}</tool_call>` form that
-tool-capable templates (Qwen, Hermes, SmolLM3) ask for.
+Tools go through the chat template when it uses them; otherwise (SmolLM2,
+Gemma 3) through the generic text format of tools.py, which also renders
+earlier calls and results.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 
+from . import tools as tl
 from .errors import APIError
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
 def _text(content, where: str) -> str:
@@ -87,8 +83,8 @@ def anthropic_messages(system, raw) -> list[dict]:
     if system:
         out.append({"role": "system", "content": _text(system, "system")})
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise APIError(400, f"messages.{i}: 'role' must be 'user' or 'assistant'")
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise APIError(400, f"messages.{i}: 'role' must be 'user', 'assistant' or 'system'")
         content = m.get("content")
         if isinstance(content, list):
             text, calls, results = [], [], []
@@ -131,41 +127,28 @@ def tools_supported(rt) -> bool:
     return "tools" in rt.chat_template
 
 
-def render(rt, messages: list[dict], tools: list[dict], tool_required: bool) -> tuple[list[int], str | None]:
-    """Prompt tokens, and how tools were handled: None (none offered), "rendered" or "ignored"."""
-    mode = None
-    if tools:
-        if tools_supported(rt):
-            mode = "rendered"
-        elif tool_required:
-            raise APIError(400, f"the chat template of {rt.model_name} has no tool support, so a tool call cannot be required", param="tool_choice")
-        else:
-            mode = "ignored"
+def render(rt, messages: list[dict], tools: list[dict]) -> tuple[list[int], list[dict], str | None]:
+    """Prompt tokens, the conversation as rendered (what the agent's history
+    keeps), and how tools were rendered: None (none offered), "template" or "generic"."""
+    mode = ("template" if tools_supported(rt) else "generic") if tools else None
+    if mode == "template":
+        conversation = tl.fold_system(messages)
+    else:
+        conversation = tl.plain_conversation(messages, tools)
     try:
-        return rt.render(messages, tools if mode == "rendered" else None), mode
-    except APIError:
-        raise
+        return rt.render(conversation, tools if mode == "template" else None), conversation, mode
     except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
         raise APIError(400, f"the chat template of {rt.model_name} cannot render these messages: {e}", param="messages") from None
 
 
-def check_length(rt, n_prompt: int, max_tokens: int) -> None:
+def fit_max_tokens(rt, n_prompt: int, requested: int | None, default: int) -> tuple[int, int | None]:
+    """(max_tokens granted, the requested value when it was clamped to what the
+    context leaves after the prompt, else None). A prompt that leaves no room is a 400."""
     limit = rt.context_length
-    if n_prompt + max_tokens > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested {n_prompt + max_tokens} tokens "
-                            f"({n_prompt} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
-                       code="context_length_exceeded", param="messages")
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """Text without its `<tool_call>` blocks, and the calls as (name, arguments dict)."""
-    calls = []
-    for m in TOOL_CALL_RE.finditer(text):
-        try:
-            obj = json.loads(m.group(1))
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-            args = obj.get("arguments", obj.get("parameters", {}))
-            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": obj["name"], "arguments": args if isinstance(args, dict) else {}})
-    return (TOOL_CALL_RE.sub("", text).strip() if calls else text), calls
+    room = limit - n_prompt
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt is {n_prompt} tokens, which leaves no room "
+                            f"for a reply. Please reduce the length of the messages or tools.", code="context_length_exceeded", param="messages")
+    if requested is None:
+        return max(1, min(default, room)), None
+    return (room, requested) if requested > room else (requested, None)

@@ -18,8 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import conversation as conv
+from . import grammar as gr
+from . import tools as tl
+from ..limits import MAX_TOKENS
 from .errors import APIError
-from .params import boolean, number, read_json, stops
+from .params import boolean, ignored, number, read_json, stops
 
 
 def _sse(obj) -> str:
@@ -52,15 +55,20 @@ def _common(state, request, body: dict, rt, n_prompt_hint: int | None = None) ->
     }
 
 
-def _max_tokens(state, rt, body: dict, n_prompt: int, default: int) -> int:
-    ctx = rt.context_length
-    m = number(body, "max_completion_tokens", None, 1, ctx, integer=True)
+CHAT_FIELDS = {"model", "messages", "tools", "tool_choice", "response_format", "n", "top_p", "logprobs", "top_logprobs", "seed", "temperature",
+               "stream", "stream_options", "stop", "max_tokens", "max_completion_tokens", "user", "prompt_cache_key", "metadata"}
+
+
+def _max_tokens(rt, body: dict, n_prompt: int, default: int) -> tuple[int, int | None]:
+    m = number(body, "max_completion_tokens", None, 1, MAX_TOKENS, integer=True)
     if m is None:
-        m = number(body, "max_tokens", None, 1, ctx, integer=True)
-    if m is None:
-        m = max(1, min(default, ctx - n_prompt))
-    conv.check_length(rt, n_prompt, m)
-    return m
+        m = number(body, "max_tokens", None, 1, MAX_TOKENS, integer=True)
+    return conv.fit_max_tokens(rt, n_prompt, m, default)
+
+
+def _call(c: dict, index: int | None = None) -> dict:
+    out = {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+    return out if index is None else {"index": index, **out}
 
 
 async def chat_completions(request: Request):
@@ -71,31 +79,26 @@ async def chat_completions(request: Request):
     messages = conv.openai_messages(body.get("messages"))
     tools = conv.openai_tools(body.get("tools"))
     choice = body.get("tool_choice")
+    required = tl.required_tools(tools, choice, "openai")
     if choice == "none":
         tools = []
-    rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise APIError(400, "only response_format {type: text} is supported", param="response_format")
+    grammar = gr.tool_call_grammar(required) if required else gr.response_format_grammar(body.get("response_format"))
     opts = _common(state, request, body, rt)
     stop = stops(body, "stop", 4)
-    prompt, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools, choice == "required" or isinstance(choice, dict))
-    max_tokens = _max_tokens(state, rt, body, len(prompt), state.config.default_max_tokens)
-    agent, source = state.pick_agent(request, body, messages)
+    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools)
+    max_tokens, clamped = _max_tokens(rt, body, len(prompt), state.config.default_max_tokens)
+    agent, source = state.pick_agent(request, body, rendered)
     state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, messages, max_tokens, opts["temperature"], opts["seed"], stop, tools=tools_mode == "rendered")
+    run = await state.start_turn(request, agent, source, prompt, messages=rendered, max_tokens=max_tokens, temperature=opts["temperature"],
+                                 seed=opts["seed"], stop=stop, tools=tools_mode == "template", grammar=grammar)
+    run.note(tools=tools_mode, max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens}, ignored=ignored(body, CHAT_FIELDS))
     rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-
-    def info():
-        out = run.info()
-        if tools_mode:
-            out["tools"] = tools_mode
-        return out
 
     def finish_reason(calls) -> str:
         return "tool_calls" if calls else ("length" if run.finish == "length" else "stop")
 
     def remember(text: str) -> None:
-        state.remember_anonymous(agent, messages + [{"role": "assistant", "content": text}])
+        state.remember_anonymous(agent, rendered + [{"role": "assistant", "content": text}])
 
     if not opts["stream"]:
         text = await run.collect(request)
@@ -103,15 +106,15 @@ async def chat_completions(request: Request):
             raise APIError(500, f"the turn failed: {run.error}")
         remember(text)
         calls = []
-        if tools_mode == "rendered":
-            text, calls = conv.parse_tool_calls(text)
+        if tools_mode:
+            text, calls = tl.parse_calls(text)
         message = {"role": "assistant", "content": text if (text or not calls) else None, "refusal": None}
         if calls:
-            message["tool_calls"] = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
+            message["tool_calls"] = [_call(c) for c in calls]
         return JSONResponse(
             {"id": rid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
              "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(calls)}],
-             "usage": _usage(prompt, run), "x_agentcache": info()},
+             "usage": _usage(prompt, run), "x_agentcache": run.info()},
             headers=run.headers(),
         )
 
@@ -126,14 +129,14 @@ async def chat_completions(request: Request):
     async def events():
         yield chunk({"role": "assistant", "content": ""})
         text, calls = first or "", []
-        if tools_mode == "rendered":  # a tool call is known only once the reply is complete
+        if tools_mode:  # a tool call is known only once the reply is complete
             async for piece in run.rest():
                 text += piece
-            text, calls = conv.parse_tool_calls(text)
+            text, calls = tl.parse_calls(text)
             if text:
                 yield chunk({"content": text})
             for i, c in enumerate(calls):
-                yield chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}]})
+                yield chunk({"tool_calls": [_call(c, i)]})
         else:
             if first:
                 yield chunk({"content": first})
@@ -147,7 +150,7 @@ async def chat_completions(request: Request):
         yield chunk({}, finish_reason(calls))
         if opts["include_usage"]:
             yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
-                        "choices": [], "usage": _usage(prompt, run), "x_agentcache": info()})
+                        "choices": [], "usage": _usage(prompt, run), "x_agentcache": run.info()})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={**run.headers(), "cache-control": "no-cache"})
@@ -170,10 +173,12 @@ async def completions(request: Request):
     echo = boolean(body, "echo")
     stop = stops(body, "stop", 4)
     prompt = await asyncio.to_thread(rt.encode, prompt_text)
-    max_tokens = _max_tokens(state, rt, body, len(prompt), 16)
+    max_tokens, clamped = _max_tokens(rt, body, len(prompt), 16)
     agent, source = state.pick_agent(request, body, prompt_text)
     state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, None, max_tokens, opts["temperature"], opts["seed"], stop)
+    run = await state.start_turn(request, agent, source, prompt, messages=None, max_tokens=max_tokens, temperature=opts["temperature"],
+                                 seed=opts["seed"], stop=stop)
+    run.note(max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens})
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
     def finish_reason() -> str:

@@ -68,3 +68,9 @@ def stops(body: dict, name: str, most: int = 16) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v) or len(v) > most:
         raise APIError(400, f"'{name}' must be a string or a list of at most {most} strings", param=name)
     return [s for s in v if s]
+
+
+def ignored(body: dict, known: set[str]) -> list[str]:
+    """Top-level fields this server does not act on (reported, never refused:
+    clients such as Claude Code send fields of newer API versions)."""
+    return sorted(k for k in body if k not in known)

@@ -3,8 +3,9 @@ talking to which agent, rate limits, and the bridge from the scheduler's
 turn handles to asyncio.
 
 Agent selection (first match wins): the `X-Agent-Id` header, then the body's
-`prompt_cache_key`, `user`, `metadata.user_id`, then the `X-Session-Id` and
-`X-Claude-Code-Session-Id` headers. `X-Agent-Id` must be a valid agent name
+`prompt_cache_key`, `user`, the `X-Session-Id` and `X-Claude-Code-Session-Id`
+headers, then `metadata.user_id` (Claude Code sends one per user, the session
+header per session). `X-Agent-Id` must be a valid agent name
 (else 400); the others are used as they are when valid and otherwise mapped
 to `id-<hash>`. With none, a chat continues the anonymous agent whose stored
 conversation is the longest prefix of the request's messages (a completion:
@@ -122,6 +123,7 @@ class TurnRun:
         self.text = ""
         self.stop_hit: str | None = None
         self.error: BaseException | None = None
+        self.notes: dict = {}  # reported in x_agentcache: tools, max_tokens_clamped, ignored
         self._sent = 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -236,6 +238,10 @@ class TurnRun:
     def bytes_read(self) -> int:
         return self.bytes_before if self.stats.tier == "warm" else 0
 
+    def note(self, **notes) -> None:
+        """Facts about the request worth telling the client; empty ones are left out."""
+        self.notes.update({k: v for k, v in notes.items() if v})
+
     def info(self) -> dict:
         s = self.stats
         return {
@@ -251,11 +257,12 @@ class TurnRun:
             "ttft_ms": round(s.ttft_ms, 3),
             "prefetched": s.prefetched,
             "saved": self.saved,
+            **self.notes,
         }
 
     def headers(self) -> dict:
         s = self.stats
-        return {
+        out = {
             "x-agentcache-agent": self.agent,
             "x-agentcache-tier": s.tier,
             "x-agentcache-restore-ms": f"{s.load_ms:.3f}",
@@ -263,6 +270,10 @@ class TurnRun:
             "x-agentcache-cached-tokens": str(s.restored_tokens),
             **({} if self.saved is None else {"x-agentcache-saved": "true" if self.saved else "false"}),
         }
+        clamp = self.notes.get("max_tokens_clamped")
+        if clamp:
+            out["x-agentcache-max-tokens"] = f"{clamp['granted']}; requested={clamp['requested']}"
+        return out
 
 
 async def _drain(gen) -> str:
@@ -409,9 +420,9 @@ class ServerState:
                                code="invalid_agent_id")
             return explicit, "x-agent-id"
         meta = body.get("metadata")
-        candidates = [("prompt_cache_key", body.get("prompt_cache_key")), ("user", body.get("user")),
-                      ("metadata.user_id", meta.get("user_id") if isinstance(meta, dict) else None)]
-        candidates += [(h, request.headers.get(h)) for h in SESSION_HEADERS]
+        candidates = [("prompt_cache_key", body.get("prompt_cache_key")), ("user", body.get("user"))]
+        candidates += [(h, request.headers.get(h)) for h in SESSION_HEADERS]  # a session is narrower than the user it belongs to
+        candidates.append(("metadata.user_id", meta.get("user_id") if isinstance(meta, dict) else None))
         for source, value in candidates:
             if isinstance(value, str) and value:
                 return derived_name(value), source
@@ -458,8 +469,9 @@ class ServerState:
                 raise APIError(429, f"rate limit of this {what} reached; retry in {math.ceil(wait)} s", code="rate_limit_exceeded",
                                headers={"Retry-After": str(math.ceil(wait))})
 
-    async def start_turn(self, request, agent: str, source: str, prompt: list[int], messages: list[dict] | None, max_tokens: int,
-                         temperature: float | None, seed: int | None, stop: list[str], tools: bool = False) -> TurnRun:
+    async def start_turn(self, request, agent: str, source: str, prompt: list[int], *, messages: list[dict] | None, max_tokens: int,
+                         temperature: float | None = None, seed: int | None = None, stop: list[str] = (), tools: bool = False,
+                         grammar: str | None = None) -> TurnRun:
         """Queue the turn on the scheduler once the memory gate admits it."""
         rt = self.rt()
         scope = request.scope.get("agentcache.scope")
@@ -471,12 +483,17 @@ class ServerState:
         self.inflight[agent] = 1  # before any await: anonymous matching and a second turn see it now
         need = 0
         try:
+            constraint = None
+            if grammar is not None:  # the first one builds the model's grammar tokenizer: off the event loop
+                from .grammar import Constraint
+
+                constraint = await asyncio.to_thread(Constraint, rt.runner, grammar)
             info = await asyncio.to_thread(rt.describe, agent)
             want = max(rt.turn_bytes(len(prompt), max_tokens), info.get("file_bytes") or 0)
             need = await until_disconnect(request, self.gate.acquire(want, rt.memory()["budget_bytes"], rt.held_bytes))
             # In a thread: the turn may wait for another process's turn on the same agent (turnlock).
             h = await asyncio.to_thread(rt.agent(agent).submit_prompt, prompt, messages, max_tokens=max_tokens,
-                                        temperature=temperature, seed=seed, stop=stop, tools=tools)
+                                        temperature=temperature, seed=seed, stop=stop, tools=tools, constraint=constraint)
         except BaseException as e:
             self._release(agent, need)
             if isinstance(e, TurnBusyError):
@@ -484,7 +501,7 @@ class ServerState:
             if isinstance(e, ValueError):  # an option the runtime does not accept (limits.LimitError)
                 raise APIError(400, str(e)) from None
             raise
-        run = TurnRun(self, agent, source, h, max_tokens, stop, info.get("file_bytes", 0))
+        run = TurnRun(self, agent, source, h, max_tokens, list(stop), info.get("file_bytes", 0))
         run.need = need
         self.runs.add(run)
         return run
