@@ -10,7 +10,8 @@ other modes get the same keys and values re-encoded (decode cost does not
 depend on what the cache holds). Then every engine decodes greedily in turn,
 one token each per round after untimed warm-up steps, so a busy machine slows
 them alike; each step is one sample: median time per token with the
-interquartile range.
+interquartile range and min-max, every sample kept in the JSON
+(`samples_ms`).
 
     python scripts/bench_decode.py [--model smollm2-135m] [--contexts 1024,4096] [--steps 64]
 
@@ -136,7 +137,8 @@ def bench_context(runner: ModelRunner, model: str, tokens: list[int], ctx: int, 
             nbytes, computed = base.nbytes * (1.0 if m.endswith("f16") else Q4_0_PER_F16), True
         else:
             nbytes, computed = (sum(c.nbytes for c in caches[m]) if m == "mlx_lm" else caches[m].nbytes), False
-        res[m] = {"ms_per_token": med * 1e3, "iqr_ms": [q[0] * 1e3, q[2] * 1e3], "tokens_per_s": 1.0 / med, "cache_bytes": nbytes,
+        res[m] = {"ms_per_token": med * 1e3, "iqr_ms": [q[0] * 1e3, q[2] * 1e3], "min_max_ms": [min(times[m]) * 1e3, max(times[m]) * 1e3],
+                  "samples_ms": [round(t * 1e3, 3) for t in times[m]], "tokens_per_s": 1.0 / med, "cache_bytes": nbytes,
                   **({"cache_bytes_computed": True} if computed else {})}
     for m in engines[1:]:
         res[m]["time_vs_mlx_lm"] = res[m]["ms_per_token"] / res["mlx_lm"]["ms_per_token"]
@@ -157,12 +159,12 @@ def markdown(data: dict) -> str:
         f"`{data['command']}` on {data['machine']} ({data['cpu']}, MLX {data['mlx']}, {data['device']}, {data['blas']}).",
         f"Model {data['model']}, batch 1, greedy. Baseline `mlx_lm`: mlx-lm's own KVCache and attention (float32 on this backend).",
         "`llama_cpp_f16` / `llama_cpp_q4_0`: llama.cpp on the same GGUF with that K/V cache type, flash attention, the same threads.",
-        "Median over the steps with the interquartile range; the engines take turns token by token after untimed warm-up steps.",
+        "Median over the steps with the interquartile range and min-max (every step in `samples_ms`); the engines take turns token by token after untimed warm-up steps.",
         "time vs > 1 means slower. Timings on a shared or virtual machine are noisy: compare within a row, not across runs.",
-        "llama.cpp's cache sizes are computed (the same values at f16 or q4_0's 18 bytes per 32), not read from it.",
+        "llama.cpp's cache sizes are computed (the same values at f16, or q4_0's 18 bytes per 32 values: 18/64 of f16), not read from it.",
         "",
-        "| context | cache | ms/token (IQR) | tokens/s | time vs mlx-lm | time vs our fp16 | time vs llama.cpp q4_0 | KV cache MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| context | cache | ms/token (IQR) | min-max ms | tokens/s | time vs mlx-lm | time vs our fp16 | time vs llama.cpp q4_0 | KV cache MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         for m in [m for m in (*MODES, *LLAMA_CPP) if m in r]:
@@ -170,7 +172,8 @@ def markdown(data: dict) -> str:
             vs_lm = f"{x['time_vs_mlx_lm']:.3f}" if "time_vs_mlx_lm" in x else "1"
             vs16 = f"{x['time_vs_fp16']:.3f}" if "time_vs_fp16" in x else ""
             vsq = f"{x['time_vs_llama_cpp_q4_0']:.3f}" if "time_vs_llama_cpp_q4_0" in x else ""
-            lines.append(f"| {r['context']} | {m} | {x['ms_per_token']:.2f} ({x['iqr_ms'][0]:.2f}-{x['iqr_ms'][1]:.2f}) | {x['tokens_per_s']:.1f} | "
+            lines.append(f"| {r['context']} | {m} | {x['ms_per_token']:.2f} ({x['iqr_ms'][0]:.2f}-{x['iqr_ms'][1]:.2f}) | "
+                         f"{x['min_max_ms'][0]:.2f}-{x['min_max_ms'][1]:.2f} | {x['tokens_per_s']:.1f} | "
                          f"{vs_lm} | {vs16} | {vsq} | {x['cache_bytes'] / 2**20:.2f}{' (computed)' if x.get('cache_bytes_computed') else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -26,9 +26,11 @@ what it would on an 8B model. Caches are filled with random keys and values
 (the timings depend on sizes, not contents).
 
 Then batched decode: aggregate tokens/s at each batch size, sizes alternating
-within each repeat after an untimed step of each; median step time with
-min-max, and the speedup over batch 1 as the median of per-repeat ratios
-with their min-max.
+within each repeat after an untimed step of each; every step is timed and
+kept (`step_ms_per_repeat`), the step time of a repeat is the mean of its
+steps; median with min-max, and the speedup over batch 1 as the median of
+per-repeat ratios (`speedup_per_repeat`) with their min-max. What limits
+batching at a real model's width: scripts/probe_batch.py.
 
 Writes <out>/interleave.json (headline: overlap_vs_hot and batch4_speedup for
 the last run, no_overlap_vs_hot_8b_geometry and overlap_vs_hot_8b_geometry)
@@ -213,8 +215,9 @@ def measured_prefill(runner: ModelRunner, context: int) -> float:
 
 
 def batch_scaling(runner, agent_file: Path, sizes: list[int], steps: int, repeats: int) -> dict:
-    """Aggregate decode tokens/s per batch size: sizes alternate within each repeat. Every
-    row is the agent file read back (its own storage, as separate agents have)."""
+    """Aggregate decode tokens/s per batch size: sizes alternate within each repeat (the order
+    rotating), each step timed on its own. Every row is the agent file read back (its own
+    storage, as separate agents have). Keeps every step's time and every repeat's ratio."""
     rows = {}
     for b in sizes:
         caches = [codec.load(agent_file, runner.fingerprint)[0] for _ in range(b)]
@@ -222,21 +225,27 @@ def batch_scaling(runner, agent_file: Path, sizes: list[int], steps: int, repeat
         mx.eval(runner.decode([5] * b, caches))  # untimed warm-up of this size
         rows[b] = caches
     release()
-    samples = {b: [] for b in sizes}
+    samples = {b: [] for b in sizes}  # per repeat: the step times in ms
     for r in range(repeats):
         for b in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
             for c in rows[b]:
                 c.trim_to(context)  # every repeat decodes at the same context length
-            t0 = time.perf_counter()
+            times = []
             for _ in range(steps):
+                t0 = time.perf_counter()
                 mx.eval(runner.decode([5] * b, rows[b]))
-            samples[b].append((time.perf_counter() - t0) / steps)
+                times.append((time.perf_counter() - t0) * 1000)
+            samples[b].append(times)
     out = {}
+    mean = {b: [statistics.fmean(t) for t in samples[b]] for b in sizes}  # per repeat
     for b in sizes:
-        step = spread([s * 1000 for s in samples[b]])
+        step = spread(mean[b])
         # per-repeat ratios: the sizes of one repeat saw the same minute of the machine
-        ratios = spread([b / sizes[0] * one / t for one, t in zip(samples[sizes[0]], samples[b])])
-        out[b] = {"step_ms": step, "tokens_per_s": round(b / step["median"] * 1000, 2), "speedup_vs_1": round(ratios["median"], 3), "speedup_spread": ratios}
+        per_repeat = [b / sizes[0] * one / t for one, t in zip(mean[sizes[0]], mean[b])]
+        ratios = spread(per_repeat)
+        out[b] = {"step_ms": step, "tokens_per_s": round(b / step["median"] * 1000, 2), "speedup_vs_1": round(ratios["median"], 3),
+                  "speedup_spread": ratios, "speedup_per_repeat": [round(x, 4) for x in per_repeat],
+                  "step_ms_per_repeat": [[round(x, 3) for x in t] for t in samples[b]]}
     return out
 
 
@@ -249,7 +258,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens per turn")
     ap.add_argument("--kv", default=DEFAULT_KV, help=f"KV cache mode (default {DEFAULT_KV}, the runtime's default)")
     ap.add_argument("--batch-sizes", default="1,2,4,8")
-    ap.add_argument("--batch-steps", type=int, default=4)
+    ap.add_argument("--batch-steps", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="small sizes to check the script (numbers not comparable)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()

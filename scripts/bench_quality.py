@@ -1,29 +1,40 @@
 """Quality of the KV cache modes and of their peers: perplexity, KL and greedy agreement against fp16.
 
-Two texts of different kinds, code (tests/data/python_reference.txt) and
-prose (CPython's documentation topics, `pydoc_data.topics`), are cut into
-disjoint windows (by default two of 2K, one of 4K, one of 8K: 16K scored
-tokens per text, no window a prefix of another), each starting as a real
-prompt does (Gemma's BOS; SmolLM2 has none). Every window is fed
-in 512-token chunks through a fresh cache, so later tokens attend to the
-quantized keys and values of earlier ones, exactly as the product runs.
+Texts (`TEXTS`), each labelled by its role:
+  tuning    code (tests/data/python_reference.txt, the test suite's own data)
+            and prose (CPython's `pydoc_data.topics`): q4c's layout was
+            chosen on their first 2K windows
+  held-out  nothing was tuned on them; fetched at run time from Debian
+            packages (`apt-get download` into <home>/texts, never committed):
+            the GNU Coding Standards (gnu-standards, GFDL 1.3) and the Linux
+            man-pages of section 7 (manpages, roff markup stripped)
+Each text is cut into windows that do not overlap, by default 8 of 2K,
+4 of 4K and 2 of 8K (16,376 to 16,382 scored tokens per text and context),
+the contexts continuing where the previous one stopped (a text too short
+for all of them starts over from its beginning; the start of every window
+is in the JSON). Each window starts as a real prompt does (Gemma's BOS;
+SmolLM2 has none) and is fed in 512-token chunks through a fresh cache, so
+later tokens attend to the quantized keys and values of earlier ones,
+exactly as the product runs.
 
 Engines, all on the same token ids of the same GGUF weights:
   ours      fp16 (the reference), q4c (the default), and, at the first
-            context only, q4, q4k, q8
+            context only, --extra-modes (q4, q4k, q8)
   mlx-lm    its own model with QuantizedKVCache (4 and 8 bits, groups of
-            64) against our fp16, first context only. mlx-lm cannot quantize
-            a sliding-window cache (RotatingKVCache), so on Gemma 3 only the
-            global layers are quantized: it is favoured there.
+            64) against our fp16. mlx-lm cannot quantize a sliding-window
+            cache (RotatingKVCache), so on Gemma 3 only the global layers
+            are quantized: it is favoured there.
   llama.cpp llama-cpp-python with f16 (its own reference), q4_0 and q8_0
-            K and V (flash attention, which quantized V needs); q8_0 at the
-            first context only
-Each quantized engine is compared with the fp16 of its own family. Bits per
-value are measured: the stored bytes of each cache over its fp16 bytes.
-Greedy agreement: fp16 generates from prompts taken from each text, the
-other engine of the family is forced along the same tokens.
+            K and V, flash attention on (quantized V needs it; every
+            llama.cpp peer of the benchmarks runs with it)
+The peers (--peers) run on every window of every context. Each quantized
+engine is compared with the fp16 of its own family. Bits per value are
+measured: the stored bytes of each cache over its fp16 bytes. Greedy
+agreement: fp16 generates from prompts taken from each text, the other
+engine of the family is forced along the same tokens.
 
-    python scripts/bench_quality.py              # the committed results
+    python scripts/bench_quality.py              # every text, model, context and peer (hours on a CPU)
+    python scripts/bench_quality.py --texts gnu-standards,man-pages --contexts 2048 --windows 8
     python scripts/bench_quality.py --quick      # checks the script: one 512-token window per text
 
 Writes quality.json (with a `headline` per model) and quality.md to --out.
@@ -34,11 +45,17 @@ from __future__ import annotations
 import mlx_agentcache  # noqa: F401  (before mlx.core: loads the optimized BLAS)
 
 import argparse
+import gzip
 import json
 import math
+import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -51,24 +68,111 @@ from mlx_agentcache.models.runner import PREFILL_CHUNK, ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_TEXT = ROOT / "tests" / "data" / "python_reference.txt"
-FIRST_ONLY = ["q4", "q4k", "q8", "mlx-lm q4", "mlx-lm q8", "llama.cpp q8_0"]
+PEERS = ("mlx-lm q4", "mlx-lm q8", "llama.cpp q4_0", "llama.cpp q8_0")
 # Published Q4 KV-cache perplexity changes on much larger models (README's sources).
 PUBLISHED = {"llama-3.1-8b": 2.8, "gemma-3-12b": -0.7}
 
 
-def texts() -> dict[str, str]:
+@dataclass(frozen=True)
+class Text:
+    role: str  # "tuning" (q4c's layout was chosen on it) or "held-out"
+    source: str
+    licence: str
+    load: object  # (cache directory) -> str
+
+
+def _pydoc_topics(_cache: Path) -> str:
     import pydoc_data.topics as topics
 
-    return {"code": CODE_TEXT.read_text(encoding="utf-8"),
-            "prose": "\n\n".join(topics.topics[k] for k in sorted(topics.topics))}
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
-def windows(ids: list[int], context: int, count: int, bos: list[int]) -> list[list[int]]:
-    """`count` disjoint windows of `context` tokens, each starting with `bos`."""
+def debian_package(package: str, cache: Path) -> Path:
+    """The unpacked files of a Debian package, downloaded once into `cache` with apt-get."""
+    root = cache / package
+    done = root / ".unpacked"
+    if done.exists():
+        return root / "files"
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        raise SystemExit(f"the held-out text comes from the Debian package {package}: this needs apt-get and dpkg-deb "
+                         "(Debian or Ubuntu); choose other texts with --texts")
+    root.mkdir(parents=True, exist_ok=True)
+    got = subprocess.run(["apt-get", "download", package], cwd=root, capture_output=True, text=True)
+    if got.returncode and os.geteuid() == 0:  # a fresh machine has no package lists yet
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+        got = subprocess.run(["apt-get", "download", package], cwd=root, capture_output=True, text=True)
+    debs = sorted(root.glob(f"{package}_*.deb"))
+    if got.returncode or not debs:
+        raise SystemExit(f"apt-get download {package} failed ({got.stderr.strip()[-300:]}); run `apt-get update` first")
+    shutil.rmtree(root / "files", ignore_errors=True)
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root / "files")], check=True)
+    done.write_text(debs[-1].name + "\n")
+    return root / "files"
+
+
+def _gnu_standards(cache: Path) -> str:
+    return gzip.decompress((debian_package("gnu-standards", cache) / "usr/share/doc/gnu-standards/standards.text.gz").read_bytes()).decode("utf-8")
+
+
+FONT_MACROS = {"B", "I", "SM", "SB"}  # arguments joined with spaces
+ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB"}  # arguments joined without
+
+
+def deroff(page: str) -> str:
+    """The running text of a man page: requests and tables (tbl) dropped, font macros and escapes resolved."""
+    out, table = [], False
+    for line in page.splitlines():
+        if line.startswith((".TS", ".TE")):
+            table = line.startswith(".TS")
+            continue
+        if table or line.startswith((".\\\"", "'\\\"")):
+            continue
+        if line.startswith((".", "'")):
+            name, _, rest = line[1:].strip().partition(" ")
+            words = [w.strip('"') for w in re.findall(r'"[^"]*"|\S+', rest)]
+            if name in FONT_MACROS or name in ("SH", "SS", "IP", "TP", "UR", "MT"):
+                line = " ".join(words) if name not in ("UR", "MT") else ""
+            elif name in ALTERNATING:
+                line = "".join(words)
+            else:  # paragraph and layout requests
+                line = "" if name in ("PP", "P", "LP", "SH", "SS", "sp", "br") else None
+            if line is None:
+                continue
+        line = re.sub(r"\\f(\[[^]]*\]|\(..|.)", "", line)
+        line = line.replace("\\-", "-").replace("\\(em", "--").replace("\\(en", "-").replace("\\(aq", "'").replace("\\(dq", '"')
+        line = re.sub(r"\\\(..|\\\[[^]]*\]|\\\*\(..|\\\*.", "", line)
+        line = line.replace("\\e", "\\").replace("\\&", "").replace("\\~", " ").replace("\\ ", " ").replace("\\c", "").replace("\\:", "")
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
+def _man_pages(cache: Path) -> str:
+    pages = sorted((debian_package("manpages", cache) / "usr/share/man/man7").glob("*.7.gz"))
+    texts = [gzip.decompress(p.read_bytes()).decode("utf-8", "replace") for p in pages]
+    return "\n\n".join(deroff(t) for t in texts if not t.lstrip().startswith(".so "))
+
+
+TEXTS = {
+    "code": Text("tuning", "tests/data/python_reference.txt (the test suite's own data)", "PSF",
+                 lambda _cache: CODE_TEXT.read_text(encoding="utf-8")),
+    "prose": Text("tuning", "CPython documentation topics (pydoc_data.topics)", "PSF", _pydoc_topics),
+    "gnu-standards": Text("held-out", "GNU Coding Standards, Debian package gnu-standards (standards.text.gz)", "GFDL 1.3",
+                          _gnu_standards),
+    "man-pages": Text("held-out", "Linux man-pages section 7, Debian package manpages, roff markup stripped",
+                      "GPL-2+, BSD and verbatim licences per page", _man_pages),
+}
+
+
+def windows(ids: list[int], context: int, count: int, bos: list[int], offset: int) -> tuple[list[list[int]], list[int], int]:
+    """`count` windows of `context` tokens that do not overlap, each starting with `bos`, from token
+    `offset` on (from the text's start when too few tokens remain): (windows, their starts, next offset)."""
     size = context - len(bos)
     if len(ids) < count * size:
         raise ValueError(f"text has {len(ids)} tokens, {count} windows of {context} need {count * size}")
-    return [bos + ids[i * size : (i + 1) * size] for i in range(count)]
+    if offset + count * size > len(ids):
+        offset = 0
+    starts = [offset + i * size for i in range(count)]
+    return [bos + ids[a : a + size] for a in starts], starts, offset + count * size
 
 
 # -- engines: new_window() then logits(chunk) -> (n, vocab) float32 numpy, in order -------------
@@ -192,6 +296,21 @@ def greedy(engines: dict, reference: str, prompt: list[int], n: int) -> dict:
     return res
 
 
+def peer_engines(name: str, runner: ModelRunner, gguf: Path | None, context: int, peers: list[str]) -> tuple[dict, dict]:
+    """The peers of `peers` that this model has ({name: engine}) and their references."""
+    engines, reference_of = {}, {}
+    for p in peers:
+        family, kind = p.split(" ")
+        if family == "mlx-lm":
+            engines[p], reference_of[p] = MlxLm(runner, int(kind[1:])), "fp16"
+        elif gguf is not None:
+            if "llama.cpp f16" not in engines:  # the family's reference comes before its quantized caches
+                engines["llama.cpp f16"] = LlamaCpp(gguf, context, "f16")
+                reference_of["llama.cpp f16"] = "llama.cpp f16"
+            engines[p], reference_of[p] = LlamaCpp(gguf, context, kind), "llama.cpp f16"
+    return engines, reference_of
+
+
 def bench_model(name: str, args, progress=None) -> dict:
     """`progress(result so far)` runs after every text and context (the script saves there)."""
     t0 = time.perf_counter()
@@ -200,34 +319,32 @@ def bench_model(name: str, args, progress=None) -> dict:
     bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok.encode("a")[:1] == [tok.bos_token_id] else []
     gguf = gguf_file(name, args.home)
     out = {"bos": bool(bos), "gguf": gguf.name if gguf else None, "texts": {}}
-    for text_name, text in ((t, x) for t, x in texts().items() if t in args.texts.split(",")):
-        ids = tok.encode(text, add_special_tokens=False)
-        out["texts"][text_name] = {"text_tokens": len(ids), "contexts": {}, "greedy": {}}
-        offset = args.skip  # windows of every context are disjoint (and from earlier runs' with --skip)
+    for text_name in args.texts:
+        text = TEXTS[text_name]
+        ids = tok.encode(text.load(args.home / "texts"), add_special_tokens=False)
+        out["texts"][text_name] = {"role": text.role, "source": text.source, "licence": text.licence,
+                                   "text_tokens": len(ids), "contexts": {}, "greedy": {}}
+        offset = 0  # contexts continue where the previous one stopped
         for i, (ctx, count) in enumerate(zip(args.contexts, args.windows)):
-            wins = windows(ids[offset:], ctx, count, bos)
-            offset += count * (ctx - len(bos))
-            first = i == 0 and not args.headline_only
-            ours = {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (["q4", "q4k", "q8"] if first else [])}
-            peers = {f"mlx-lm q{b}": MlxLm(runner, b) for b in ((4, 8) if first else ())}
+            wins, starts, offset = windows(ids, ctx, count, bos, offset)
+            ours = {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (args.extra_modes if i == 0 else [])}
+            peers, peer_refs = peer_engines(name, runner, gguf, ctx, args.peers)
             engines = {**ours, **peers}
-            reference_of = {n: "fp16" for n in engines}
-            llama = {}
-            if gguf is not None and (first or not args.peers_first_only):
-                llama = {f"llama.cpp {kv}": LlamaCpp(gguf, ctx, kv) for kv in (["f16", "q4_0"] + (["q8_0"] if first else []))}
-                engines.update(llama)
-                reference_of.update({n: "llama.cpp f16" for n in llama})
+            reference_of = {**{n: "fp16" for n in ours}, **peer_refs}
             r = score(engines, reference_of, wins)
-            for e in llama.values():
-                e.close()
+            for e in peers.values():
+                if isinstance(e, LlamaCpp):
+                    e.close()
             for n, v in r.items():
                 v["ppl_change_pct"] = 100 * (v["ppl"] / r[reference_of[n]]["ppl"] - 1)
-            out["texts"][text_name]["contexts"][str(ctx)] = {"windows": len(wins), "engines": r}
+            out["texts"][text_name]["contexts"][str(ctx)] = {"windows": len(wins), "window_starts": starts, "engines": r}
             if progress is not None:
                 progress(out)
             print(f"{name} {text_name} ctx {ctx}: {r['fp16']['tokens']} tokens | "
                   + " | ".join(f"{n} {v['ppl_change_pct']:+.2f}% KL {v['kl']:.4f}" for n, v in r.items() if reference_of[n] != n)
                   + f" | {time.perf_counter() - t0:.0f} s", flush=True)
+        if not args.prompts:
+            continue
         # greedy continuation from prompts taken from the text
         g_ours = {m: Ours(runner, m) for m in ("fp16", DEFAULT_KV)}
         runs = {"ours": [], "llama.cpp": []}
@@ -249,26 +366,38 @@ def bench_model(name: str, args, progress=None) -> dict:
     return out
 
 
+def _summary(rows: list[tuple[str, str, dict]]) -> dict:
+    """The default mode's mean and worst ppl change and KL over `rows`, and llama.cpp q4_0's on the windows where it ran."""
+    ours = [e[DEFAULT_KV] for _, _, e in rows]
+    h = {"ppl_change_pct": round(float(np.mean([o["ppl_change_pct"] for o in ours])), 3),
+         "ppl_change_worst_pct": round(max(o["ppl_change_pct"] for o in ours), 3),
+         "kl": round(float(np.mean([o["kl"] for o in ours])), 5), "kl_worst": round(max(o["kl"] for o in ours), 5),
+         "scored_tokens_min": min(o["tokens"] for o in ours)}
+    pairs = [(e[DEFAULT_KV], e["llama.cpp q4_0"]) for _, _, e in rows if "llama.cpp q4_0" in e]
+    if pairs:
+        h["llama_cpp_q4_0_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
+        h["llama_cpp_q4_0_kl"] = round(float(np.mean([p["kl"] for _, p in pairs])), 5)
+        h["ours_where_llama_cpp_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
+        h["beats_llama_cpp_q4_0_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
+        h["compared_with_llama_cpp_on"] = [f"{t} {c}" for t, c, e in rows if "llama.cpp q4_0" in e]
+    return h
+
+
 def headline(models: dict) -> dict:
-    """Per model: the default mode's bits, its worst and mean ppl change and KL over texts and
-    contexts, and llama.cpp q4_0's on the same windows; whether ours wins on every text."""
+    """Per model: the default mode's bits, its worst and mean ppl change and KL over every text and
+    context, and llama.cpp q4_0's on the same windows; then the same over the held-out texts alone
+    (`held_out_*`), the texts nothing was tuned on."""
     out = {}
     for name, res in models.items():
         rows = [(t, c, r["engines"]) for t, tr in res["texts"].items() for c, r in tr["contexts"].items()]
-        ours = [e[DEFAULT_KV] for _, _, e in rows]
-        peer = [e.get("llama.cpp q4_0") for _, _, e in rows]
-        h = {"mode": DEFAULT_KV, "bits_per_value": round(max(o["bits"] for o in ours), 3),
-             "ppl_change_pct": round(float(np.mean([o["ppl_change_pct"] for o in ours])), 3),
-             "ppl_change_worst_pct": round(max(o["ppl_change_pct"] for o in ours), 3),
-             "kl": round(float(np.mean([o["kl"] for o in ours])), 5), "kl_worst": round(max(o["kl"] for o in ours), 5),
-             "scored_tokens_per_text": min(sum(e[DEFAULT_KV]["tokens"] for t2, _, e in rows if t2 == t) for t in res["texts"])}
-        pairs = [(o, p) for o, p in zip(ours, peer) if p is not None]  # where llama.cpp ran
-        if pairs:
-            h["llama_cpp_q4_0_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
-            h["ours_where_llama_cpp_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
-            h["llama_cpp_q4_0_bits_per_value"] = 4.5
-            h["beats_llama_cpp_q4_0_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
-            h["compared_with_llama_cpp_on"] = [f"{t} {c}" for (t, c, e) in rows if e.get("llama.cpp q4_0")]
+        if not rows:
+            continue
+        h = {"mode": DEFAULT_KV, "bits_per_value": round(max(e[DEFAULT_KV]["bits"] for _, _, e in rows), 3),
+             **_summary(rows), "llama_cpp_q4_0_bits_per_value": 4.5}
+        held = [(t, c, e) for t, c, e in rows if res["texts"][t].get("role") == "held-out"]
+        if held:
+            h |= {f"held_out_{k}": v for k, v in _summary(held).items()}
+            h["held_out_texts"] = sorted({t for t, _, _ in held})
         h["goal_met"] = h["ppl_change_worst_pct"] < 3.0 and h["kl_worst"] < 0.02 and h["bits_per_value"] <= 4.5
         out[name] = h
     return out
@@ -276,32 +405,47 @@ def headline(models: dict) -> dict:
 
 def markdown(data: dict) -> str:
     m = data["machine"]
+    st = data["settings"]
     lines = [f"# KV cache quality ({m['cpu']}, {m['date']})", "",
-             f"`{data['command']}`. Windows start as prompts do (BOS where the model's tokenizer adds one), fed in "
+             f"`{data['command']}`. Contexts {', '.join(map(str, st['contexts']))} with {', '.join(map(str, st['windows']))} windows per text; "
+             f"peers on every window: {', '.join(st['peers']) or 'none'}; our extra modes at the first context: {', '.join(st['extra_modes']) or 'none'}. "
+             "Windows do not overlap and start as prompts do (BOS where the model's tokenizer adds one), fed in "
              f"{PREFILL_CHUNK}-token chunks; ppl change and KL (nats, mean over scored tokens) against the fp16 cache of "
              "the same engine family on the same windows; top-1 = share of positions whose most likely token matches. "
              "Bits per value: stored bytes over fp16 bytes x 16 (ours), nominal for peers.", "",
-             "## Headline (default mode)", "",
-             "| model | mode | bits/value | ppl change mean (worst) | KL mean (worst) | llama.cpp q4_0 ppl change (same windows) | beats q4_0 wherever both ran | goal (<3%, KL<0.02, <=4.5 bits) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "## Texts", "", "| text | role | source | licence |", "|---|---|---|---|"]
+    seen = {}
+    for res in data["models"].values():
+        seen |= {t: tr for t, tr in res["texts"].items()}
+    for t, tr in seen.items():
+        lines.append(f"| {t} | {tr.get('role', 'tuning')} | {tr.get('source', '')} | {tr.get('licence', '')} |")
+    lines += ["", "Tuning texts: q4c's layout was chosen on their first 2K windows. Held-out texts: nothing was tuned on them.", "",
+              "## Headline (default mode)", "",
+              "| model | texts | mode | bits/value | ppl change mean (worst) | KL mean (worst) | llama.cpp q4_0 ppl change, KL (same windows) | beats q4_0 wherever both ran | scored tokens per text and context (min) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, h in data["headline"].items():
-        lines.append(f"| {name} | {h['mode']} | {h['bits_per_value']:.3f} | {h['ppl_change_pct']:+.2f}% ({h['ppl_change_worst_pct']:+.2f}%) | "
-                     f"{h['kl']:.4f} ({h['kl_worst']:.4f}) | {h.get('llama_cpp_q4_0_ppl_change_pct', float('nan')):+.2f}% | "
-                     f"{h.get('beats_llama_cpp_q4_0_wherever_both_ran')} | {'met' if h['goal_met'] else 'missed'} |")
+        for label, p in (("all", ""), ("held-out", "held_out_")):
+            if f"{p}ppl_change_pct" not in h:
+                continue
+            peer = (f"{h[p + 'llama_cpp_q4_0_ppl_change_pct']:+.2f}%, {h[p + 'llama_cpp_q4_0_kl']:.4f}"
+                    if p + "llama_cpp_q4_0_ppl_change_pct" in h else "not run")
+            lines.append(f"| {name} | {label} | {h['mode']} | {h['bits_per_value']:.3f} | {h[p + 'ppl_change_pct']:+.2f}% ({h[p + 'ppl_change_worst_pct']:+.2f}%) | "
+                         f"{h[p + 'kl']:.4f} ({h[p + 'kl_worst']:.4f}) | {peer} | {h.get(p + 'beats_llama_cpp_q4_0_wherever_both_ran', 'n/a')} | "
+                         f"{h[p + 'scored_tokens_min']:,} |")
     lines += ["", "Published Q4 KV-cache ppl changes on much larger models, for scale: "
               + ", ".join(f"{k} {v:+.1f}%" for k, v in PUBLISHED.items()) + " (the product's README cites them).", "",
-              "## Every engine", "", "| model | text | context | windows x tokens | engine | bits | ppl | ppl change | KL | top-1 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "## Every engine", "", "| model | text | role | context | windows x tokens | engine | bits | ppl | ppl change | KL | top-1 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     nominal = {"mlx-lm q4": 4.5, "mlx-lm q8": 8.5, "llama.cpp f16": 16, "llama.cpp q4_0": 4.5, "llama.cpp q8_0": 8.5}
     for name, res in data["models"].items():
         for t, tr in res["texts"].items():
             for c, r in tr["contexts"].items():
                 for n, v in r["engines"].items():
                     b = v.get("bits", nominal.get(n))
-                    lines.append(f"| {name} | {t} | {c} | {r['windows']} x {v['tokens'] // r['windows']} | {n} | {b:.2f} | {v['ppl']:.4f} | "
-                                 f"{v['ppl_change_pct']:+.2f}% | {v['kl']:.5f} | {v['top1']:.4f} |")
-    lines += ["", "## Greedy continuation", "", f"{data['settings']['prompts']} prompts of {data['settings']['prompt_tokens']} tokens per text, "
-              f"{data['settings']['gen']} tokens generated by the family's fp16; agree = share of steps with the same greedy choice.", "",
+                    lines.append(f"| {name} | {t} | {tr.get('role', 'tuning')} | {c} | {r['windows']} x {v['tokens'] // r['windows']} | {n} | {b:.2f} | "
+                                 f"{v['ppl']:.4f} | {v['ppl_change_pct']:+.2f}% | {v['kl']:.5f} | {v['top1']:.4f} |")
+    lines += ["", "## Greedy continuation", "", f"{st['prompts']} prompts of {st['prompt_tokens']} tokens per text, "
+              f"{st['gen']} tokens generated by the family's fp16; agree = share of steps with the same greedy choice.", "",
               "| model | text | engine | agree | first difference per prompt |", "|---|---|---|---|---|"]
     for name, res in data["models"].items():
         for t, tr in res["texts"].items():
@@ -314,15 +458,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--contexts", default="2048,4096,8192")
-    ap.add_argument("--windows", default="2,1,1", help="windows per context (default: 16K tokens per text over 2K/4K/8K)")
-    ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--windows", default="8,4,2", help="windows per context (default: at least 16,000 scored tokens per text and context)")
+    ap.add_argument("--texts", default=",".join(TEXTS), help=f"comma separated, from {', '.join(TEXTS)}")
+    ap.add_argument("--peers", default=",".join(PEERS), help="engines of other projects on every window, comma separated (empty: none)")
+    ap.add_argument("--extra-modes", default="q4,q4k,q8", help="our other KV modes, at the first context only (empty: none)")
+    ap.add_argument("--prompts", type=int, default=1, help="greedy-continuation prompts per text (0: none)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="checks the script: one 512-token window per text, 1 prompt x 16 tokens")
-    ap.add_argument("--peers-first-only", action="store_true", help="llama.cpp at the first context only")
-    ap.add_argument("--texts", default="code,prose")
-    ap.add_argument("--headline-only", action="store_true", help="ours fp16 and the default mode only")
-    ap.add_argument("--skip", type=int, default=0, help="start after this many tokens of each text (to add contexts to an earlier run)")
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()
@@ -330,12 +473,22 @@ def main() -> None:
         args.contexts, args.windows, args.prompts, args.gen, args.prompt_tokens = "512", "1", 1, 16, 128
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.windows = [int(w) for w in args.windows.split(",")]
+    args.texts = [t for t in args.texts.split(",") if t]
+    args.peers = [p for p in args.peers.split(",") if p]
+    args.extra_modes = [m for m in args.extra_modes.split(",") if m]
+    if len(args.windows) != len(args.contexts):
+        ap.error("--windows needs one count per context")
+    if unknown := [t for t in args.texts if t not in TEXTS]:
+        ap.error(f"unknown text {', '.join(unknown)}; choose from {', '.join(TEXTS)}")
+    if unknown := [p for p in args.peers if p not in PEERS]:
+        ap.error(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     args.home = args.home or default_home()
     data = {"command": " ".join(["python", "scripts/bench_quality.py", *sys.argv[1:]]),
-            "machine": {"cpu": blas.read_cpuinfo().model, "cores": __import__("os").cpu_count(), "os": platform.platform(),
+            "machine": {"cpu": blas.read_cpuinfo().model, "cores": os.cpu_count(), "os": platform.platform(),
                         "blas": blas.CHOICE.summary(), "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")},
-            "settings": {"contexts": args.contexts, "windows": args.windows, "prompts": args.prompts,
-                         "prompt_tokens": args.prompt_tokens, "gen": args.gen, "chunk": PREFILL_CHUNK},
+            "settings": {"contexts": args.contexts, "windows": args.windows, "texts": args.texts, "peers": args.peers,
+                         "extra_modes": args.extra_modes, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+                         "gen": args.gen, "chunk": PREFILL_CHUNK, "llama_cpp_flash_attn": True},
             "published_q4_ppl_change_pct": PUBLISHED, "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 

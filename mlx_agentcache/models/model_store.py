@@ -123,6 +123,7 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "deepseek-v2-tiny-random": _tiny_random("deepseek-v2-tiny-random"),
     "llama3-tiny-random": _tiny_random("llama3-tiny-random"),
     "llama3-8b-geometry-random": _tiny_random("llama3-8b-geometry-random"),
+    "llama3-8b-width-random": _tiny_random("llama3-8b-width-random"),
 }
 GGUF_SOURCES: dict[str, Callable[[Path], Path]] = {
     "smollm2-135m": smollm2_gguf,

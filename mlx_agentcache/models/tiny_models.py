@@ -128,8 +128,24 @@ def llama3_8b_geometry_config() -> dict:
     }
 
 
+def llama3_8b_width_config() -> dict:
+    """Two of Llama 3.1 8B's layers at their true width (hidden 4096, MLP 14336, 32 query
+    and 8 KV heads of 128): per layer the same weights and the same cache as the real
+    model, so the share of a decode step spent on weights and on the cache, and with
+    it what batching buys, is the real model's on this backend. 1.7 GB of float32.
+    For the batch probe (scripts/probe_batch.py)."""
+    return llama3_config() | {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    }
+
+
 CONFIGS = {"deepseek-v2-tiny-random": deepseek_v2_config, "llama3-tiny-random": llama3_config,
-           "llama3-8b-geometry-random": llama3_8b_geometry_config}
+           "llama3-8b-geometry-random": llama3_8b_geometry_config, "llama3-8b-width-random": llama3_8b_width_config}
 
 
 def random_weights(config: dict, seed: int) -> dict[str, mx.array]:
