@@ -380,10 +380,13 @@ def _quality_section(out: Path, q: dict | None) -> list[str]:
         return ["## Quality", "", "No quality.json in this directory.", ""]
     head = q.get("headline") or {}
     models = {m: v for m, v in head.items() if isinstance(v, dict)}
-    st = q.get("settings") or {}
+    runs = [r["settings"] for r in q.get("runs") or []] or [q.get("settings") or {}]
+    what = "; ".join(f"{', '.join(st.get('texts') or ['code', 'prose'])} at {st.get('contexts')} tokens x {st.get('windows')} windows, "
+                     + (f"peers on every window: {', '.join(st['peers']) or 'none'}" if "peers" in st else "peers at the first context (earlier method)")
+                     for st in runs)
     lines = ["## Quality: perplexity and KL of quantized caches against fp16", "",
              f"From quality.json (scripts/bench_quality.py; method in docs/quality.md; every engine, text and window in quality.md). "
-             f"Contexts {st.get('contexts')}, windows per text {st.get('windows')}, peers on every window: {', '.join(st.get('peers') or []) or 'see quality.md'}. "
+             f"Runs: {what}. "
              "Tuning texts: q4c's layout was chosen on them; held-out texts: nothing was tuned on them. "
              f"Published (theirs, {PAPER}): Q4 perplexity "
              + ", ".join(f"{m} {v:+.1f}%" for m, v in PUBLISHED["ppl_delta_q4_pct"].items())

@@ -271,7 +271,7 @@ def main() -> None:
     home = default_home()
     root = Path(tempfile.mkdtemp(prefix="bench-interleave-", dir=home))
     results = {"command": " ".join(["python", "scripts/bench_interleave.py", *sys.argv[1:]]), "quick": args.quick,
-               "agents": args.agents, "fit": args.fit, "kv": args.kv, "max_tokens": args.max_tokens, "repeats": args.repeats,
+               "agents": args.agents, "fit": args.fit, "kv": args.kv, "max_tokens": args.max_tokens, "repeats": args.repeats, "batch_steps": args.batch_steps,
                "machine": {"cpu": blas.read_cpuinfo().model, "cpus": os.cpu_count(), "mlx": mx.__version__, "device": str(mx.default_device()),
                            "blas": blas.CHOICE.summary(), "date": time.strftime("%Y-%m-%d")},
                "runs": {}}

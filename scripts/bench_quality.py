@@ -406,10 +406,15 @@ def headline(models: dict) -> dict:
 def markdown(data: dict) -> str:
     m = data["machine"]
     st = data["settings"]
-    lines = [f"# KV cache quality ({m['cpu']}, {m['date']})", "",
-             f"`{data['command']}`. Contexts {', '.join(map(str, st['contexts']))} with {', '.join(map(str, st['windows']))} windows per text; "
-             f"peers on every window: {', '.join(st['peers']) or 'none'}; our extra modes at the first context: {', '.join(st['extra_modes']) or 'none'}. "
-             "Windows do not overlap and start as prompts do (BOS where the model's tokenizer adds one), fed in "
+    runs = data.get("runs") or [{"command": data["command"], "settings": st}]
+    lines = [f"# KV cache quality ({m['cpu']}, {m['date']})", "", "Runs:", ""]
+    for r in runs:
+        rs = r["settings"]
+        lines.append(f"- `{r['command']}`: texts {', '.join(rs.get('texts', []))}; contexts {', '.join(map(str, rs['contexts']))} with "
+                     f"{', '.join(map(str, rs['windows']))} windows per text; "
+                     + (r["note"] if "note" in r else f"peers on every window: {', '.join(rs.get('peers', [])) or 'none'}; "
+                        f"our extra modes at the first context: {', '.join(rs.get('extra_modes', [])) or 'none'}"))
+    lines += ["", "Windows do not overlap and start as prompts do (BOS where the model's tokenizer adds one), fed in "
              f"{PREFILL_CHUNK}-token chunks; ppl change and KL (nats, mean over scored tokens) against the fp16 cache of "
              "the same engine family on the same windows; top-1 = share of positions whose most likely token matches. "
              "Bits per value: stored bytes over fp16 bytes x 16 (ours), nominal for peers.", "",
@@ -454,6 +459,36 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from runs of this script over different texts or models (each run's command and
+    settings kept in `runs`); the headline is computed again over everything."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    data = {**parts[0], "models": {}, "runs": []}
+    for part in parts:
+        if part.get("runs"):
+            data["runs"] += part["runs"]
+        elif "texts" in part["settings"]:
+            data["runs"].append({"command": part["command"], "settings": part["settings"]})
+        else:  # a file of the earlier method, before held-out texts and peers on every window
+            texts = sorted({t for res in part["models"].values() for t in res["texts"]})
+            data["runs"].append({"command": part["command"], "settings": {**part["settings"], "texts": texts},
+                                 "note": "earlier method: mlx-lm, llama.cpp q8_0 and our q4, q4k, q8 at the first context only, "
+                                         "llama.cpp q4_0 where --peers-first-only was not given (see each context's engines)"})
+        for name, res in part["models"].items():
+            have = data["models"].setdefault(name, {**res, "texts": {}, "seconds": 0.0})
+            if set(have["texts"]) & set(res["texts"]):
+                raise SystemExit(f"{name}: text {sorted(set(have['texts']) & set(res['texts']))} is in two of the files")
+            for t, tr in res["texts"].items():  # files from before texts carried their role
+                if t in TEXTS:
+                    tr.setdefault("role", TEXTS[t].role), tr.setdefault("source", TEXTS[t].source), tr.setdefault("licence", TEXTS[t].licence)
+            have["texts"] |= res["texts"]
+            have["seconds"] += res.get("seconds") or 0.0
+            have["partial"] = have.get("partial", False) or res.get("partial", False)
+    data["command"] = " ; ".join(r["command"] for r in data["runs"])
+    data["headline"] = headline(data["models"])
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -468,7 +503,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="checks the script: one 512-token window per text, 1 prompt x 16 tokens")
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    ap.add_argument("--merge", type=Path, nargs="+", help="write one quality.json/md from these files of earlier runs, running nothing")
     args = ap.parse_args()
+    if args.merge:
+        data = merge(args.merge)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quality.json").write_text(json.dumps(data, indent=1))
+        (args.out / "quality.md").write_text(markdown(data))
+        return
     if args.quick:
         args.contexts, args.windows, args.prompts, args.gen, args.prompt_tokens = "512", "1", 1, 16, 128
     args.contexts = [int(c) for c in args.contexts.split(",")]
