@@ -89,9 +89,11 @@ def probe(runner: ModelRunner, context: int, short: int, repeats: int, steps: in
 
 def limit(d: dict) -> str:
     """Which part of a step keeps batch 4 from 4x at the long context, in words from the medians."""
-    share = d["cache_share_b4"]["median"]
-    return (f"the cache: {share:.0%} of a batch-4 step reads the four rows' caches (attention, nothing shared)"
+    x = d["cache_share_b4"]
+    share = min(max(x["median"], 0.0), 1.0)
+    text = (f"the cache: {share:.0%} of a batch-4 step reads the four rows' caches (attention, nothing shared)"
             if share >= 0.5 else f"the weights: {1 - share:.0%} of a batch-4 step is the weights' matrix products")
+    return text + (f" (inside the noise: the repeats' cache shares run from {x['min']:.0%} to {x['max']:.0%})" if x["min"] < 0.5 < x["max"] else "")
 
 
 def markdown(res: dict) -> str:
