@@ -420,7 +420,7 @@ def markdown(data: dict) -> str:
     lines = [f"# KV cache quality ({m['cpu']}, {m['date']})", "", "Runs:", ""]
     for r in runs:
         rs = r["settings"]
-        lines.append(f"- `{r['command']}`: texts {', '.join(rs.get('texts', []))}; contexts {', '.join(map(str, rs['contexts']))} with "
+        lines.append(f"- {r.get('date', m['date'])}, `{r['command']}`: texts {', '.join(rs.get('texts', []))}; contexts {', '.join(map(str, rs['contexts']))} with "
                      f"{', '.join(map(str, rs['windows']))} windows per text; "
                      + (r["note"] if "note" in r else f"peers on every window: {', '.join(rs.get('peers', [])) or 'none'}; "
                         f"our extra modes at the first context: {', '.join(rs.get('extra_modes', [])) or 'none'}"))
@@ -474,15 +474,15 @@ def merge(paths: list[Path]) -> dict:
     """One result from runs of this script over different texts or models (each run's command and
     settings kept in `runs`); the headline is computed again over everything."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    data = {**parts[0], "models": {}, "runs": []}
+    data = {**parts[-1], "models": {}, "runs": []}
     for part in parts:
         if part.get("runs"):
             data["runs"] += part["runs"]
         elif "texts" in part["settings"]:
-            data["runs"].append({"command": part["command"], "settings": part["settings"]})
+            data["runs"].append({"command": part["command"], "date": part["machine"]["date"], "settings": part["settings"]})
         else:  # a file of the earlier method, before held-out texts and peers on every window
             texts = sorted({t for res in part["models"].values() for t in res["texts"]})
-            data["runs"].append({"command": part["command"], "settings": {**part["settings"], "texts": texts},
+            data["runs"].append({"command": part["command"], "date": part["machine"]["date"], "settings": {**part["settings"], "texts": texts},
                                  "note": "earlier method: mlx-lm, llama.cpp q8_0 and our q4, q4k, q8 at the first context only, "
                                          "llama.cpp q4_0 where --peers-first-only was not given (see each context's engines)"})
         for name, res in part["models"].items():
