@@ -368,7 +368,8 @@ def quality_line(model: str, h: dict) -> str:
     (nothing was tuned on them) where the file has them, else on every text."""
     p = "held_out_" if "held_out_ppl_change_pct" in h else ""
     peer = h.get(f"{p}llama_cpp_q4_0_ppl_change_pct")
-    texts = f" on held-out text ({', '.join(h['held_out_texts'])}, {h['held_out_scored_tokens_min']:,}+ tokens per context)" if p else ""
+    texts = (f" on held-out text ({', '.join(h['held_out_texts'])}, at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
+             if p else " on the tuning texts (no held-out run)" if "held_out_texts" not in h and "scored_tokens_min" in h else "")
     return (f"{model} {h['mode']} ({h['bits_per_value']:.2f} bits){texts}: ppl {h[p + 'ppl_change_pct']:+.2f}% (worst {h[p + 'ppl_change_worst_pct']:+.2f}%), "
             f"KL {h[p + 'kl']:.4f} (worst {h[p + 'kl_worst']:.4f})"
             + (f"; llama.cpp q4_0 {peer:+.2f}% (KL {h[p + 'llama_cpp_q4_0_kl']:.4f}) on the same windows" if peer is not None and p
@@ -800,7 +801,8 @@ def summary_rows(out: Path) -> list[tuple[str, str, str]]:
         d = r["derived"]
         rows.append((f"Batched decode, batch 4 vs 1 aggregate tokens/s ({name}, hidden {r['hidden_size']}, {r['layers']} layers, random weights, at {r['context']})",
                      f"{d['speedup_long']['median']:.2f}x ({d['speedup_long']['min']:.2f}-{d['speedup_long']['max']:.2f}); "
-                     f"{d['speedup_short']['median']:.2f}x at {r['short_context']} tokens; limited by {r['limit']}", "batch_probe.json"))
+                     f"{d['speedup_short']['median']:.2f}x at {r['short_context']} tokens; limited by {r['limit']} "
+                     f"(load average {bp['machine']['load_average'][0]} on {bp['machine']['cpus']} cores at the start)", "batch_probe.json"))
     hf = get("handoff.json")
     if hf and isinstance((hf.get("headline") or {}).get("ttft_vs_reprefill_4k"), (int, float)):
         rows.append((f"Handoff by cache card, receiver TTFT vs re-prefill at 4K ({hf.get('model')})", f"{hf['headline']['ttft_vs_reprefill_4k']:.2f}x", "handoff.json"))

@@ -98,6 +98,9 @@ def test_headline_keeps_held_out_texts_apart_and_compares_on_the_same_windows():
     assert h["held_out_beats_llama_cpp_q4_0_wherever_both_ran"] is True
     line = benchreport.quality_line("m", h)
     assert "held-out text (gnu-standards" in line and "+3.00%" in line and "llama.cpp q4_0 +6.00%" in line
+    tuning_only = bq.headline({"m": result({"code": ("tuning", {"2048": engines(1.0, 7.0)})})})["m"]
+    assert "held_out_ppl_change_pct" not in tuning_only
+    assert "on the tuning texts (no held-out run): ppl +1.00%" in benchreport.quality_line("m", tuning_only)
 
 
 def test_merge_keeps_every_run_and_refuses_a_text_twice(tmp_path):
