@@ -305,7 +305,7 @@ def greedy(engines: dict, reference: str, prompt: list[int], n: int) -> dict:
     return res
 
 
-def peer_engines(name: str, runner: ModelRunner, gguf: Path | None, context: int, peers: list[str]) -> tuple[dict, dict]:
+def peer_engines(runner: ModelRunner, gguf: Path | None, context: int, peers: list[str]) -> tuple[dict, dict]:
     """The peers of `peers` that this model has ({name: engine}) and their references."""
     engines, reference_of = {}, {}
     for p in peers:
@@ -337,7 +337,7 @@ def bench_model(name: str, args, progress=None) -> dict:
         for i, (ctx, count) in enumerate(zip(args.contexts, args.windows)):
             wins, starts, offset = windows(ids, ctx, count, bos, offset)
             ours = {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (args.extra_modes if i == 0 else [])}
-            peers, peer_refs = peer_engines(name, runner, gguf, ctx, args.peers)
+            peers, peer_refs = peer_engines(runner, gguf, ctx, args.peers)
             engines = {**ours, **peers}
             reference_of = {**{n: "fp16" for n in ours}, **peer_refs}
             def keep(r, done, ctx=ctx, starts=starts):  # after every window: a run stopped early keeps what it scored
@@ -545,7 +545,7 @@ def main() -> None:
             "published_q4_ppl_change_pct": PUBLISHED, "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def save(name, result):  # after every text and context: a long run keeps what it measured
+    def save(name, result):  # after every window: a long run keeps what it measured
         data["models"][name] = result
         data["headline"] = headline(data["models"])
         (args.out / "quality.json").write_text(json.dumps(data, indent=1))
