@@ -395,8 +395,8 @@ def _summary(rows: list[tuple[str, str, dict]]) -> dict:
 
 def headline(models: dict) -> dict:
     """Per model: the default mode's bits, its worst and mean ppl change and KL over every text and
-    context, and llama.cpp q4_0's on the same windows; then the same over the held-out texts alone
-    (`held_out_*`), the texts nothing was tuned on."""
+    context, and llama.cpp q4_0's on the same windows; then the same over the tuning texts alone
+    (`tuning_*`) and over the held-out texts alone (`held_out_*`), the texts nothing was tuned on."""
     out = {}
     for name, res in models.items():
         rows = [(t, c, r["engines"]) for t, tr in res["texts"].items() for c, r in tr["contexts"].items()]
@@ -404,10 +404,13 @@ def headline(models: dict) -> dict:
             continue
         h = {"mode": DEFAULT_KV, "bits_per_value": round(max(e[DEFAULT_KV]["bits"] for _, _, e in rows), 3),
              **_summary(rows), "llama_cpp_q4_0_bits_per_value": 4.5}
-        held = [(t, c, e) for t, c, e in rows if res["texts"][t].get("role") == "held-out"]
-        if held:
-            h |= {f"held_out_{k}": v for k, v in _summary(held).items()}
-            h["held_out_texts"] = sorted({t for t, _, _ in held})
+        for role in ("tuning", "held-out"):
+            part = [(t, c, e) for t, c, e in rows if res["texts"][t].get("role", "tuning") == role]
+            if part:
+                key = role.replace("-", "_")
+                h |= {f"{key}_{k}": v for k, v in _summary(part).items()}
+                h[f"{key}_texts"] = sorted({t for t, _, _ in part})
+                h[f"{key}_scored_tokens_per_text"] = min(sum(e[DEFAULT_KV]["tokens"] for t2, _, e in part if t2 == t) for t in h[f"{key}_texts"])
         h["goal_met"] = h["ppl_change_worst_pct"] < 3.0 and h["kl_worst"] < 0.02 and h["bits_per_value"] <= 4.5
         out[name] = h
     return out

@@ -92,6 +92,7 @@ def test_headline_keeps_held_out_texts_apart_and_compares_on_the_same_windows():
     h = bq.headline({"m": res})["m"]
     assert h["ppl_change_pct"] == pytest.approx(7 / 3, abs=1e-3) and h["ppl_change_worst_pct"] == 4.0
     assert h["held_out_ppl_change_pct"] == 3.0 and h["held_out_texts"] == ["gnu-standards"]
+    assert h["tuning_ppl_change_pct"] == 1.0 and h["tuning_texts"] == ["code"] and h["tuning_scored_tokens_per_text"] == 16376
     assert h["held_out_llama_cpp_q4_0_ppl_change_pct"] == 6.0  # only where it ran
     assert h["held_out_ours_where_llama_cpp_ran_ppl_change_pct"] == 2.0
     assert h["held_out_compared_with_llama_cpp_on"] == ["gnu-standards 2048"]
