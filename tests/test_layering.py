@@ -2,6 +2,7 @@
 agent store's disk layout is spelled in one module (store/layout.py)."""
 
 import ast
+import re
 import importlib
 from pathlib import Path
 
@@ -109,8 +110,8 @@ def spelled_paths(path: Path) -> list[str]:
             text = node.value
             if " " in text or text.endswith("config.json"):  # a message to the user; a model folder's file
                 continue
-            if any(w in text for w in STORE_WORDS):
-                out.append(text)
+            if any(re.search(re.escape(w) + (r"(?![A-Za-z0-9_])" if w[-1].isalnum() else ""), text) for w in STORE_WORDS):
+                out.append(text)  # a whole suffix or name: not `.json_schema`
     return out
 
 
