@@ -173,8 +173,7 @@ def test_infinity_in_a_cache_header_is_moved_aside_and_nothing_else_stops(server
     server.stop()  # a forged file present at start-up must not stop the server either
 
     def infinite(header, meta):
-        name = next(n for n in header if n != "tokens")
-        header[name]["shape"][0] = float("inf")
+        header["tokens"]["shape"][0] = float("inf")  # a manifest's one tensor: the token ids
 
     for agent in ("inf1", "inf2"):
         reforge_header(server.cache_dir / f"{agent}.safetensors", infinite)
@@ -280,17 +279,19 @@ def test_uploaded_tensors_never_become_another_agents_prefix(home, tmp_path):
 
 # -- 4: shape checks on every run of every encoding -----------------------------------------
 def double_q8_heads(arrays, meta):
-    """Double the kv heads of a q8 run (the q4c tail) in layer 0: a consistent run, wrong for the model."""
-    span = json.loads(meta["layers"])[0]
-    runs = [r for r, (enc, _) in enumerate(span["runs"]) if enc == "q8" and r > 0]
-    assert runs, f"no q8 run after the body in {span['runs']}"
+    """Double the kv heads of a q8 run (the q4c tail) in layer 0: a consistent run, wrong for the model.
+    An archive lists its runs as [encoding, tokens] in `layers`, an agent's segment as
+    [encoding, start, tokens] in `runs`."""
+    runs_of_layer0 = json.loads(meta["layers"])[0]["runs"] if "layers" in meta else json.loads(meta["runs"])[0]
+    runs = [r for r, (enc, *_) in enumerate(runs_of_layer0) if enc == "q8" and r > 0]
+    assert runs, f"no q8 run after the body in {runs_of_layer0}"
     prefix = f"layers.0.{runs[0]}."
     for name in [n for n in arrays if n.startswith(prefix)]:
         arrays[name] = np.concatenate([arrays[name], arrays[name]], axis=0)
 
 
 def test_doubled_heads_in_a_q8_tail_are_refused_by_api_and_cli(server, home, tmp_path):
-    from mlx_agentcache.store import codec
+    from mlx_agentcache.store import codec, formats
 
     r = httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY, "X-Agent-Id": "hx-src"}, timeout=300,
                    json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi."}]})
@@ -304,7 +305,8 @@ def test_doubled_heads_in_a_q8_tail_are_refused_by_api_and_cli(server, home, tmp
     cache = tmp_path / "cli"  # the same run in an agent's own cache file: refused, moved aside, re-prefilled
     r = cli(home, "say", "--agent", "hy", "--cache-dir", str(cache), "--max-tokens", "2", "--system", LONG_SYSTEM, "Hi.")
     assert r.returncode == 0, r.stderr
-    reforge_tensors(cache / "hy.safetensors", codec.FORMATS, double_q8_heads)
+    (segment,) = (cache / "segments" / "hy").glob("*.safetensors")  # one turn: one segment
+    reforge_tensors(segment, (formats.SEGMENT,), double_q8_heads)
     r = cli(home, "say", "--agent", "hy", "--cache-dir", str(cache), "--max-tokens", "2", "--json", "Again.")
     assert r.returncode == 0 and "Traceback" not in r.stderr and json.loads(r.stdout)["tier"] == "cold", r.stderr
     assert len(list(cache.glob("hy.safetensors.bad-*"))) == 1 and (cache / "hy.safetensors").exists()  # set aside, then saved anew
