@@ -12,7 +12,6 @@ import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 
 import os
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,17 +20,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from server_process import free_port
 
 MODEL = "smollm2-135m"
 KEY = "budget-key"
 BUDGET = 4 << 20
 TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InProcessServer:
