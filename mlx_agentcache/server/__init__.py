@@ -4,6 +4,7 @@ agent keeps its own persistent KV cache. See docs/server.md.
     app.py            routes, API key and body-size gate, model loading
     openai_api.py     /v1/chat/completions, /v1/completions
     anthropic_api.py  /v1/messages, /v1/messages/count_tokens
+    responses_api.py  /v1/responses
     conversation.py   both APIs' messages and tools for the chat template
     state.py          agent selection, rate limits, turns bridged to asyncio
     metrics.py        /metrics in Prometheus text

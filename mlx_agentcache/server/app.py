@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.background import BackgroundTask
 
-from . import anthropic_api, openai_api
+from . import anthropic_api, openai_api, responses_api
 from ..pool import PinError
 from ..store.container import CacheFileError
 from .errors import APIError, error_body, error_response
@@ -200,6 +200,8 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
 
     app.add_api_route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", openai_api.completions, methods=["POST"])
+    app.add_api_route("/v1/responses", responses_api.responses, methods=["POST"])
+    app.state.responses = responses_api.ResponseStore()
     app.add_api_route("/v1/messages", anthropic_api.messages, methods=["POST"])
     app.add_api_route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"])
 

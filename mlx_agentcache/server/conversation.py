@@ -34,7 +34,7 @@ def _text(content, where: str) -> str:
         for part in content:
             if isinstance(part, str):
                 out.append(part)
-            elif isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+            elif isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
                 out.append(str(part.get("text", "")))
             elif isinstance(part, dict) and part.get("type") in ("thinking", "redacted_thinking"):
                 continue
