@@ -1,0 +1,72 @@
+"""Agent frameworks against a real `agentcache serve` running SmolLM2-135M:
+LangChain (`bind_tools`, `with_structured_output`), pydantic-ai
+(`output_type`) and the `llm` CLI (`--schema`), each as a new user would
+point it at the server."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from pydantic_ai import Agent
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.settings import ModelSettings
+
+from server_process import KEY, Server
+
+MODEL = "smollm2-135m"
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    age: int = pydantic.Field(ge=0, le=150)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, model_home, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-frameworks")
+    s = Server(model_home, d / "cache", d / "server.log").start()
+    yield s
+    s.stop()
+
+
+def chat(server) -> ChatOpenAI:
+    return ChatOpenAI(base_url=server.url + "/v1", api_key=KEY, model=MODEL, max_tokens=48, temperature=0, max_retries=0)
+
+
+def test_langchain_bind_tools_returns_a_call(server):
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    msg = chat(server).bind_tools([get_weather], tool_choice="required").invoke("What is the weather in Paris?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city"}
+
+
+def test_langchain_with_structured_output_fits_the_schema(server):
+    person = chat(server).with_structured_output(Person).invoke("Invent a person.")
+    assert isinstance(person, Person)
+
+
+def test_pydantic_ai_output_type(server):
+    model = OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=server.url + "/v1", api_key=KEY))
+    agent = Agent(model, output_type=Person, model_settings=ModelSettings(max_tokens=48, temperature=0))
+    assert isinstance(agent.run_sync("Invent a person.").output, Person)
+
+
+def test_llm_schema(server, tmp_path):
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: agentcache\n  model_name: {MODEL}\n  api_base: {server.url}/v1\n  api_key_name: agentcache\n  supports_schema: true\n")
+    (tmp_path / "keys.json").write_text(json.dumps({"agentcache": KEY}))
+    llm = Path(sys.executable).parent / "llm"
+    out = subprocess.run([str(llm), "-m", "agentcache", "--schema", json.dumps(Person.model_json_schema()), "-o", "max_tokens", "48", "--no-log", "Invent a person."],
+                         env={"LLM_USER_PATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    Person.model_validate_json(out.stdout)
