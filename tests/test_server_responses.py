@@ -88,6 +88,16 @@ def test_required_function_tool_returns_a_function_call(server):
     assert set(json.loads(call.arguments)) == {"city"}
 
 
+def test_function_call_streams_as_arguments_events(server):
+    events = list(server.openai().responses.create(model=MODEL, input="Weather in Oslo?", tools=[WEATHER], tool_choice="required",
+                                                   max_output_tokens=48, stream=True))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                                        "response.output_item.done", "response.completed"]
+    (call,) = events[-1].response.output
+    assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}
+
+
 def test_json_schema_text_format_parses_and_fits(server):
     r = server.openai().responses.create(model=MODEL, input="Invent a person.", max_output_tokens=40,
                                          text={"format": {"type": "json_schema", "name": "person", "schema": Person.model_json_schema(), "strict": True}})

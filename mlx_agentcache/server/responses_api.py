@@ -74,8 +74,7 @@ def input_messages(raw) -> list[dict]:
             role = "system" if item["role"] == "developer" else item["role"]
             out.append({"role": role, "content": conv._text(item.get("content"), f"input[{i}]")})
         elif kind == "function_call":
-            call = {"type": "function", "id": item.get("call_id"), "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
-            call = conv._call_for_template({"id": call["id"], "function": call["function"]})
+            call = conv._call_for_template({"id": item.get("call_id"), "function": {"name": item.get("name"), "arguments": item.get("arguments")}})
             if not (out and out[-1]["role"] == "assistant"):
                 out.append({"role": "assistant", "content": ""})
             out[-1] = {**out[-1], "tool_calls": out[-1].get("tool_calls", []) + [call]}
