@@ -23,7 +23,7 @@ from .errors import APIError
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _text(content, where: str) -> str:
+def content_text(content, where: str) -> str:
     """OpenAI/Anthropic content (a string or a list of parts) as plain text."""
     if content is None:
         return ""
@@ -53,19 +53,19 @@ def openai_messages(raw) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}] needs a 'role' of {sorted(ROLES)}", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        msg = {"role": role, "content": _text(m.get("content"), f"messages[{i}]")}
+        msg = {"role": role, "content": content_text(m.get("content"), f"messages[{i}]")}
         if role == "assistant" and m.get("tool_calls"):
             calls = m["tool_calls"]
             if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
                 raise APIError(400, f"messages[{i}].tool_calls must be a list of {{'function': {{'name', 'arguments'}}}} objects", param="messages")
-            msg["tool_calls"] = [_call_for_template(c) for c in calls]
+            msg["tool_calls"] = [call_for_template(c) for c in calls]
         if role == "tool" and m.get("tool_call_id"):
             msg["tool_call_id"] = str(m["tool_call_id"])
         out.append(msg)
     return out
 
 
-def _call_for_template(call: dict) -> dict:
+def call_for_template(call: dict) -> dict:
     fn = call.get("function") or {}
     args = fn.get("arguments")
     if isinstance(args, str):
@@ -81,7 +81,7 @@ def anthropic_messages(system, raw) -> list[dict]:
         raise APIError(400, "messages: must be a non-empty list")
     out = []
     if system:
-        out.append({"role": "system", "content": _text(system, "system")})
+        out.append({"role": "system", "content": content_text(system, "system")})
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
             raise APIError(400, f"messages.{i}: 'role' must be 'user', 'assistant' or 'system'")
@@ -93,9 +93,9 @@ def anthropic_messages(system, raw) -> list[dict]:
                 if kind == "tool_use":
                     calls.append({"type": "function", "id": part.get("id"), "function": {"name": part.get("name"), "arguments": part.get("input")}})
                 elif kind == "tool_result":
-                    results.append({"role": "tool", "tool_call_id": str(part.get("tool_use_id")), "content": _text(part.get("content"), f"messages.{i}")})
+                    results.append({"role": "tool", "tool_call_id": str(part.get("tool_use_id")), "content": content_text(part.get("content"), f"messages.{i}")})
                 else:
-                    text.append(_text([part], f"messages.{i}"))
+                    text.append(content_text([part], f"messages.{i}"))
             out.extend(results)
             if text or calls or not results:
                 msg = {"role": m["role"], "content": "".join(text)}
@@ -103,7 +103,7 @@ def anthropic_messages(system, raw) -> list[dict]:
                     msg["tool_calls"] = calls
                 out.append(msg)
         else:
-            out.append({"role": m["role"], "content": _text(content, f"messages.{i}")})
+            out.append({"role": m["role"], "content": content_text(content, f"messages.{i}")})
     return out
 
 

@@ -72,15 +72,15 @@ def input_messages(raw) -> list[dict]:
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "message" and item.get("role") in conv.ROLES - {"tool"}:
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append({"role": role, "content": conv._text(item.get("content"), f"input[{i}]")})
+            out.append({"role": role, "content": conv.content_text(item.get("content"), f"input[{i}]")})
         elif kind == "function_call":
-            call = conv._call_for_template({"id": item.get("call_id"), "function": {"name": item.get("name"), "arguments": item.get("arguments")}})
+            call = conv.call_for_template({"id": item.get("call_id"), "function": {"name": item.get("name"), "arguments": item.get("arguments")}})
             if not (out and out[-1]["role"] == "assistant"):
                 out.append({"role": "assistant", "content": ""})
             out[-1] = {**out[-1], "tool_calls": out[-1].get("tool_calls", []) + [call]}
         elif kind == "function_call_output":
             output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": str(item.get("call_id")), "content": output if isinstance(output, str) else conv._text(output, f"input[{i}]")})
+            out.append({"role": "tool", "tool_call_id": str(item.get("call_id")), "content": output if isinstance(output, str) else conv.content_text(output, f"input[{i}]")})
         elif kind == "reasoning":
             continue
         else:
@@ -125,8 +125,12 @@ def _usage(prompt: list[int], run) -> dict:
             "output_tokens": s.generated_tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": len(prompt) + s.generated_tokens}
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _message(text: str, status: str = "completed") -> dict:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    content = [_text_part(text)] if status == "completed" else []
     return {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant", "content": content}
 
 
@@ -209,8 +213,7 @@ async def responses(request: Request):
 
     def text_start(index: int, item: dict):
         yield event("response.output_item.added", output_index=index, item={**_message("", "in_progress"), "id": item["id"]})
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part)
+        yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=_text_part(""))
 
     def delta(index: int, item: dict, piece: str) -> str:
         return event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0, delta=piece, logprobs=[])
@@ -260,7 +263,7 @@ async def responses(request: Request):
                 yield event("response.output_item.done", output_index=index, item=fc)
                 output.append(fc)
         else:
-            item["content"] = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+            item["content"] = [_text_part(text)]
             for e in text_done(0, item):
                 yield e
             output.append(item)
