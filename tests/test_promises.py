@@ -29,6 +29,7 @@ from mlx_agentcache.models.model_store import resolve_model
 from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.store import codec, container
+from mlx_agentcache.store import formats as store_formats
 
 TEXT = (Path(__file__).parent / "data" / "python_reference.txt").read_text()
 
@@ -137,8 +138,12 @@ def test_cli_mla_full_stores_per_head_keys_and_values(model_home, tmp_path):
     n = full["cache_tokens"]
     per_token = cfg["num_hidden_layers"] * cfg["num_attention_heads"] * (
         q4_bytes(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) + q4_bytes(cfg["v_head_dim"]))
-    _, _, data_start = container.read_header(tmp_path / "a.safetensors", codec.FORMATS)
-    assert (tmp_path / "a.safetensors").stat().st_size - data_start == 4 * n + n * per_token
+    def data_bytes(path, formats):
+        return path.stat().st_size - container.read_header(path, formats)[2]
+
+    (segment,) = (tmp_path / "segments" / "a").glob("*.safetensors")  # the manifest holds the token ids, the segment the K/V
+    assert data_bytes(tmp_path / "a.safetensors", codec.FORMATS) == 4 * n
+    assert data_bytes(segment, (store_formats.SEGMENT,)) == n * per_token
     again, _ = say("--mla", "full")
     assert again["tier"] == "hot" or again["restored_tokens"] >= n  # restored, not recomputed
     latent, err = say()
