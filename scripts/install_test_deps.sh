@@ -4,14 +4,12 @@
 #   clang      builds the Metal kernels' CPU harness (kernels/harness) and type-checks the
 #              Metal sources MLX builds, address spaces kept (tests/test_metal_source.py)
 #   qemu-user  runs the BLAS test on an emulated AVX2-only CPU (AMD Zen 3), whatever CPU runs the tests
-#   nodejs npm install the Claude Code CLI the server tests drive (tests/conftest.py puts it under .test-tools/)
 # Elsewhere it does nothing; on other Linux distributions install the same tools by hand.
 set -euo pipefail
 [ "$(uname -s)" = Linux ] || exit 0
 need=()
 command -v g++ >/dev/null || need+=(g++)
 command -v clang++ >/dev/null || need+=(clang)
-command -v npm >/dev/null || need+=(nodejs npm)
 if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then need+=(qemu-user); fi
 [ ${#need[@]} -eq 0 ] && exit 0
 command -v apt-get >/dev/null || { echo "install ${need[*]} with your package manager" >&2; exit 1; }

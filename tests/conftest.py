@@ -8,7 +8,6 @@ a fresh directory under pytest's tmp.
 import mlx_agentcache  # noqa: F401  (must load the BLAS before anything imports mlx.core)
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,22 +35,6 @@ def gemma3_path(model_home) -> Path:
     from mlx_agentcache.models.model_store import resolve_model
 
     return resolve_model("gemma3-270m", model_home)
-
-
-TEST_TOOLS = Path(__file__).resolve().parent.parent / ".test-tools"  # npm packages the tests run, kept out of git
-
-
-def npm_tool(package: str, command: str) -> Path:
-    """A command from an npm package, installed under .test-tools/ on first use."""
-    exe = TEST_TOOLS / "node_modules" / ".bin" / command
-    if not exe.exists():
-        subprocess.run(["npm", "install", "--prefix", str(TEST_TOOLS), "--no-audit", "--no-fund", package], check=True, capture_output=True, timeout=600)
-    return exe
-
-
-@pytest.fixture(scope="session")
-def claude_cli() -> Path:
-    return npm_tool("@anthropic-ai/claude-code@2.1.197", "claude")
 
 
 def pytest_sessionfinish(session, exitstatus):
