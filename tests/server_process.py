@@ -1,5 +1,6 @@
 """`agentcache serve` in a subprocess on loopback: what every server test starts."""
 
+import contextlib
 import os
 import re
 import signal
@@ -89,3 +90,11 @@ class Server:
         return float(m.group(1))
 
 
+@contextlib.contextmanager
+def serving(home: Path, folder: Path, *args: str):
+    """A started server on `folder`/cache (log in `folder`), stopped (and checked) on exit."""
+    s = Server(home, folder / "cache", folder / "server.log", *args).start()
+    try:
+        yield s
+    finally:
+        s.stop()

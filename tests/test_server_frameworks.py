@@ -17,7 +17,7 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.settings import ModelSettings
 
-from server_process import KEY, Server
+from server_process import KEY, serving
 
 MODEL = "smollm2-135m"
 
@@ -29,10 +29,8 @@ class Person(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, model_home, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve-frameworks")
-    s = Server(model_home, d / "cache", d / "server.log").start()
-    yield s
-    s.stop()
+    with serving(model_home, tmp_path_factory.mktemp("serve-frameworks")) as s:
+        yield s
 
 
 def chat(server) -> ChatOpenAI:

@@ -12,7 +12,7 @@ import openai
 import pydantic
 import pytest
 
-from server_process import KEY, Server
+from server_process import KEY, serving
 
 MODEL = "smollm2-135m"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
@@ -21,10 +21,8 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Current we
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, model_home, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve-responses")
-    s = Server(model_home, d / "cache", d / "server.log").start()
-    yield s
-    s.stop()
+    with serving(model_home, tmp_path_factory.mktemp("serve-responses")) as s:
+        yield s
 
 
 def test_plain_response_has_text_and_usage(server):

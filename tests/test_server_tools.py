@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from server_process import KEY, Server
+from server_process import KEY, serving
 
 MODEL = "smollm2-135m"
 
@@ -29,10 +29,8 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, model_home, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve-tools")
-    s = Server(model_home, d / "cache", d / "server.log").start()
-    yield s
-    s.stop()
+    with serving(model_home, tmp_path_factory.mktemp("serve-tools")) as s:
+        yield s
 
 
 def fits_person(obj) -> bool:
