@@ -39,7 +39,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import dequantize_model
 from mlx_lm.utils import load as mlx_lm_load
 
-from mlx_agentcache import bitalloc, blas
+from mlx_agentcache import bitalloc, blas, quality
 from mlx_agentcache.config import default_home
 from mlx_agentcache.models.model_store import resolve_model
 
@@ -232,7 +232,7 @@ def run_model(name: str, context: int, n_windows: int, layouts: list[str], text_
     dequantize_model(model)
     model.set_dtype(mx.float32)
     head_dim = model.args.head_dim if getattr(model.args, "head_dim", None) else model.args.hidden_size // model.args.num_attention_heads
-    bos = [tokenizer.bos_token_id] if name.startswith("gemma") else []
+    bos = quality.prompt_bos(tokenizer)
     out = {"model": name, "head_dim": head_dim, "texts": {}}
     corpus = texts()
     for text in text_names:

@@ -61,7 +61,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_agentcache import blas
+from mlx_agentcache import blas, quality
 from mlx_agentcache.config import DEFAULT_KV, default_home
 from mlx_agentcache.models.model_store import gguf_file
 from mlx_agentcache.models.runner import PREFILL_CHUNK, ModelRunner
@@ -325,7 +325,7 @@ def bench_model(name: str, args, progress=None) -> dict:
     t0 = time.perf_counter()
     runner = ModelRunner.load(name, args.home)
     tok = runner.tokenizer
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok.encode("a")[:1] == [tok.bos_token_id] else []
+    bos = quality.prompt_bos(tok)
     gguf = gguf_file(name, args.home)
     out = {"bos": bool(bos), "gguf": gguf.name if gguf else None, "texts": {}}
     for text_name in args.texts:
