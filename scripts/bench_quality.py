@@ -35,7 +35,7 @@ engine of the family is forced along the same tokens.
 
     python scripts/bench_quality.py              # every text, model, context and peer (hours on a CPU)
     python scripts/bench_quality.py --texts gnu-standards,man-pages --contexts 2048 --windows 8
-    python scripts/bench_quality.py --quick      # checks the script: one 512-token window per text
+    python scripts/bench_quality.py --quick      # checks the script: one 512-token window of one tuning and one held-out text
 
 Writes quality.json (with a `headline` per model) and quality.md to --out.
 """
@@ -161,6 +161,7 @@ TEXTS = {
     "man-pages": Text("held-out", "Linux man-pages section 7, Debian package manpages, roff markup stripped",
                       "GPL-2+, BSD and verbatim licences per page", _man_pages),
 }
+QUICK_TEXTS = ("code", "gnu-standards")
 
 
 def windows(ids: list[int], context: int, count: int, bos: list[int], offset: int) -> tuple[list[list[int]], list[int], int]:
@@ -508,7 +509,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--contexts", default="2048,4096,8192")
     ap.add_argument("--windows", default="8,4,2", help="windows per context (default: at least 16,000 scored tokens per text and context)")
-    ap.add_argument("--texts", default=",".join(TEXTS), help=f"comma separated, from {', '.join(TEXTS)}")
+    ap.add_argument("--texts", default=None, help=f"comma separated, from {', '.join(TEXTS)} (default: all; --quick: {','.join(QUICK_TEXTS)})")
     ap.add_argument("--peers", default=",".join(PEERS), help="engines of other projects on every window, comma separated (empty: none)")
     ap.add_argument("--extra-modes", default="q4,q4k,q8", help="our other KV modes, at the first context only (empty: none)")
     ap.add_argument("--prompts", type=int, default=1, help="greedy-continuation prompts per text (0: none)")
@@ -527,6 +528,8 @@ def main() -> None:
         return
     if args.quick:
         args.contexts, args.windows, args.prompts, args.gen, args.prompt_tokens = "512", "1", 1, 16, 128
+    if args.texts is None:  # a quick run checks one tuning and one held-out text
+        args.texts = ",".join(QUICK_TEXTS if args.quick else TEXTS)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.windows = [int(w) for w in args.windows.split(",")]
     args.texts = [t for t in args.texts.split(",") if t]
