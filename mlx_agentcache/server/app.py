@@ -1,7 +1,7 @@
 """The ASGI application: routes, the API-key and body-size gate, errors in
 each API's shape, model loading in the background.
 
-`/health` and `/` (Claude Code probes `HEAD /`) answer without a key;
+`/health` and `/` (Claude Code probes `HEAD /`) answer without a key (`/health` names unsaved agents only to a key holder);
 `/health`: 503 while the model loads, 200 once it serves, 500 if loading failed. Every other route needs a key when any is
 set (`Authorization: Bearer KEY` or `x-api-key: KEY`); a key scoped to a
 name prefix sees only those agents. Without a key, writes must be JSON (or
@@ -75,15 +75,18 @@ class Gate:
     def _check(self, scope: dict, path: str, method: str, headers: dict) -> APIError | None:
         cfg = self.state.config
         card = CARD_ROUTE.match(path)
-        if self.keys and path not in OPEN_PATHS:
+        if self.keys:
             auth = headers.get("authorization") or b""
             given = [headers.get("x-api-key") or b""] + ([auth[7:].strip()] if auth[:7].lower() == b"bearer " else [])
             # either header, whichever holds a key; every key compared (no early exit)
             found = [prefix for key, prefix in self.keys if any([hmac.compare_digest(g, key) for g in given])]
+            scope["agentcache.keyed"] = bool(found)  # open paths answer either way, and say less without a key
+            if found and None not in found:  # a scoped key: only agents named with its prefix exist for it
+                scope["agentcache.scope"] = found[0]
+        if self.keys and path not in OPEN_PATHS:
             if not found:
                 return APIError(401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)", code="invalid_api_key")
-            if None not in found:  # a scoped key: only agents named with its prefix exist for it
-                scope["agentcache.scope"] = found[0]
+            if None not in found:
                 named = AGENT_ROUTE.match(path)
                 if named and not named.group(1).startswith(found[0]):
                     return APIError(404, f"no agent '{named.group(1)}'", code="agent_not_found")
@@ -171,10 +174,15 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
 
     # -- service -------------------------------------------------------------------
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         if state.runtime is not None:
             # on the loop: a few dict reads, while worker threads may all be busy tokenizing
-            return {"status": "ok", "model": state.runtime.model_name, "unsaved": sorted(state.runtime.unsaved())}
+            unsaved = sorted(state.runtime.unsaved())
+            if request.scope.get("agentcache.keyed", True) is False:  # agent names are for key holders only
+                return {"status": "ok", "model": state.runtime.model_name, "unsaved_count": len(unsaved)}
+            scope = request.scope.get("agentcache.scope")
+            unsaved = [n for n in unsaved if scope is None or n.startswith(scope)]
+            return {"status": "ok", "model": state.runtime.model_name, "unsaved": unsaved, "unsaved_count": len(unsaved)}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         return JSONResponse({"status": "loading", "model": state.config.model}, status_code=503, headers={"Retry-After": "2"})
