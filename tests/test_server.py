@@ -74,7 +74,8 @@ def count_tokens(server, messages: list[dict], system: str | None = None) -> int
 def test_health_answers_503_while_loading_then_200_without_key(server):
     assert server.health_seen[0] == 503 and server.health_seen[-1] == 200  # the socket is up before the model
     r = httpx.get(server.url + "/health")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "model": MODEL, "unsaved": []}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": MODEL, "unsaved_count": 0}  # names: key holders only
+    assert httpx.get(server.url + "/health", headers={"x-api-key": KEY}).json() == {"status": "ok", "model": MODEL, "unsaved": [], "unsaved_count": 0}
 
 
 def test_models_in_both_shapes(server):
