@@ -16,5 +16,5 @@ for core in Haswell SkylakeX; do
   esac
   if [ "$core" = "$default" ]; then echo "kernel set $core: the default here, the whole suite ran under it"; continue; fi
   echo "kernel set $core: $(OPENBLAS_CORETYPE=$core agentcache doctor | grep -m1 '^blas ')"
-  OPENBLAS_CORETYPE=$core python -m pytest -q -m numerics
+  OPENBLAS_CORETYPE=$core python -m pytest -q -n 2 -m numerics
 done
