@@ -36,8 +36,9 @@ key and value.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
@@ -449,6 +450,15 @@ class LayerCache:
             self.clean = min(self.clean, self.offset)
             self.append(encode(tail[0], "q8", "k"), encode(tail[1], "q8", "v"), "q8")
 
+    def fork(self) -> "LayerCache":
+        """An independent copy that shares the stored arrays: a write goes to the
+        writer's own array object (MLX arrays are values), so neither copy sees
+        the other's later tokens, and nothing is copied until one writes."""
+        other = copy.copy(self)
+        other.segments = [replace(s, keys=tuple(mx.array(x) for x in s.keys),
+                                  values=None if s.values is None else tuple(mx.array(x) for x in s.values)) for s in self.segments]
+        return other
+
     # -- attention ---------------------------------------------------------
     def attend(self, queries: mx.array, scale: float, values_from_keys=None) -> mx.array:
         """Softmax attention of (1, Hq, L, D) queries over all stored tokens (attention.py)."""
@@ -566,6 +576,11 @@ class AgentCache:
         for layer in self.layers:
             layer.trim_to(n)
         del self.tokens[n:]
+
+    def fork(self) -> "AgentCache":
+        """A second row that goes on from this context (`n > 1` choices of one
+        prompt, scheduler.py); it belongs to no agent and is never saved."""
+        return AgentCache([layer.fork() for layer in self.layers], list(self.tokens), self.foreign_from)
 
 
 class BatchView:

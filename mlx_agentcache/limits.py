@@ -22,6 +22,8 @@ MAX_TEMPERATURE = 100.0
 MIN_TEMPERATURE = 1e-4  # smaller ones sample greedily anyway; far smaller overflow float32 logits / temperature
 MAX_SEED = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
 MAX_BUDGET_BYTES = 1 << 50  # 1 PiB
+MAX_CHOICES = 8  # replies sampled from one prompt (`n`): each is a row of the batch (scheduler.MAX_BATCH)
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token, as OpenAI allows
 
 # A token covers at most as many characters as its longest vocabulary entry is long
 # (byte-level BPE: one character per byte; SentencePiece: one per character); the
@@ -60,6 +62,16 @@ def _integer(value: object, name: str, low: int, high: int) -> int:
 def max_tokens(value: object, name: str = "max_tokens") -> int:
     """Tokens to generate in one turn: 1..MAX_TOKENS."""
     return _integer(value, name, 1, MAX_TOKENS)
+
+
+def choices(value: object, name: str = "n") -> int:
+    """Replies to sample from one prompt: 1..MAX_CHOICES."""
+    return _integer(value, name, 1, MAX_CHOICES)
+
+
+def top_logprobs(value: object, name: str = "top_logprobs") -> int:
+    """Most likely alternatives reported per token: 0..MAX_TOP_LOGPROBS."""
+    return _integer(value, name, 0, MAX_TOP_LOGPROBS)
 
 
 def seed(value: object, name: str = "seed") -> int:

@@ -248,6 +248,8 @@ class Agent:
         stop: list[str] | None = None,
         tools: bool = False,
         constraint: object | None = None,
+        n: int = 1,
+        top_logprobs: int | None = None,
     ) -> Handle:
         """Queue a turn on a prompt the caller rendered (an HTTP client sends the
         whole conversation each time, so the request, not the stored history, is
@@ -258,9 +260,15 @@ class Agent:
         (not when `tools` were rendered into the prompt: the history does not
         hold them); without, the history stays as it is (a raw text completion).
         `constraint` keeps the reply inside a grammar (server/grammar.Constraint).
+        `n` > 1 samples that many replies from the one prefill (`Handle.branches`
+        hold choices 1..n-1, seeds seed+1...; only choice 0 joins the history);
+        `top_logprobs` (0 or more) records each token's log-probability (`Handle.logprobs`).
         Bad options or a prompt that cannot fit raise ValueError before anything is queued."""
         rt = self.runtime
         limits.options(max_tokens, temperature, seed)
+        choices = limits.choices(n)
+        if top_logprobs is not None:
+            limits.top_logprobs(top_logprobs)
         n = rt.max_tokens if max_tokens is None else max_tokens
         limits.check_context(list(prompt), n, limits.context_length(rt.runner.config), self.name)
         self._hold(reload=False)  # the request is the history
@@ -285,6 +293,8 @@ class Agent:
             record=record,
             ended=self._turn_ended,
             constraint=constraint,
+            n=choices,
+            top_logprobs=top_logprobs,
         )
         try:
             return rt.scheduler.submit(turn)

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -101,7 +101,9 @@ class Turn:
     seed: int = 0
     record: Callable[["Handle"], list[int] | None] | None = None
     ended: Callable[["Handle"], None] | None = None  # after the turn closed, however it ended (turnlock.py)
-    constraint: object | None = None  # allowed(size) -> bool mask, advance(token), done: a grammar (server/grammar.py)
+    constraint: object | None = None  # allowed(size) -> bool mask, advance(token), done, fork(): a grammar (server/grammar.py)
+    n: int = 1  # replies to sample from the one prompt: the others are `Handle.branches`
+    top_logprobs: int | None = None  # record each token's log-probability and this many alternatives (None: none)
 
 
 class Handle:
@@ -116,6 +118,10 @@ class Handle:
         self.text = ""
         self.error: BaseException | None = None
         self.token_times: list[float] = []
+        # (token, logprob, [(token, logprob), ...] most likely first) per token, when the turn asks for them
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.branches: list[Handle] = []  # choices 1..n-1: rows that fork this turn's cache after its prefill
+        self.branch = False
         self.t_submit = time.perf_counter()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
@@ -162,6 +168,17 @@ class Handle:
             self._done.wait()
 
 
+def _logprobs(logits: mx.array, tok: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """The sampled token's log-probability under the (grammar-masked) logits, and the `top` likeliest tokens'."""
+    lp = logits - mx.logsumexp(logits)
+    best = []
+    if top > 0:
+        idx = mx.argpartition(-lp, top - 1)[:top]
+        vals = lp[idx]
+        best = sorted(zip(idx.tolist(), vals.tolist()), key=lambda p: -p[1])
+    return tok, float(lp[tok].item()), best
+
+
 class Scheduler:
     """Runs turns of many agents on one runner and pool (see module doc).
 
@@ -195,6 +212,11 @@ class Scheduler:
     def submit(self, turn: Turn) -> Handle:
         h = Handle(turn)
         h._wake = self._notify
+        for i in range(1, turn.n):
+            c = turn.constraint
+            b = Handle(replace(turn, seed=(turn.seed + i) % 2**64, n=1, record=None, ended=None, constraint=c and c.fork()))
+            b.branch, b._wake = True, self._notify
+            h.branches.append(b)
         with self._cv:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
@@ -397,8 +419,24 @@ class Scheduler:
         h.status = "decode"
         if h.turn.max_tokens <= 0:
             return self._end(h, "done")
+        for b in h.branches:
+            self._fork(h, b, logits)
         if self._emit(h, logits):
             self._running.append(h)
+
+    def _fork(self, h: Handle, b: Handle, logits: mx.array) -> None:
+        """Start choice `b` of turn `h` on a fork of its prefilled cache: the prompt
+        is read once, and each choice decodes as a row of the batch."""
+        if b._cancel:
+            return self._end(b, "cancelled")
+        b.cache, b.prompt, b.status = h.cache.fork(), h.prompt, "decode"
+        b.stats.tier, b.stats.load_ms, b.stats.queue_ms = h.stats.tier, h.stats.load_ms, h.stats.queue_ms
+        b.stats.restored_tokens, b.stats.prefilled_tokens = h.stats.restored_tokens, h.stats.prefilled_tokens
+        b._key = mx.random.key(b.turn.seed)
+        b._detok = self.runner.tokenizer.detokenizer
+        b._detok.reset()
+        if self._emit(b, logits):
+            self._running.append(b)
 
     def _decode_step(self) -> None:
         batch = self._running
@@ -428,6 +466,8 @@ class Scheduler:
         if tok in self.runner.eos_ids:
             self._end(h, "done")
             return False
+        if h.turn.top_logprobs is not None:
+            h.logprobs.append(_logprobs(logits, tok, h.turn.top_logprobs))
         h.tokens.append(tok)
         h.token_times.append(now)
         h._detok.add_token(tok)
@@ -487,7 +527,10 @@ class Scheduler:
             s.decode_tokens_per_s = (len(h.tokens) - 1) / max(h.token_times[-1] - h._t_first, 1e-9)
         h.text = self.runner.tokenizer.decode(h.tokens) if h.tokens else ""
         h.error = error
-        if h.cache is not None:
+        if h.branch:  # a fork of another turn's cache: nothing to record or give back
+            if h.cache is not None:
+                s.cache_tokens, s.cache_bytes = h.cache.offset, h.cache.nbytes
+        elif h.cache is not None:
             try:
                 if error is None and h._reused is not None:  # a turn that never started records nothing
                     target = h.turn.record(h) if h.turn.record is not None else None
@@ -503,6 +546,11 @@ class Scheduler:
         if h.error is not None:
             status = "failed"
         self._close(h, status)
+        for b in h.branches:  # choices that never forked (the turn ended before its prefill did) end with it
+            if b.status == "queued":
+                b.stats.cancelled = status == "cancelled"
+                b.error = h.error
+                self._close(b, status)
 
     @staticmethod
     def _cut_to_history(cache: AgentCache, tokens: list[int]) -> None:

@@ -89,6 +89,35 @@ def test_batch_gives_each_agent_its_solo_tokens(sched, runner):
     assert max(len(who) for kind, who, *_ in sched.timeline if kind == "decode") >= 3
 
 
+@pytest.mark.numerics
+def test_n_choices_fork_one_prefill_and_sample_as_their_seeds_alone(sched, runner):
+    prompt = chat(runner, "Tell me a fact about cats.")
+    solo = []
+    for seed in (7, 8, 9):  # choice i samples as a lone turn seeded seed + i
+        h = sched.submit(Turn(f"solo-{seed}", prompt, max_tokens=8, temperature=0.9, seed=seed))
+        h.wait()
+        solo.append(h.tokens)
+    assert len({tuple(t) for t in solo}) > 1  # the seeds differ, so must the choices
+    h = sched.submit(Turn("forked", prompt, max_tokens=8, temperature=0.9, seed=7, n=3, top_logprobs=2))
+    h.wait()
+    assert [c.wait() is not None and c.tokens for c in [h, *h.branches]] == solo
+    assert sum(1 for kind, who, *_ in sched.timeline if kind == "prefill" and "forked" in who) == 1
+    for c in [h, *h.branches]:
+        assert [t for t, _, _ in c.logprobs] == c.tokens
+        for tok, lp, top in c.logprobs:
+            assert lp <= 0 and len(top) == 2 and top[0][1] >= top[1][1]
+            assert abs(dict(top).get(tok, lp) - lp) < 1e-5
+
+
+@pytest.mark.numerics
+def test_greedy_logprobs_rank_the_chosen_token_first(sched, runner):
+    h = sched.submit(Turn("greedy", chat(runner, "Name three colors."), max_tokens=6, top_logprobs=3))
+    h.wait()
+    assert len(h.logprobs) == len(h.tokens) == 6
+    for tok, lp, top in h.logprobs:
+        assert top[0][0] == tok and abs(top[0][1] - lp) < 1e-5 and -50 < lp <= 0
+
+
 def test_reload_runs_inside_another_agents_decode(sched, runner):
     prompt = chat(runner, TEXT[:1500])
     make_warm(sched, "sleeper", prompt)

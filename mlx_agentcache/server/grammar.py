@@ -15,6 +15,7 @@ schema that fails on its own, as a JSON pointer.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -152,6 +153,13 @@ class Constraint:
         if bits.size < size:
             bits = np.concatenate([bits, np.zeros(size - bits.size, dtype=bool)])
         return bits
+
+    def fork(self) -> "Constraint":
+        """The same grammar state for another choice of the same prompt (`n` > 1)."""
+        other = copy.copy(self)
+        other.matcher = self.matcher.deep_copy()
+        other.bitmask = self.bitmask.copy()
+        return other
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
