@@ -288,6 +288,71 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert chat(client, "still-up", msgs)[0]
 
 
+def test_n_choices_come_from_one_prefill_and_choice_0_joins_the_history(server):
+    client = server.openai()
+    msgs = [{"role": "user", "content": "Tell me a fact about cats."}]
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, max_tokens=8, n=3, temperature=1.0, seed=5,
+                                                           logprobs=True, extra_headers={"X-Agent-Id": "many"})
+    r = raw.parse()
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1  # three seeds, three samples
+    info = r.model_extra["x_agentcache"]
+    assert info["prefilled_tokens"] == r.usage.prompt_tokens  # the prompt was read once, not three times
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    stored = server.get("/v1/agents/many").json()["messages"]
+    assert stored == msgs + [{"role": "assistant", "content": r.choices[0].message.content}]
+
+    # streamed, the same choices (same seeds, another agent), one after the other, each with its finish
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, n=3, temperature=1.0, seed=5, stream=True,
+                                            extra_headers={"X-Agent-Id": "many-streamed"})
+    texts, finishes = ["", "", ""], {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == [c.message.content for c in r.choices]
+    assert finishes == {c.index: c.finish_reason for c in r.choices}
+
+
+def test_logprobs_rank_the_greedy_token_first_streamed_or_not(server):
+    client = server.openai()
+    msgs = [{"role": "user", "content": "Name three colors."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3, extra_headers={"X-Agent-Id": "lp"})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob <= 0
+        assert bytes(t.bytes).decode() == t.token
+    assert "".join(t.token for t in content).strip() == r.choices[0].message.content.strip()
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3, stream=True,
+                                            extra_headers={"X-Agent-Id": "lp-streamed"})
+    streamed = [t for chunk in stream for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, extra_headers={"X-Agent-Id": "lp-none"})
+    assert plain.choices[0].logprobs is None
+
+
+def test_bad_sampling_and_tool_requests_leave_the_agents_history_and_cache(server):
+    client = server.openai()
+    msgs = [{"role": "user", "content": "Name a color."}]
+    text, usage, _, _ = chat(client, "kept", msgs)
+    before = server.get("/v1/agents/kept").json()
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    follow = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": "Another."}]
+    for kw, match in (({"n": 9}, "between 1 and 8"), ({"top_logprobs": 2}, "needs 'logprobs'"), ({"logprobs": True, "top_logprobs": 21}, "between 0 and 20"),
+                      ({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "launch"}}}, "not in tools")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            chat(client, "kept", follow, **kw)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="Again", max_output_tokens=2, previous_response_id="resp_unknown",
+                                extra_headers={"X-Agent-Id": "kept"})
+    after = server.get("/v1/agents/kept").json()
+    assert before["tokens"] > 0 and (after["messages"], after["tokens"]) == (before["messages"], before["tokens"])
+    _, usage2, _, _ = chat(client, "kept", follow)
+    assert usage2.prompt_tokens_details.cached_tokens >= usage.prompt_tokens
+
+
 def test_oversize_body_is_refused_with_413(tight):
     big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
     r = httpx.post(tight.url + "/v1/chat/completions", headers={"x-api-key": KEY}, content=big)

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from . import conversation as conv
 from . import grammar as gr
 from . import tools as tl
-from ..limits import MAX_TOKENS
+from ..limits import MAX_CHOICES, MAX_TOKENS, MAX_TOP_LOGPROBS
 from .errors import APIError
 from .params import boolean, ignored, number, read_json, stops
 
@@ -30,22 +30,19 @@ def _sse(obj) -> str:
 
 
 def _usage(prompt: list[int], run) -> dict:
-    s = run.stats
+    generated = sum(r.stats.generated_tokens for r in run.choices)  # every choice's tokens, as OpenAI counts them
     return {
         "prompt_tokens": len(prompt),
-        "completion_tokens": s.generated_tokens,
-        "total_tokens": len(prompt) + s.generated_tokens,
-        "prompt_tokens_details": {"cached_tokens": s.restored_tokens},
+        "completion_tokens": generated,
+        "total_tokens": len(prompt) + generated,
+        "prompt_tokens_details": {"cached_tokens": run.stats.restored_tokens},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
 def _common(state, request, body: dict, rt, n_prompt_hint: int | None = None) -> dict:
     """Parameters both endpoints share."""
-    number(body, "n", 1, 1, 1, integer=True)
     number(body, "top_p", 1.0, 0.0, 1.0)
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     seed = number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
     return {
         "temperature": number(body, "temperature", None, 0.0, 2.0),
@@ -66,6 +63,27 @@ def _max_tokens(rt, body: dict, n_prompt: int, default: int) -> tuple[int, int |
     return conv.fit_max_tokens(rt, n_prompt, m, default)
 
 
+def _sampling(body: dict) -> tuple[int, int | None]:
+    """(n, top_logprobs or None): choices sampled from the one prompt, and the
+    alternatives reported per token when `logprobs` is true."""
+    n = number(body, "n", 1, 1, MAX_CHOICES, integer=True)
+    top = number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if not boolean(body, "logprobs"):
+        if top is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return n, None
+    return n, top or 0
+
+
+def _logprobs(tokenizer, items) -> list[dict]:
+    """OpenAI's `logprobs.content` entries from the scheduler's (token, logprob, top) records."""
+    def one(t: int, lp: float) -> dict:
+        s = tokenizer.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in items]
+
+
 def _call(c: dict, index: int | None = None) -> dict:
     out = {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
     return out if index is None else {"index": index, **out}
@@ -84,37 +102,46 @@ async def chat_completions(request: Request):
         tools = []
     grammar = gr.tool_call_grammar(required) if required else gr.response_format_grammar(body.get("response_format"))
     opts = _common(state, request, body, rt)
+    n, top_logprobs = _sampling(body)
     stop = stops(body, "stop", 4)
     prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools)
     max_tokens, clamped = _max_tokens(rt, body, len(prompt), state.config.default_max_tokens)
     agent, source = state.pick_agent(request, body, rendered)
     state.limit(agent)
     run = await state.start_turn(request, agent, source, prompt, messages=rendered, max_tokens=max_tokens, temperature=opts["temperature"],
-                                 seed=opts["seed"], stop=stop, tools=tools_mode == "template", grammar=grammar)
+                                 seed=opts["seed"], stop=stop, tools=tools_mode == "template", grammar=grammar, n=n, top_logprobs=top_logprobs)
     run.note(tools=tools_mode, max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens}, ignored=ignored(body, CHAT_FIELDS))
     rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+    tokenizer = rt.runner.tokenizer
 
-    def finish_reason(calls) -> str:
-        return "tool_calls" if calls else ("length" if run.finish == "length" else "stop")
+    def finish_reason(r, calls) -> str:
+        return "tool_calls" if calls else ("length" if r.finish == "length" else "stop")
+
+    def logprobs(r, start: int = 0) -> dict | None:
+        """The choice's token log-probabilities from token `start` on (None unless asked for)."""
+        return None if top_logprobs is None else {"content": _logprobs(tokenizer, r.handle.logprobs[start:]), "refusal": None}
 
     def remember(text: str) -> None:
         state.remember_anonymous(agent, rendered + [{"role": "assistant", "content": text}])
 
     if not opts["stream"]:
-        text = await run.collect(request)
-        if run.error is not None:
-            raise APIError(500, f"the turn failed: {run.error}")
-        remember(text)
-        calls = []
-        if tools_mode:
-            text, calls = tl.parse_calls(text)
-        message = {"role": "assistant", "content": text if (text or not calls) else None, "refusal": None}
-        if calls:
-            message["tool_calls"] = [_call(c) for c in calls]
+        texts = await asyncio.gather(*(r.collect(request) for r in run.choices))
+        failed = next((r.error for r in run.choices if r.error is not None), None)
+        if failed is not None:
+            raise APIError(500, f"the turn failed: {failed}")
+        remember(texts[0])
+        out = []
+        for i, (r, text) in enumerate(zip(run.choices, texts)):
+            calls = []
+            if tools_mode:
+                text, calls = tl.parse_calls(text)
+            message = {"role": "assistant", "content": text if (text or not calls) else None, "refusal": None}
+            if calls:
+                message["tool_calls"] = [_call(c) for c in calls]
+            out.append({"index": i, "message": message, "logprobs": logprobs(r), "finish_reason": finish_reason(r, calls)})
         return JSONResponse(
             {"id": rid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(calls)}],
-             "usage": _usage(prompt, run), "x_agentcache": run.info()},
+             "choices": out, "usage": _usage(prompt, run), "x_agentcache": run.info()},
             headers=run.headers(),
         )
 
@@ -122,36 +149,59 @@ async def chat_completions(request: Request):
     if run.error is not None and first is None:
         raise APIError(500, f"the turn failed: {run.error}")
 
-    def chunk(delta: dict, finish=None) -> str:
+    def chunk(i: int, delta: dict, finish=None, lp=None) -> str:
         return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+                     "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
-    async def events():
-        yield chunk({"role": "assistant", "content": ""})
-        text, calls = first or "", []
+    async def choice_events(i: int, r, pieces):
+        """One choice's chunks; the choices of `n` > 1 follow one another (all were decoded together)."""
+        yield chunk(i, {"role": "assistant", "content": ""})
+        text, calls, sent = "", [], 0
         if tools_mode:  # a tool call is known only once the reply is complete
-            async for piece in run.rest():
+            async for piece in pieces:
                 text += piece
             text, calls = tl.parse_calls(text)
             if text:
-                yield chunk({"content": text})
-            for i, c in enumerate(calls):
-                yield chunk({"tool_calls": [_call(c, i)]})
+                yield chunk(i, {"content": text}, lp=logprobs(r))
+                sent = len(r.handle.logprobs)
+            for k, c in enumerate(calls):
+                yield chunk(i, {"tool_calls": [_call(c, k)]})
         else:
-            if first:
-                yield chunk({"content": first})
-            async for piece in run.rest():
-                text += piece
-                yield chunk({"content": piece})
-        if run.error is not None:
-            yield _sse({"error": {"message": f"the turn failed: {run.error}", "type": "server_error", "param": None, "code": None}})
-            return
-        remember(run.text)
-        yield chunk({}, finish_reason(calls))
-        if opts["include_usage"]:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
-                        "choices": [], "usage": _usage(prompt, run), "x_agentcache": run.info()})
-        yield "data: [DONE]\n\n"
+            async for piece in pieces:
+                lp, sent = logprobs(r, sent), len(r.handle.logprobs)
+                yield chunk(i, {"content": piece}, lp=lp)
+        if r.error is None:
+            rest = logprobs(r, sent) if sent < len(r.handle.logprobs) else None
+            yield chunk(i, {}, finish_reason(r, calls), lp=rest)
+
+    async def main_pieces():
+        if first:
+            yield first
+        async for piece in run.rest():
+            yield piece
+
+    async def branch_pieces(r):
+        async for piece in r.pieces():
+            yield piece
+        await r.settle()
+
+    async def events():
+        try:
+            for i, r in enumerate(run.choices):
+                async for event in choice_events(i, r, main_pieces() if i == 0 else branch_pieces(r)):
+                    yield event
+                if r.error is not None:
+                    yield _sse({"error": {"message": f"the turn failed: {r.error}", "type": "server_error", "param": None, "code": None}})
+                    return
+                if i == 0:
+                    remember(run.text)
+            if opts["include_usage"]:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
+                            "choices": [], "usage": _usage(prompt, run), "x_agentcache": run.info()})
+            yield "data: [DONE]\n\n"
+        finally:  # an error, or the client went away: the other choices stop too
+            for r in run.branches:
+                r.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={**run.headers(), "cache-control": "no-cache"})
 
@@ -169,6 +219,9 @@ async def completions(request: Request):
     if body.get("suffix"):
         raise APIError(400, "'suffix' is not supported", param="suffix")
     number(body, "best_of", 1, 1, 1, integer=True)
+    number(body, "n", 1, 1, 1, integer=True)
+    if body.get("logprobs") is not None:
+        raise APIError(400, "logprobs are served on /v1/chat/completions only", param="logprobs")
     opts = _common(state, request, body, rt)
     echo = boolean(body, "echo")
     stop = stops(body, "stop", 4)

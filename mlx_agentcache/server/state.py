@@ -110,8 +110,10 @@ class TurnRun:
     strings are applied here: text that could be the start of one is held back,
     and once one appears the turn is cancelled and the text cut before it."""
 
-    def __init__(self, state: "ServerState", agent: str, source: str, handle, max_tokens: int, stop: list[str], bytes_before: int):
+    def __init__(self, state: "ServerState", agent: str, source: str, handle, max_tokens: int, stop: list[str], bytes_before: int,
+                 main: bool = True):
         self.state = state
+        self.main = main  # False: choice 1.. of `n`, a fork that holds no agent (`branches`)
         self.agent = agent
         self.source = source
         self.handle = handle
@@ -124,6 +126,7 @@ class TurnRun:
         self.stop_hit: str | None = None
         self.error: BaseException | None = None
         self.notes: dict = {}  # reported in x_agentcache: tools, max_tokens_clamped, ignored
+        self.branches: list[TurnRun] = []  # the other choices of an `n` > 1 request
         self._sent = 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -144,11 +147,16 @@ class TurnRun:
         self.error = error
         self._queue.put_nowait(None)
         self._ended.set()
-        self.state.turn_ended(self)
+        if self.main:
+            self.state.turn_ended(self)
 
     @property
     def stats(self):
         return self.handle.stats
+
+    @property
+    def choices(self) -> list["TurnRun"]:
+        return [self, *self.branches]
 
     def cancel(self) -> None:
         if not self.handle.done:
@@ -205,6 +213,9 @@ class TurnRun:
 
     async def settle(self) -> bool:
         """Wait until the turn's history is written (or failed to be): `saved`."""
+        if not self.main:  # a fork: nothing of it is saved
+            await self._ended.wait()
+            return True
         if self.saved is None:
             await self._ended.wait()
             self.saved = await asyncio.to_thread(self.state.runtime.saved, self.agent)
@@ -471,8 +482,9 @@ class ServerState:
 
     async def start_turn(self, request, agent: str, source: str, prompt: list[int], *, messages: list[dict] | None, max_tokens: int,
                          temperature: float | None = None, seed: int | None = None, stop: list[str] = (), tools: bool = False,
-                         grammar: str | None = None) -> TurnRun:
-        """Queue the turn on the scheduler once the memory gate admits it."""
+                         grammar: str | None = None, n: int = 1, top_logprobs: int | None = None) -> TurnRun:
+        """Queue the turn on the scheduler once the memory gate admits it; `n` > 1
+        reserves room for each further choice's own tokens too."""
         rt = self.rt()
         scope = request.scope.get("agentcache.scope")
         if scope is not None and not agent.startswith(scope):
@@ -489,11 +501,12 @@ class ServerState:
 
                 constraint = await asyncio.to_thread(Constraint, rt.runner, grammar)
             info = await asyncio.to_thread(rt.describe, agent)
-            want = max(rt.turn_bytes(len(prompt), max_tokens), info.get("file_bytes") or 0)
+            want = max(rt.turn_bytes(len(prompt), max_tokens), info.get("file_bytes") or 0) + (n - 1) * rt.turn_bytes(1, max_tokens)
             need = await until_disconnect(request, self.gate.acquire(want, rt.memory()["budget_bytes"], rt.held_bytes))
             # In a thread: the turn may wait for another process's turn on the same agent (turnlock).
             h = await asyncio.to_thread(rt.agent(agent).submit_prompt, prompt, messages, max_tokens=max_tokens,
-                                        temperature=temperature, seed=seed, stop=stop, tools=tools, constraint=constraint)
+                                        temperature=temperature, seed=seed, stop=stop, tools=tools, constraint=constraint,
+                                        n=n, top_logprobs=top_logprobs)
         except BaseException as e:
             self._release(agent, need)
             if isinstance(e, TurnBusyError):
@@ -503,6 +516,7 @@ class ServerState:
             raise
         run = TurnRun(self, agent, source, h, max_tokens, list(stop), info.get("file_bytes", 0))
         run.need = need
+        run.branches = [TurnRun(self, agent, source, b, max_tokens, list(stop), 0, main=False) for b in h.branches]
         self.runs.add(run)
         return run
 
