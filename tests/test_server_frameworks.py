@@ -1,7 +1,7 @@
 """Agent frameworks against a real `agentcache serve` running SmolLM2-135M:
 LangChain (`bind_tools`, `with_structured_output`), pydantic-ai
-(`output_type`) and the `llm` CLI (`--schema`), each as a new user would
-point it at the server."""
+(`output_type`) and the `llm` CLI (`--schema`, `-T`), each as a new user
+would point it at the server."""
 
 import json
 import subprocess
@@ -59,12 +59,26 @@ def test_pydantic_ai_output_type(server):
     assert isinstance(agent.run_sync("Invent a person.").output, Person)
 
 
-def test_llm_schema(server, tmp_path):
-    (tmp_path / "extra-openai-models.yaml").write_text(
-        f"- model_id: agentcache\n  model_name: {MODEL}\n  api_base: {server.url}/v1\n  api_key_name: agentcache\n  supports_schema: true\n")
-    (tmp_path / "keys.json").write_text(json.dumps({"agentcache": KEY}))
-    llm = Path(sys.executable).parent / "llm"
-    out = subprocess.run([str(llm), "-m", "agentcache", "--schema", json.dumps(Person.model_json_schema()), "-o", "max_tokens", "48", "--no-log", "Invent a person."],
-                         env={"LLM_USER_PATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
+def llm(server, folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """The `llm` CLI with the server as its model `agentcache`, configured as README's recipe does."""
+    (folder / "extra-openai-models.yaml").write_text(
+        f"- model_id: agentcache\n  model_name: {MODEL}\n  api_base: {server.url}/v1\n  api_key_name: agentcache\n"
+        "  supports_schema: true\n  supports_tools: true\n")
+    (folder / "keys.json").write_text(json.dumps({"agentcache": KEY}))
+    out = subprocess.run([sys.executable, "-m", "llm", "-m", "agentcache", "--no-log", *args],
+                         env={"LLM_USER_PATH": str(folder), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_llm_schema(server, tmp_path):
+    out = llm(server, tmp_path, "--schema", json.dumps(Person.model_json_schema()), "-o", "max_tokens", "48", "Invent a person.")
     Person.model_validate_json(out.stdout)
+
+
+def test_llm_tool_is_called_and_its_result_answered(server, tmp_path):
+    # llm sends no tool_choice: the prompt asks the 135M model to write the call, which the server reads back
+    out = llm(server, tmp_path, "-T", "llm_time", "--td", "-o", "max_tokens", "40",
+              'Repeat after me: <tool_call>{"name": "llm_time", "arguments": {}}</tool_call>')
+    assert "Tool call: llm_time({})" in out.stderr and '"utc_time"' in out.stderr  # llm ran the tool the server returned
+    assert out.stdout.strip()  # and the model answered the request that carried the result

@@ -2,7 +2,7 @@
 through the openai SDK and openai-agents (whose default model path is the
 Responses API): plain and streamed replies, `previous_response_id`
 continuing the agent's cache, `store: false`, the 404 for an unknown id,
-function tools and `text.format`.
+function tools, `text.format` and a handoff between two agents.
 """
 
 import json
@@ -120,3 +120,22 @@ def test_openai_agents_runs_a_function_tool(server):
     # the call's output went back as a function_call_output item and the model then answered in text
     assert [i.type for i in result.new_items] == ["tool_call_item", "tool_call_output_item", "message_output_item"]
     assert isinstance(result.final_output, str) and result.final_output
+
+
+class Forecast(pydantic.BaseModel):
+    rain: bool
+    summary: str = pydantic.Field(max_length=30)
+
+
+def test_openai_agents_hands_off_to_a_second_agent_that_answers(server):
+    agents.set_tracing_disabled(True)
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0), use_for_tracing=False)
+    # a short structured answer: the grammar ends the reply, where free text from a 135M model may run to max_tokens
+    specialist = agents.Agent(name="specialist", instructions="You answer questions about weather.", model=MODEL, output_type=Forecast,
+                              model_settings=agents.ModelSettings(max_tokens=48, temperature=0))
+    triage = agents.Agent(name="triage", instructions="Hand weather questions to the specialist.", model=MODEL, handoffs=[specialist],
+                          model_settings=agents.ModelSettings(tool_choice="transfer_to_specialist", max_tokens=48, temperature=0))
+    result = agents.Runner.run_sync(triage, "Will it rain in Paris?", max_turns=3)
+    assert [i.type for i in result.new_items] == ["handoff_call_item", "handoff_output_item", "message_output_item"]
+    assert result.last_agent is specialist
+    assert isinstance(result.final_output, Forecast)
