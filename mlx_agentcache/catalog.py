@@ -2,9 +2,9 @@
 
 Every read-side view lives here, on top of store/: nothing loads a model or
 a cache into memory, so `agentcache agents ...` answers at once and can
-manage caches of models that are not installed. An agent archive (the
-"card" of `agents export`; not a cards.py cache card) is one
-self-contained agent file (shared prefix blocks inlined, conversation
+manage caches of models that are not installed. An agent archive (what
+`agents export` writes, NAME.archive.safetensors; not a cards.py cache card)
+is one self-contained agent file (shared prefix blocks inlined, conversation
 history in its metadata) that can be imported under another name, on
 another machine with the same model.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from .store import codec, container, history, index, segments
 from .store.container import CacheFileError
-from .store.layout import CARD_SUFFIX, SUFFIX, Layout, validate_agent_name
+from .store.layout import ARCHIVE_SUFFIX, SUFFIX, Layout, validate_agent_name
 
-__all__ = ["CARD_SUFFIX", "names", "describe", "listing", "remove", "export_card", "import_card", "installed_fingerprints", "gc_plan", "gc_apply"]
+__all__ = ["ARCHIVE_SUFFIX", "names", "describe", "listing", "remove", "export_archive", "import_archive", "installed_fingerprints", "gc_plan", "gc_apply"]
 
 LOCK_TIMEOUT_S = 30.0
 
@@ -66,10 +66,12 @@ def remove(cache_dir: Path, name: str, history: bool = True, timeout: float = LO
     return removed
 
 
-# -- cache cards ---------------------------------------------------------------
+# -- agent archives ------------------------------------------------------------
+ARCHIVE_KEY = "archive"  # the metadata entry naming the agent and holding its history
+OLD_ARCHIVE_KEY = "card"  # the same entry in archives written before the name "card" was kept for cache cards
 
 
-def export_card(cache_dir: Path, name: str, out: Path) -> Path:
+def export_archive(cache_dir: Path, name: str, out: Path) -> Path:
     """Write one self-contained, checked file holding the agent's cache and history."""
     layout = Layout(cache_dir)
     path = layout.agent_file(name)
@@ -81,7 +83,7 @@ def export_card(cache_dir: Path, name: str, out: Path) -> Path:
         arrays = segments.numpy(joined)
     ref = codec.prefix_ref(meta)
     tensors = dict(arrays)
-    if ref:  # inline the shared prefix: the card must not depend on the blocks folder
+    if ref:  # inline the shared prefix: the archive must not depend on the blocks folder
         block = layout.block_file(ref["hash"])
         if not block.exists():
             raise CacheFileError(f"{path.name}: shared prefix {ref['hash']} is missing")
@@ -90,36 +92,38 @@ def export_card(cache_dir: Path, name: str, out: Path) -> Path:
         if codec.block_tokens(bmeta)[:n] != arrays["tokens"][:n].tolist():
             raise CacheFileError(f"{block.name}: prefix block does not hold this agent's tokens")
         tensors, meta = codec.inline_prefix(arrays, meta, battrs, n)
-    card = {"name": name, "history": history.read(layout.history_file(name)), "exported_at": int(time.time())}
-    new_meta = {k: meta[k] for k in codec.CARD_KEYS if k in meta}
-    new_meta.update(format=codec.FORMAT, layers=meta["layers"], prefix="null", card=json.dumps(card))
+    about = {"name": name, "history": history.read(layout.history_file(name)), "exported_at": int(time.time())}
+    new_meta = {k: meta[k] for k in codec.ARCHIVE_KEYS if k in meta}
+    new_meta.update(format=codec.FORMAT, layers=meta["layers"], prefix="null")
+    new_meta[ARCHIVE_KEY] = json.dumps(about)
     out = Path(out)
     container.write_tensors(out, tensors, new_meta)
     return out
 
 
-def import_card(cache_dir: Path, card: Path, name: str | None = None, force: bool = False, model: tuple[str, list] | None = None) -> str:
-    """Check a card completely, then install it as agent `name` (default: its original name).
+def import_archive(cache_dir: Path, archive: Path, name: str | None = None, force: bool = False, model: tuple[str, list] | None = None) -> str:
+    """Check an archive completely, then install it as agent `name` (default: its original name).
 
     Every checksum, the history and the cache's structure (spans, shapes,
     dtypes, finite scales) are checked before anything is written; with
-    `model` = (fingerprint, a new cache's layers) the card must also be that
+    `model` = (fingerprint, a new cache's layers) the archive must also be that
     model's, in that KV mode, with the shapes each of its layers stores."""
     layout = Layout(cache_dir)
-    card = Path(card)
-    arrays, meta = container.read_tensors(card, codec.FORMATS)
+    archive = Path(archive)
+    arrays, meta = container.read_tensors(archive, codec.FORMATS)
     fingerprint, expect = model if model is not None else (meta.get("fingerprint", ""), None)
-    codec.load(card, fingerprint, expect)
+    codec.load(archive, fingerprint, expect)
+    key = ARCHIVE_KEY if ARCHIVE_KEY in meta else OLD_ARCHIVE_KEY
     try:
-        info = json.loads(meta["card"])
+        info = json.loads(meta[key])
         original = info["name"]
     except (KeyError, ValueError, TypeError, RecursionError):
-        raise CacheFileError(f"{card.name}: not a cache card (no card metadata)") from None
+        raise CacheFileError(f"{archive.name}: not an agent archive (no archive metadata)") from None
     if not isinstance(info, dict) or not isinstance(original, str):
-        raise CacheFileError(f"{card.name}: not a cache card (malformed card metadata)")
+        raise CacheFileError(f"{archive.name}: not an agent archive (malformed archive metadata)")
     try:
         saved = info.get("history")
-        card_history = history.check({"messages": [], "system": None} if saved is None else saved, f"{card.name}: history")
+        saved_history = history.check({"messages": [], "system": None} if saved is None else saved, f"{archive.name}: history")
     except history.HistoryError as e:
         raise CacheFileError(str(e)) from None
     name = validate_agent_name(original if name is None else name)
@@ -127,11 +131,11 @@ def import_card(cache_dir: Path, card: Path, name: str | None = None, force: boo
     if not force and (path.exists() or hist_path.exists()):
         raise FileExistsError(f"agent '{name}' already exists in {layout.dir} (use --force to replace it, or --name)")
     layout.dir.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in meta.items() if k != "card"}
+    meta = {k: v for k, v in meta.items() if k != key}
     meta["foreign_from"] = "0"  # uploaded tensors: never made into a shared prefix block (prefixes.py)
-    hist = {"name": name, "system": card_history["system"], "messages": card_history["messages"]}
-    if card_history.get("context") is not None:  # tokens handed over by cache cards (cards.py)
-        hist["context"] = card_history["context"]
+    hist = {"name": name, "system": saved_history["system"], "messages": saved_history["messages"]}
+    if saved_history.get("context") is not None:  # tokens handed over by cache cards (cards.py)
+        hist["context"] = saved_history["context"]
     with layout.agent_lock(name, LOCK_TIMEOUT_S):
         container.write_tensors(path, arrays, meta)
         try:

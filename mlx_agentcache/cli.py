@@ -428,7 +428,7 @@ def agents_rm(
 @agents_app.command("export")
 def agents_export(
     name: Annotated[str, typer.Argument(help="Agent name.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Card file [default: NAME.card.safetensors].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Archive file [default: NAME.archive.safetensors].")] = None,
     cache_dir: CacheDir = None,
 ):
     """Write an agent archive: one checked file with the agent's whole cache (shared blocks inlined) and history."""
@@ -436,7 +436,7 @@ def agents_export(
     from .store.container import CacheFileError, CacheWriteError
 
     try:
-        path = catalog.export_card(_cache_dir(cache_dir), name, out or Path(name + catalog.CARD_SUFFIX))
+        path = catalog.export_archive(_cache_dir(cache_dir), name, out or Path(name + catalog.ARCHIVE_SUFFIX))
     except (FileNotFoundError, ValueError, CacheFileError, CacheWriteError) as e:
         _fail(str(e))
     typer.echo(f"exported '{name}' to {path} ({_kib(path.stat().st_size)})")
@@ -444,12 +444,12 @@ def agents_export(
 
 @agents_app.command("import")
 def agents_import(
-    card: Annotated[Path, typer.Argument(help="An agent archive written by `agents export`.")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Import under this name [default: the card's].")] = None,
+    archive: Annotated[Path, typer.Argument(help="An agent archive written by `agents export`.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Import under this name [default: the archive's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing agent of that name.")] = False,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the card against this model (loads it): "
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the archive against this model (loads it): "
                                                  "its fingerprint, KV mode and every layer's shapes.")] = None,
-    kv: Annotated[str, typer.Option("--kv", help="With --model: the KV mode the card must be in.")] = DEFAULT_KV,
+    kv: Annotated[str, typer.Option("--kv", help="With --model: the KV mode the archive must be in.")] = DEFAULT_KV,
     cache_dir: CacheDir = None,
 ):
     """Install an agent archive as an agent, after checking every byte of it (and, with --model, that it is that model's)."""
@@ -457,7 +457,7 @@ def agents_import(
     from .store.container import CacheFileError, CacheWriteError
 
     if name is not None and not name:
-        _fail("--name must not be empty (leave it out to use the card's name)", 2)
+        _fail("--name must not be empty (leave it out to use the archive's name)", 2)
     expect = None
     if model is not None:
         from .models.runner import ModelRunner
@@ -468,13 +468,13 @@ def agents_import(
             _fail(str(e), 2)
         expect = (runner.fingerprint, runner.new_cache().layers)
     try:
-        got = catalog.import_card(_cache_dir(cache_dir), card, name, force, model=expect)
+        got = catalog.import_archive(_cache_dir(cache_dir), archive, name, force, model=expect)
     except (FileNotFoundError, FileExistsError, ValueError, CacheFileError) as e:
         _fail(str(e))
     except OSError as e:  # CacheWriteError included: a read-only or full directory; nothing is left half-imported
         msg = re.sub(r"^\[Errno \d+\] ", "", str(e)) if isinstance(e, CacheWriteError) else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        _fail(f"could not import {card} into {_cache_dir(cache_dir)}: {msg}")
-    typer.echo(f"imported {card} as agent '{got}'")
+        _fail(f"could not import {archive} into {_cache_dir(cache_dir)}: {msg}")
+    typer.echo(f"imported {archive} as agent '{got}'")
 
 
 @agents_app.command("gc")

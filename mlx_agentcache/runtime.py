@@ -619,26 +619,26 @@ class Runtime:
         if a is not None and not a.messages and a.context is None and not self.pool.describe(name).get("tokens"):
             self.delete(name)
 
-    def export_card(self, name: str, out: str | Path) -> Path:
-        """Write the agent's cache card (as `agentcache agents export`), after pending saves."""
+    def export_archive(self, name: str, out: str | Path) -> Path:
+        """Write the agent's archive, its whole cache and history (as `agentcache agents export`), after pending saves."""
         self.flush()
-        return catalog.export_card(self.cache_dir, validate_agent_name(name), Path(out))
+        return catalog.export_archive(self.cache_dir, validate_agent_name(name), Path(out))
 
-    def import_card(self, card: str | Path, name: str | None = None) -> str:
-        """Install a cache card as a new agent (as `agentcache agents import`); an agent
-        of that name already here, or a card made by another model, is refused and
+    def import_archive(self, archive: str | Path, name: str | None = None) -> str:
+        """Install an agent archive as a new agent (as `agentcache agents import`); an agent
+        of that name already here, or an archive made by another model, is refused and
         nothing changes."""
         if name is not None and self.pool.tier(validate_agent_name(name)) == "hot":
             raise FileExistsError(f"agent '{name}' already exists (delete it first, or pick another name)")
         try:
-            got = catalog.import_card(self.cache_dir, Path(card), name, model=(self.runner.fingerprint, self.runner.new_cache().layers))
-        except CacheFileError as e:  # damaged, truncated, or not a card
+            got = catalog.import_archive(self.cache_dir, Path(archive), name, model=(self.runner.fingerprint, self.runner.new_cache().layers))
+        except CacheFileError as e:  # damaged, truncated, or not an archive
             raise ValueError(str(e)) from e
         info = catalog.describe(self.cache_dir, got)
         if info.get("fingerprint") != self.runner.fingerprint:
             catalog.remove(self.cache_dir, got)
-            raise ValueError(f"the card was made by another model or cache mode ({info.get('model') or info.get('fingerprint')}), not {self.model_name}")
-        self._agents.pop(got, None)  # its history is the card's now
+            raise ValueError(f"the archive was made by another model or cache mode ({info.get('model') or info.get('fingerprint')}), not {self.model_name}")
+        self._agents.pop(got, None)  # its history is the archive's now
         return got
 
     def handoff(self, source: str, target: str, bits: float = 4.0, span: str | tuple[int, int] = "all", mode: str = "mixed") -> TurnStats:

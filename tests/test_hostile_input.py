@@ -378,7 +378,7 @@ def test_cli_run_max_tokens_zero_is_an_error(tmp_path):
 
 
 def test_cli_import_empty_name_is_an_error(tmp_path):
-    card = tmp_path / "x.card.safetensors"
+    card = tmp_path / "x.archive.safetensors"
     card.write_bytes(b"not read")
     r, _ = agentcache("agents", "import", str(card), "--name", "", "--cache-dir", str(tmp_path / "d"), home=tmp_path / "home")
     assert_clean_error(r, 2, "--name must not be empty")
@@ -390,7 +390,7 @@ def test_cli_import_with_model_refuses_another_kv_mode_at_import(tmp_path, model
     d, other = tmp_path / "d", tmp_path / "other"
     r, _ = agentcache("say", "--agent", "src", "--cache-dir", str(d), "--max-tokens", "2", "Hello.", home=model_home)
     assert r.returncode == 0, r.stderr
-    card = tmp_path / "src.card.safetensors"
+    card = tmp_path / "src.archive.safetensors"
     r, _ = agentcache("agents", "export", "src", "-o", str(card), "--cache-dir", str(d), home=model_home)
     assert r.returncode == 0, r.stderr
     r, _ = agentcache("agents", "import", str(card), "--model", "smollm2-135m", "--kv", "q8", "--cache-dir", str(other), home=model_home)

@@ -97,7 +97,7 @@ def test_cycle_finder_finds_a_cycle():
 
 
 # File names and folders of the agent store (model folders under <home>/models are models/'s own).
-STORE_WORDS = (".safetensors", ".json", ".lock", ".locks", "blocks", ".bad-", ".tmp", ".card")
+STORE_WORDS = (".safetensors", ".json", ".lock", ".locks", "blocks", ".bad-", ".tmp", ".card", ".archive")
 
 
 def spelled_paths(path: Path) -> list[str]:

@@ -481,7 +481,7 @@ def test_agents_cli_ls_show_export_import_rm_gc(tmp_path, runner, monkeypatch):
     shown = json.loads(run("show", "a", "--cache-dir", str(d), "--json"))
     assert shown["status"] == "ok" and shown["shared_prefix"]["tokens"] == 512 and shown["messages"] == 1
 
-    card = tmp_path / "a.card.safetensors"
+    card = tmp_path / "a.archive.safetensors"
     assert "exported" in run("export", "a", "-o", str(card), "--cache-dir", str(d))
     inlined, _ = codec.load(card, runner.fingerprint)  # self-contained: no blocks/ next to it
     assert same_tensors(inlined, p.hot["a"])

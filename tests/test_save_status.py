@@ -131,7 +131,7 @@ def test_file_size_limit_is_not_saved_and_leaves_no_partial_file(tmp_path, smoll
 def test_management_in_read_only_places_fails_in_one_line(readonly, smollm2_path, model_home, tmp_path):
     d = readonly.root / "agents"
     assert agentcache(model_home, "say", "--cache-dir", str(d), "--agent", "c", "--max-tokens", "6", "Remember PELICAN").returncode == 0
-    card = tmp_path / "c.card.safetensors"
+    card = tmp_path / "c.archive.safetensors"
     assert agentcache(model_home, "agents", "export", "--cache-dir", str(d), "c", "-o", str(card)).returncode == 0
     readonly.freeze()
     before = snapshot(d)
@@ -151,7 +151,7 @@ def test_management_in_read_only_places_fails_in_one_line(readonly, smollm2_path
 def test_import_under_a_file_size_limit_leaves_nothing(tmp_path, smollm2_path, model_home):
     d = tmp_path / "agents"
     assert agentcache(model_home, "say", "--cache-dir", str(d), "--agent", "c", "--max-tokens", "6", "Remember PELICAN").returncode == 0
-    card = tmp_path / "c.card.safetensors"
+    card = tmp_path / "c.archive.safetensors"
     assert agentcache(model_home, "agents", "export", "--cache-dir", str(d), "c", "-o", str(card)).returncode == 0
     r = agentcache(model_home, "agents", "import", "--cache-dir", str(d), "--name", "c2", str(card), fsize=32 << 10)
     assert r.returncode == 1 and "File too large" in error_lines(r)[0]

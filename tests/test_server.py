@@ -4,7 +4,7 @@ Every test talks over loopback to a real server process running the real
 SmolLM2-135M model (converted once under $AGENTCACHE_TEST_HOME or
 $AGENTCACHE_HOME). Replies are greedy and short (max_tokens 8) so the
 module stays fast; what is checked is the plumbing: which agent a request
-reaches, exact cached-token counts, tiers, cards, errors, cancellation.
+reaches, exact cached-token counts, tiers, archives, errors, cancellation.
 """
 
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
@@ -254,7 +254,7 @@ def test_anthropic_errors_have_anthropic_shape(server):
 
 # -- security and bad input ---------------------------------------------------------
 def test_every_route_but_health_needs_the_key(server):
-    for path in ("/v1/models", "/v1/agents", "/metrics", "/v1/agents/oa-1", "/v1/agents/oa-1/card"):
+    for path in ("/v1/models", "/v1/agents", "/metrics", "/v1/agents/oa-1", "/v1/agents/oa-1/archive", "/v1/agents/oa-1/card"):
         r = httpx.get(server.url + path)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
     with pytest.raises(openai.AuthenticationError):
@@ -419,25 +419,29 @@ def test_agent_endpoints_list_evict_prefetch_delete(server):
     assert post("/v1/agents/bad..name/evict").status_code == 400
 
 
-def test_card_exported_from_one_agent_imported_as_another(server):
+def test_archive_exported_from_one_agent_imported_as_another(server):
     client = server.openai()
     msgs = [{"role": "system", "content": "You know the secret number 7341."}, {"role": "user", "content": "Acknowledge."}]
-    text, usage, _, _ = chat(client, "card-src", msgs)
-    r = server.get("/v1/agents/card-src/card")
-    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
-    card = r.content
-    put = lambda name, data: httpx.put(f"{server.url}/v1/agents/{name}/card", headers={"x-api-key": KEY}, content=data,  # noqa: E731
-                                       timeout=REQUEST_TIMEOUT_S)
-    r = put("card-dst", card)
-    assert r.status_code == 201 and r.json()["name"] == "card-dst" and r.json()["tier"] == "warm"
-    assert put("card-dst", card).status_code == 409  # never overwrites an agent
-    bad = put("card-bad", card[: len(card) // 2])
-    assert bad.status_code == 400 and "card refused" in bad.json()["error"]["message"]
-    assert server.get("/v1/agents/card-bad").status_code == 404  # nothing installed
+    text, usage, _, _ = chat(client, "arc-src", msgs)
+    r = server.get("/v1/agents/arc-src/archive")
+    assert r.status_code == 200 and r.headers["content-disposition"].endswith('filename="arc-src.archive.safetensors"')
+    archive = r.content
+    put = lambda name, data, route="archive": httpx.put(f"{server.url}/v1/agents/{name}/{route}", headers={"x-api-key": KEY},  # noqa: E731
+                                                        content=data, timeout=REQUEST_TIMEOUT_S)
+    r = put("arc-dst", archive)
+    assert r.status_code == 201 and r.json()["name"] == "arc-dst" and r.json()["tier"] == "warm"
+    assert put("arc-dst", archive).status_code == 409  # never overwrites an agent
+    bad = put("arc-bad", archive[: len(archive) // 2])
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_archive" and "archive refused" in bad.json()["error"]["message"]
+    assert server.get("/v1/agents/arc-bad").status_code == 404  # nothing installed
     follow = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": "What is the number?"}]
-    _, usage2, info2, _ = chat(client, "card-dst", follow)
+    _, usage2, info2, _ = chat(client, "arc-dst", follow)
     assert info2["tier"] == "warm" and usage2.prompt_tokens_details.cached_tokens >= usage.prompt_tokens
-    assert server.get("/v1/agents/card-dst").json()["messages"][0]["content"] == "Acknowledge."
+    assert server.get("/v1/agents/arc-dst").json()["messages"][0]["content"] == "Acknowledge."
+    # `/card`, the route's former name, is an alias of `/archive`
+    old = server.get("/v1/agents/arc-src/card")
+    assert old.status_code == 200 and len(old.content) == len(archive)
+    assert put("arc-old", old.content, route="card").status_code == 201
 
 
 def test_client_disconnect_cancels_the_turn(server):

@@ -216,9 +216,9 @@ def test_card_header_numbers_are_refused_cleanly_everywhere(server, home, tmp_pa
 
 def test_infinity_in_an_archive_is_refused_cleanly(server, home, tmp_path):
     assert turn(server, "ar-src", "Name a tree.").status_code == 200
-    archive = download(server, "/v1/agents/ar-src/card", tmp_path / "a.card.safetensors")
+    archive = download(server, "/v1/agents/ar-src/archive", tmp_path / "a.archive.safetensors")
     reforge_header(archive, lambda header, meta: header["tokens"]["data_offsets"].__setitem__(1, float("inf")))
-    r = upload(server, "PUT", "/v1/agents/ar-dst/card", archive.read_bytes())
+    r = upload(server, "PUT", "/v1/agents/ar-dst/archive", archive.read_bytes())
     assert r.status_code == 400 and "not an integer" in r.json()["error"]["message"]
     clean_failure(cli(home, "agents", "import", "--cache-dir", str(tmp_path / "c"), str(archive)), "not an integer")
 
@@ -299,9 +299,9 @@ def test_doubled_heads_in_a_q8_tail_are_refused_by_api_and_cli(server, home, tmp
     r = httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY, "X-Agent-Id": "hx-src"}, timeout=300,
                    json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi."}]})
     assert r.status_code == 200
-    archive = download(server, "/v1/agents/hx-src/card", tmp_path / "hx.card.safetensors")
+    archive = download(server, "/v1/agents/hx-src/archive", tmp_path / "hx.archive.safetensors")
     reforge_tensors(archive, codec.FORMATS, double_q8_heads)
-    r = upload(server, "PUT", "/v1/agents/hx/card", archive.read_bytes())
+    r = upload(server, "PUT", "/v1/agents/hx/archive", archive.read_bytes())
     assert r.status_code == 400 and "q8 run holds" in r.json()["error"]["message"], r.text
     assert server.get("/v1/agents/hx").status_code == 404
 
@@ -446,7 +446,7 @@ def test_bad_card_budget_history_of_another_agent_and_paths(server):
     r = server.get("/v1/agents/sm-other")  # refused and moved aside: the agent starts anew
     assert "not yours" not in r.text and list(server.cache_dir.glob("sm-other.json.bad-*"))
     (server.cache_dir / "sm-nocache.json").write_text(json.dumps({**forged, "name": "sm-nocache"}))
-    r = server.get("/v1/agents/sm-nocache/card")
+    r = server.get("/v1/agents/sm-nocache/archive")
     assert r.status_code == 404 and "sm-nocache" in r.text and str(server.cache_dir) not in r.text and "/" not in r.json()["error"]["message"]
 
 
@@ -471,7 +471,7 @@ def test_keys_utf8_either_header_and_scoped(home, tmp_path):
             assert r.status_code == 403 and r.json()["error"]["code"] == "agent_out_of_scope"
         assert [a["name"] for a in get("/v1/agents", team).json()["data"]] == ["team-a"]
         assert {a["name"] for a in get("/v1/agents", {"x-api-key": raw}).json()["data"]} == {"boss", "team-a"}
-        for path in ("/v1/agents/boss", "/v1/agents/boss/card", "/v1/agents/boss/cachecard"):
+        for path in ("/v1/agents/boss", "/v1/agents/boss/archive", "/v1/agents/boss/card", "/v1/agents/boss/cachecard"):
             assert get(path, team).status_code == 404
         assert get("/v1/agents/team-a", team).json()["messages"][0]["content"] == "Hi."
         assert httpx.delete(server.url + "/v1/agents/boss", headers=team).status_code == 404

@@ -1,5 +1,5 @@
 """The store against hostile input: one name rule, gc that never touches a
-live agent, damaged histories set aside, caches and cards checked against
+live agent, damaged histories set aside, caches and archives checked against
 the model's structure (not only their checksums)."""
 
 import json
@@ -60,7 +60,7 @@ def rewrite(path: Path, change) -> None:
 
 # -- names ---------------------------------------------------------------------
 
-BAD_NAMES = ["nl\n", "x.card", "k.safetensors.bad-1", "a.safetensors", "h.json.bad-1", "", "../x", ".h", "a..b", "x" * 65]
+BAD_NAMES = ["nl\n", "x.card", "x.archive", "k.safetensors.bad-1", "a.safetensors", "h.json.bad-1", "", "../x", ".h", "a..b", "x" * 65]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -70,11 +70,11 @@ def test_one_name_rule_everywhere(name, tmp_path, runner):
     rt = Runtime(cache_dir=tmp_path, runner=runner, max_tokens=2)
     with pytest.raises(ValueError, match="invalid agent name"):
         rt.agent(name)
-    card = tmp_path / "ok.card.safetensors"
+    archive = tmp_path / "ok.archive.safetensors"
     saved_agent(tmp_path, runner, "ok")
-    catalog.export_card(tmp_path, "ok", card)
+    catalog.export_archive(tmp_path, "ok", archive)
     with pytest.raises(ValueError, match="invalid agent name"):
-        catalog.import_card(tmp_path / "other", card, name)
+        catalog.import_archive(tmp_path / "other", archive, name)
     assert not (tmp_path / "other").exists() or not list((tmp_path / "other").iterdir())
     rt.close()
 
@@ -188,37 +188,40 @@ def test_huge_empty_tensor_is_refused(tmp_path, runner):
         codec.load(path, runner.fingerprint, runner.new_cache().layers)
 
 
-def test_cards_are_checked_completely_at_import(tmp_path, runner):
+def test_archives_are_checked_completely_at_import(tmp_path, runner):
     saved_agent(tmp_path, runner, "a")
     (tmp_path / "a.json").write_text(json.dumps({"name": "a", "system": None, "messages": [{"role": "user", "content": "hi"}]}))
-    card = catalog.export_card(tmp_path, "a", tmp_path / "a.card.safetensors")
+    archive = catalog.export_archive(tmp_path, "a", tmp_path / "a.archive.safetensors")
     dest = tmp_path / "dest"
     rt = Runtime(cache_dir=dest, runner=runner, max_tokens=2)
-    assert rt.import_card(card, "good") == "good"
+    assert rt.import_archive(archive, "good") == "good"
 
-    bad = tmp_path / "bad.card.safetensors"
-    bad.write_bytes(card.read_bytes())
+    bad = tmp_path / "bad.archive.safetensors"
+    bad.write_bytes(archive.read_bytes())
     rewrite(bad, nan_scales)
-    with pytest.raises(container.CacheFileError, match="not finite"):  # without a model: the card on its own
-        catalog.import_card(dest, bad, "nan")
-    bad.write_bytes(card.read_bytes())
+    with pytest.raises(container.CacheFileError, match="not finite"):  # without a model: the archive on its own
+        catalog.import_archive(dest, bad, "nan")
+    bad.write_bytes(archive.read_bytes())
     rewrite(bad, doubled_heads)
-    catalog.import_card(tmp_path / "nomodel", bad, "consistent")  # consistent on its own
+    catalog.import_archive(tmp_path / "nomodel", bad, "consistent")  # consistent on its own
     with pytest.raises(ValueError, match="stores 2 heads"):  # not for this model
-        rt.import_card(bad, "heads")
-    bad.write_bytes(card.read_bytes())
+        rt.import_archive(bad, "heads")
+    bad.write_bytes(archive.read_bytes())
     rewrite(bad, lambda t, m: m.update(fingerprint="0" * 32))
     with pytest.raises(ValueError, match="another model"):
-        rt.import_card(bad, "foreign")
-    bad.write_bytes(card.read_bytes())
-    rewrite(bad, lambda t, m: m.update(card=json.dumps({"name": "a", "history": {"messages": "hi"}})))
+        rt.import_archive(bad, "foreign")
+    bad.write_bytes(archive.read_bytes())
+    rewrite(bad, lambda t, m: m.update(archive=json.dumps({"name": "a", "history": {"messages": "hi"}})))
     with pytest.raises(container.CacheFileError, match="history: 'messages' is not a list"):
-        catalog.import_card(dest, bad, "hist")
-    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == ["good.json", "good.safetensors"]
+        catalog.import_archive(dest, bad, "hist")
+    bad.write_bytes(archive.read_bytes())  # written before archives were told apart from cache cards: its entry is "card"
+    rewrite(bad, lambda t, m: m.update(card=m.pop("archive")))
+    assert rt.import_archive(bad, "older") == "older"
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == ["good.json", "good.safetensors", "older.json", "older.safetensors"]
     rt.close()
 
 
-# -- fuzz: histories and card metadata give a result or a clean refusal ------------
+# -- fuzz: histories and archive metadata give a result or a clean refusal ------------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=6),
@@ -242,21 +245,21 @@ def test_fuzzed_histories_load_or_are_refused(tmp_path, value, raw):
 
 
 @pytest.fixture(scope="module")
-def card_file(tmp_path_factory, runner):
-    d = tmp_path_factory.mktemp("card")
+def archive_file(tmp_path_factory, runner):
+    d = tmp_path_factory.mktemp("archive")
     saved_agent(d, runner, "c", n=10)
-    return catalog.export_card(d, "c", d / "c.card.safetensors")
+    return catalog.export_archive(d, "c", d / "c.archive.safetensors")
 
 
 @settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(card=st.one_of(json_values, st.fixed_dictionaries({"name": st.just("c"), "history": json_values})))
-def test_fuzzed_card_metadata_imports_or_is_refused(tmp_path_factory, card_file, card):
-    path = tmp_path_factory.mktemp("fuzz") / "x.card.safetensors"
-    path.write_bytes(card_file.read_bytes())
-    rewrite(path, lambda t, m: m.update(card=json.dumps(card)))
+@given(about=st.one_of(json_values, st.fixed_dictionaries({"name": st.just("c"), "history": json_values})))
+def test_fuzzed_archive_metadata_imports_or_is_refused(tmp_path_factory, archive_file, about):
+    path = tmp_path_factory.mktemp("fuzz") / "x.archive.safetensors"
+    path.write_bytes(archive_file.read_bytes())
+    rewrite(path, lambda t, m: m.update(archive=json.dumps(about)))
     dest = path.parent / "agents"
     try:
-        name = catalog.import_card(dest, path, "imported")
+        name = catalog.import_archive(dest, path, "imported")
     except (container.CacheFileError, ValueError):
         assert not dest.exists() or not any(p.suffix for p in dest.iterdir() if not p.name.startswith("."))
         return

@@ -29,11 +29,12 @@ from ..pool import PinError
 from ..store.container import CacheFileError
 from .errors import APIError, error_body, error_response
 from .params import read_body
-from ..store.layout import CACHE_CARD_SUFFIX, CARD_SUFFIX, is_agent_name
+from ..store.layout import ARCHIVE_SUFFIX, CACHE_CARD_SUFFIX, is_agent_name
 from .state import ServerConfig, ServerState, parse_keys
 
 OPEN_PATHS = ("/", "/health")
-CARD_ROUTE = re.compile(r"^/v1/agents/[^/]+/(card|cachecard)$")
+# file uploads: an agent archive (`card` is the archive route's former name, kept as an alias) or a cache card
+UPLOAD_ROUTE = re.compile(r"^/v1/agents/[^/]+/(archive|card|cachecard)$")
 AGENT_ROUTE = re.compile(r"^/v1/agents/([^/]+)")
 
 
@@ -74,7 +75,7 @@ class Gate:
 
     def _check(self, scope: dict, path: str, method: str, headers: dict) -> APIError | None:
         cfg = self.state.config
-        card = CARD_ROUTE.match(path)
+        upload = UPLOAD_ROUTE.match(path)
         if self.keys:
             auth = headers.get("authorization") or b""
             given = [headers.get("x-api-key") or b""] + ([auth[7:].strip()] if auth[:7].lower() == b"bearer " else [])
@@ -91,10 +92,10 @@ class Gate:
                 if named and not named.group(1).startswith(found[0]):
                     return APIError(404, f"no agent '{named.group(1)}'", code="agent_not_found")
         elif not self.keys:
-            error = _keyless(cfg.host, method, headers, bool(card))
+            error = _keyless(cfg.host, method, headers, bool(upload))
             if error is not None:
                 return error
-        limit = cfg.max_card_bytes if card else cfg.max_body_bytes
+        limit = cfg.max_upload_bytes if upload else cfg.max_body_bytes
         try:
             length = int(headers.get("content-length") or 0)
         except ValueError:
@@ -108,7 +109,7 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
-def _keyless(bound: str, method: str, headers: dict, card: bool) -> APIError | None:
+def _keyless(bound: str, method: str, headers: dict, upload: bool) -> APIError | None:
     """Without a key a browser is the threat: a page's cross-origin request carries no
     custom header, so writes must carry a content type no form can send, and the
     Host header must name this server (a DNS-rebinding page names its own domain)."""
@@ -119,7 +120,7 @@ def _keyless(bound: str, method: str, headers: dict, card: bool) -> APIError | N
                         code="host_not_allowed")
     if method in ("POST", "PUT", "PATCH"):
         ctype = (headers.get("content-type") or b"").decode("latin-1").split(";", 1)[0].strip().lower()
-        want = "application/octet-stream" if card else "application/json"
+        want = "application/octet-stream" if upload else "application/json"
         if ctype != want:
             return APIError(415, f"without --api-key a {method} must be sent as Content-Type: {want}", code="unsupported_media_type")
     return None
@@ -284,13 +285,15 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         state.anon.pop(name, None)
         return {"name": name, "deleted": True}
 
+    # -- agent archives: the whole agent in one file (`/card` is the former name of `/archive`, kept as an alias)
+    @app.get("/v1/agents/{name}/archive")
     @app.get("/v1/agents/{name}/card")
-    async def export_card(name: str):
+    async def export_archive(name: str):
         rt = state.rt()
         _known(rt, _agent_name(name))
-        tmp = Path(tempfile.mkdtemp(prefix="agentcache-card-")) / f"{name}{CARD_SUFFIX}"
+        tmp = Path(tempfile.mkdtemp(prefix="agentcache-archive-")) / f"{name}{ARCHIVE_SUFFIX}"
         try:
-            path = await asyncio.to_thread(rt.export_card, name, tmp)
+            path = await asyncio.to_thread(rt.export_archive, name, tmp)
         except FileNotFoundError as e:
             raise APIError(404, public(e), code="agent_not_found") from None
         except (ValueError, OSError) as e:
@@ -302,21 +305,22 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
 
         return FileResponse(path, media_type="application/octet-stream", filename=path.name, background=BackgroundTask(cleanup))
 
+    @app.put("/v1/agents/{name}/archive")
     @app.put("/v1/agents/{name}/card")
-    async def import_card(name: str, request: Request):
+    async def import_archive(name: str, request: Request):
         rt = state.rt()
         _agent_name(name)
         idle(name)
-        data = await read_body(request, state.config.max_card_bytes)
+        data = await read_body(request, state.config.max_upload_bytes)
         with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
-            card = Path(d) / f"upload{CARD_SUFFIX}"
-            card.write_bytes(data)
+            archive = Path(d) / f"upload{ARCHIVE_SUFFIX}"
+            archive.write_bytes(data)
             try:
-                got = await asyncio.to_thread(rt.import_card, card, name)
+                got = await asyncio.to_thread(rt.import_archive, archive, name)
             except FileExistsError as e:
                 raise APIError(409, public(e), code="agent_exists") from None
-            except (ValueError, OSError) as e:  # a damaged card, another model's, or not a card
-                raise APIError(400, f"card refused: {public(e)}", code="invalid_card") from None
+            except (ValueError, OSError) as e:  # a damaged archive, another model's, or not an archive
+                raise APIError(400, f"archive refused: {public(e)}", code="invalid_archive") from None
         return JSONResponse({"name": got, "imported": True, **rt.describe(got)}, status_code=201)
 
     # -- cache cards (cards.py): a token range of one agent's context, to inject into another
@@ -348,7 +352,7 @@ def create_app(config: ServerConfig | None = None, load: bool = True) -> FastAPI
         rt = state.rt()
         _agent_name(name)
         idle(name)
-        data = await read_body(request, state.config.max_card_bytes)
+        data = await read_body(request, state.config.max_upload_bytes)
         with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
             card = Path(d) / f"upload{CACHE_CARD_SUFFIX}"
             card.write_bytes(data)

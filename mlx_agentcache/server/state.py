@@ -51,7 +51,7 @@ class ServerConfig:
     seed: int = 0
     default_max_tokens: int = 256
     max_body_bytes: int = 8 << 20
-    max_card_bytes: int = 1 << 30
+    max_upload_bytes: int = 1 << 30  # an agent archive or a cache card
     agent_rpm: float | None = None  # requests per minute per agent
     global_rpm: float | None = None
     aliases: list[str] = field(default_factory=list)

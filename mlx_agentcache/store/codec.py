@@ -41,7 +41,7 @@ ENCODINGS = ("fp16", "q8", "q4", "q4c")
 FORMAT, FORMAT_V1, MANIFEST = formats.FORMAT, formats.FORMAT_V1, formats.MANIFEST
 FORMATS = formats.AGENT_FORMATS
 BLOCK_FORMAT = formats.BLOCK
-CARD_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "kv_mode", "group_size", "block_tokens", "n_tokens", "extra")
+ARCHIVE_KEYS = ("format", "fingerprint", "model", "kv_bits", "kv_keys", "kv_mode", "group_size", "block_tokens", "n_tokens", "extra")
 
 
 def tensor_name(layer: int, part: str, j: int, run: int = 0) -> str:
@@ -139,8 +139,8 @@ def block_snapshot(layers: list[tuple[tuple, tuple | None]], tokens: list[int], 
 
 
 def save(path: Path, cache: AgentCache, fingerprint: str, extra: dict | None = None, prefix: tuple[str, int] | None = None, model: str | None = None) -> int:
-    """Write `cache` to `path` atomically as one self-contained file (format 2: cards,
-    tests); agents are saved as segments (`save_segments`). Returns bytes written.
+    """Write `cache` to `path` atomically as one self-contained file (format 2: agent
+    archives, tests); agents are saved as segments (`save_segments`). Returns bytes written.
 
     `prefix` = (hash, tokens): the first `tokens` positions live in that
     shared prefix block file and are not written here.

@@ -8,7 +8,7 @@ import json
 from . import numbers
 from .container import MAX_DIM
 
-FORMAT = "agentcache-kv-2"  # one self-contained agent file (cards; agents saved before segments)
+FORMAT = "agentcache-kv-2"  # one self-contained agent file (archives; agents saved before segments)
 FORMAT_V1 = "agentcache-kv"  # before q4c: no kv_mode
 MANIFEST = "agentcache-kv-3"  # an agent's manifest naming its segments (segments.py)
 SEGMENT = "agentcache-segment"

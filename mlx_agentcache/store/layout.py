@@ -26,7 +26,8 @@ from filelock import FileLock
 
 SUFFIX = ".safetensors"
 HISTORY_SUFFIX = ".json"
-CARD_SUFFIX = ".card" + SUFFIX
+ARCHIVE_SUFFIX = ".archive" + SUFFIX  # an agent archive (`agents export`): the agent's whole cache and history
+OLD_ARCHIVE_SUFFIX = ".card" + SUFFIX  # what archives were called before: still kept out of listings and agent names
 CACHE_CARD_SUFFIX = ".card"  # a cache card (cards.py), wherever the user keeps it
 BLOCKS_DIR = "blocks"
 SEGMENTS_DIR = "segments"
@@ -38,22 +39,24 @@ TMP_RE = re.compile(r"\A\..+\.tmp(\d+)\Z")
 BAD_MARK = ".bad-"
 BAD_RE = re.compile(r"\A.+\.(safetensors|json)\.bad-\d{8}-\d{6}-\d+\Z")
 # Parts of the store's own file names that an agent name must not contain:
-# a name holding one could make the agent's files look like a card, a file
-# set aside, which listings skip and gc removes. (Temporary names start with
-# a dot, which no agent name does.)
+# a name holding one could make the agent's files look like a file set aside,
+# which listings skip and gc removes. (Temporary names start with a dot, which
+# no agent name does.) Nor may a name end as an archive's does (`ARCHIVE_ENDS`):
+# an archive left in the cache directory would look like that agent's file.
 RESERVED = (SUFFIX, HISTORY_SUFFIX + ".", BAD_MARK)
+ARCHIVE_ENDS = tuple(s[: -len(SUFFIX)] for s in (ARCHIVE_SUFFIX, OLD_ARCHIVE_SUFFIX))
 
 
 def validate_agent_name(name: str) -> str:
     """The one rule for agent names, which become file names: 1-64 letters,
     digits, '_', '-', '.', starting with a letter or digit, no '..', and
-    nothing that the store's own file names use (see `RESERVED`, `.card`)."""
+    nothing that the store's own file names use (see `RESERVED`, `ARCHIVE_ENDS`)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid agent name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, without '..'"
         )
-    clash = next((r for r in RESERVED if r in name), None) or (CARD_SUFFIX[: -len(SUFFIX)] if name.endswith(CARD_SUFFIX[: -len(SUFFIX)]) else None)
+    clash = next((r for r in RESERVED if r in name), None) or next((e for e in ARCHIVE_ENDS if name.endswith(e)), None)
     if clash:
         raise ValueError(f"invalid agent name {name!r}: {clash!r} is part of the cache directory's own file names")
     return name
@@ -200,7 +203,7 @@ class Layout:
 
     # -- listing ------------------------------------------------------------------
     def agent_files(self) -> list[Path]:
-        """Agent cache files (not cards, not blocks, not files set aside)."""
+        """Agent cache files (not archives, not blocks, not files set aside)."""
         return [p for p in sorted(self.dir.glob("*" + SUFFIX)) if self._listed(p.name[: -len(SUFFIX)])]
 
     def cache_names(self) -> list[str]:
@@ -215,7 +218,7 @@ class Layout:
 
     @staticmethod
     def _listed(name: str) -> bool:
-        return is_agent_name(name) and not name.endswith(CARD_SUFFIX[: -len(SUFFIX)])
+        return is_agent_name(name) and not name.endswith(ARCHIVE_ENDS)
 
     def set_aside_files(self) -> list[Path]:
         """Refused cache files moved aside (exactly `bad_name`'s pattern: never a live agent's file)."""
