@@ -64,10 +64,10 @@ def llm(server, folder: Path, *args: str) -> subprocess.CompletedProcess:
     (folder / "extra-openai-models.yaml").write_text(
         f"- model_id: agentcache\n  model_name: {MODEL}\n  api_base: {server.url}/v1\n  api_key_name: agentcache\n"
         "  supports_schema: true\n  supports_tools: true\n")
-    (folder / "keys.json").write_text(json.dumps({"agentcache": KEY}))
-    out = subprocess.run([sys.executable, "-m", "llm", "-m", "agentcache", "--no-log", *args],
-                         env={"LLM_USER_PATH": str(folder), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    env = {"LLM_USER_PATH": str(folder), "PATH": "/usr/bin:/bin"}
+    for cmd in (["keys", "set", "agentcache", "--value", KEY], ["-m", "agentcache", "--no-log", *args]):
+        out = subprocess.run([sys.executable, "-m", "llm", *cmd], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
     return out
 
 
