@@ -23,6 +23,7 @@ from . import tools as tl
 from ..limits import MAX_TOKENS
 from .errors import APIError
 from .params import boolean, ignored, number, read_json, stops
+from .state import TurnRequest
 
 EARLY_HEADERS = ("x-agentcache-agent", "x-agentcache-max-tokens")  # known before the turn starts
 PING_S = 5.0  # seconds between pings while a stream waits for its first token
@@ -92,12 +93,10 @@ async def messages(request: Request):
     stop = stops(body, "stop_sequences", 64)
     grammar = _grammar(body, required)
     creation = _marks_cache(body)
-    agent, source = state.pick_agent(request, body, msgs)
-    state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, messages=msgs, max_tokens=max_tokens, temperature=temperature,
-                                 stop=stop, tools=tools_mode == "template", grammar=grammar)
-    run.note(tools=tools_mode, max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens},
-             ignored=ignored(body, FIELDS) + [f"?{k}" for k in request.query_params] + (["anthropic-beta"] if "anthropic-beta" in request.headers else []))
+    turn = TurnRequest(prompt, msgs, max_tokens, clamped, temperature, stop=stop, tools_mode=tools_mode, grammar=grammar)
+    run = await state.begin(request, body, turn, msgs, ignored=ignored(body, FIELDS) + [f"?{k}" for k in request.query_params]
+                            + (["anthropic-beta"] if "anthropic-beta" in request.headers else []))
+    agent = run.agent
     mid = "msg_" + uuid.uuid4().hex[:24]
 
     def usage(final: bool = True) -> dict:

@@ -4,6 +4,8 @@ usual exception types (BadRequestError, AuthenticationError, ...)."""
 
 from __future__ import annotations
 
+import re
+
 from starlette.responses import JSONResponse
 
 ANTHROPIC_TYPES = {
@@ -45,3 +47,8 @@ def error_body(path: str, e: APIError) -> dict:
 
 def error_response(path: str, e: APIError) -> JSONResponse:
     return JSONResponse(error_body(path, e), status_code=e.status, headers=e.headers)
+
+
+def public(e: BaseException) -> str:
+    """An error's message without directories: a client learns a file's name, never where the cache lives."""
+    return re.sub(r"(?<![\w.])(?:/[^/\s'\"]+)+/(?=[^/\s'\"]+)", "", str(e))

@@ -23,6 +23,7 @@ from . import tools as tl
 from ..limits import MAX_CHOICES, MAX_TOKENS, MAX_TOP_LOGPROBS
 from .errors import APIError
 from .params import boolean, ignored, number, read_json, stops
+from .state import TurnRequest
 
 
 def _sse(obj) -> str:
@@ -57,6 +58,7 @@ CHAT_FIELDS = {"model", "messages", "tools", "tool_choice", "response_format", "
 
 
 def _max_tokens(rt, body: dict, n_prompt: int, default: int) -> tuple[int, int | None]:
+    """(granted, requested when more than fits) from max_completion_tokens or max_tokens."""
     m = number(body, "max_completion_tokens", None, 1, MAX_TOKENS, integer=True)
     if m is None:
         m = number(body, "max_tokens", None, 1, MAX_TOKENS, integer=True)
@@ -106,11 +108,9 @@ async def chat_completions(request: Request):
     stop = stops(body, "stop", 4)
     prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools)
     max_tokens, clamped = _max_tokens(rt, body, len(prompt), state.config.default_max_tokens)
-    agent, source = state.pick_agent(request, body, rendered)
-    state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, messages=rendered, max_tokens=max_tokens, temperature=opts["temperature"],
-                                 seed=opts["seed"], stop=stop, tools=tools_mode == "template", grammar=grammar, n=n, top_logprobs=top_logprobs)
-    run.note(tools=tools_mode, max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens}, ignored=ignored(body, CHAT_FIELDS))
+    turn = TurnRequest(prompt, rendered, max_tokens, clamped, opts["temperature"], opts["seed"], stop, tools_mode, grammar, n, top_logprobs)
+    run = await state.begin(request, body, turn, rendered, ignored=ignored(body, CHAT_FIELDS))
+    agent = run.agent
     rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     tokenizer = rt.runner.tokenizer
 
@@ -227,11 +227,8 @@ async def completions(request: Request):
     stop = stops(body, "stop", 4)
     prompt = await asyncio.to_thread(rt.encode, prompt_text)
     max_tokens, clamped = _max_tokens(rt, body, len(prompt), 16)
-    agent, source = state.pick_agent(request, body, prompt_text)
-    state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, messages=None, max_tokens=max_tokens, temperature=opts["temperature"],
-                                 seed=opts["seed"], stop=stop)
-    run.note(max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens})
+    run = await state.begin(request, body, TurnRequest(prompt, None, max_tokens, clamped, opts["temperature"], opts["seed"], stop), prompt_text)
+    agent = run.agent
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
     def finish_reason() -> str:

@@ -35,6 +35,7 @@ from . import tools as tl
 from ..limits import MAX_TOKENS
 from .errors import APIError
 from .params import boolean, ignored, number, read_json
+from .state import TurnRequest
 
 STORED_RESPONSES = 1024
 FIELDS = {"model", "input", "instructions", "previous_response_id", "store", "stream", "tools", "tool_choice", "text", "max_output_tokens",
@@ -166,12 +167,10 @@ async def responses(request: Request):
     prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, system + messages, tools)
     requested = number(body, "max_output_tokens", None, 1, MAX_TOKENS, integer=True)
     max_tokens, clamped = conv.fit_max_tokens(rt, len(prompt), requested, state.config.default_max_tokens)
-    agent, source = (before_agent, "previous_response_id") if before_agent else state.pick_agent(request, body, rendered)
-    state.limit(agent)
-    run = await state.start_turn(request, agent, source, prompt, messages=rendered, max_tokens=max_tokens, temperature=temperature,
-                                 seed=None if seed is None else seed % (2**32), tools=tools_mode == "template", grammar=grammar)
-    run.note(tools=tools_mode, max_tokens_clamped=clamped and {"requested": clamped, "granted": max_tokens},
-             ignored=ignored(body, FIELDS), ignored_tools=hosted)
+    turn = TurnRequest(prompt, rendered, max_tokens, clamped, temperature, None if seed is None else seed % (2**32), tools_mode=tools_mode, grammar=grammar)
+    run = await state.begin(request, body, turn, rendered, agent=before_agent and (before_agent, "previous_response_id"),
+                            ignored=ignored(body, FIELDS), ignored_tools=hosted)
+    agent = run.agent
     rid, created = "resp_" + uuid.uuid4().hex, time.time()
 
     def response(status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:

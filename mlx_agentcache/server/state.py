@@ -96,6 +96,23 @@ class RateLimiter:
             return (1 - level) / self.rate
 
 
+@dataclass
+class TurnRequest:
+    """One turn as every API asks for it, once its own request shape is parsed."""
+
+    prompt: list[int]  # the rendered prompt's tokens
+    messages: list[dict] | None  # what the prompt renders (the agent's history after the turn); None: a raw completion
+    max_tokens: int
+    clamped: int | None = None  # the max_tokens asked for, when more than the context leaves
+    temperature: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    tools_mode: str | None = None  # how tools were rendered: "template", "generic", or None (no tools)
+    grammar: str | None = None  # a Lark grammar the reply must follow (server/grammar.py)
+    n: int = 1
+    top_logprobs: int | None = None
+
+
 def derived_name(value: str) -> str:
     """An identity from a body field or session header, as an agent name."""
     if is_agent_name(value):
@@ -480,11 +497,20 @@ class ServerState:
                 raise APIError(429, f"rate limit of this {what} reached; retry in {math.ceil(wait)} s", code="rate_limit_exceeded",
                                headers={"Retry-After": str(math.ceil(wait))})
 
-    async def start_turn(self, request, agent: str, source: str, prompt: list[int], *, messages: list[dict] | None, max_tokens: int,
-                         temperature: float | None = None, seed: int | None = None, stop: list[str] = (), tools: bool = False,
-                         grammar: str | None = None, n: int = 1, top_logprobs: int | None = None) -> TurnRun:
+    async def begin(self, request, body: dict, turn: TurnRequest, conversation, agent: tuple[str, str] | None = None, **notes) -> TurnRun:
+        """What every API does once its request is parsed: pick the agent (unless
+        `agent` = (name, source) is known), apply the rate limits, start the turn,
+        and note what the client should know (x_agentcache)."""
+        name, source = agent or self.pick_agent(request, body, conversation)
+        self.limit(name)
+        run = await self.start_turn(request, name, source, turn)
+        run.note(tools=turn.tools_mode, max_tokens_clamped=turn.clamped and {"requested": turn.clamped, "granted": turn.max_tokens}, **notes)
+        return run
+
+    async def start_turn(self, request, agent: str, source: str, turn: TurnRequest) -> TurnRun:
         """Queue the turn on the scheduler once the memory gate admits it; `n` > 1
         reserves room for each further choice's own tokens too."""
+        t = turn
         rt = self.rt()
         scope = request.scope.get("agentcache.scope")
         if scope is not None and not agent.startswith(scope):
@@ -496,17 +522,17 @@ class ServerState:
         need = 0
         try:
             constraint = None
-            if grammar is not None:  # the first one builds the model's grammar tokenizer: off the event loop
+            if t.grammar is not None:  # the first one builds the model's grammar tokenizer: off the event loop
                 from .grammar import Constraint
 
-                constraint = await asyncio.to_thread(Constraint, rt.runner, grammar)
+                constraint = await asyncio.to_thread(Constraint, rt.runner, t.grammar)
             info = await asyncio.to_thread(rt.describe, agent)
-            want = max(rt.turn_bytes(len(prompt), max_tokens), info.get("file_bytes") or 0) + (n - 1) * rt.turn_bytes(1, max_tokens)
+            want = max(rt.turn_bytes(len(t.prompt), t.max_tokens), info.get("file_bytes") or 0) + (t.n - 1) * rt.turn_bytes(1, t.max_tokens)
             need = await until_disconnect(request, self.gate.acquire(want, rt.memory()["budget_bytes"], rt.held_bytes))
             # In a thread: the turn may wait for another process's turn on the same agent (turnlock).
-            h = await asyncio.to_thread(rt.agent(agent).submit_prompt, prompt, messages, max_tokens=max_tokens,
-                                        temperature=temperature, seed=seed, stop=stop, tools=tools, constraint=constraint,
-                                        n=n, top_logprobs=top_logprobs)
+            h = await asyncio.to_thread(rt.agent(agent).submit_prompt, t.prompt, t.messages, max_tokens=t.max_tokens,
+                                        temperature=t.temperature, seed=t.seed, stop=t.stop, tools=t.tools_mode == "template",
+                                        constraint=constraint, n=t.n, top_logprobs=t.top_logprobs)
         except BaseException as e:
             self._release(agent, need)
             if isinstance(e, TurnBusyError):
@@ -514,9 +540,9 @@ class ServerState:
             if isinstance(e, ValueError):  # an option the runtime does not accept (limits.LimitError)
                 raise APIError(400, str(e)) from None
             raise
-        run = TurnRun(self, agent, source, h, max_tokens, list(stop), info.get("file_bytes", 0))
+        run = TurnRun(self, agent, source, h, t.max_tokens, list(t.stop), info.get("file_bytes", 0))
         run.need = need
-        run.branches = [TurnRun(self, agent, source, b, max_tokens, list(stop), 0, main=False) for b in h.branches]
+        run.branches = [TurnRun(self, agent, source, b, t.max_tokens, list(t.stop), 0, main=False) for b in h.branches]
         self.runs.add(run)
         return run
 
