@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -35,9 +36,39 @@ def _known(rt, name: str) -> dict:
     return info
 
 
+def _existing(request: Request, name: str):
+    """(server state, runtime) for a request about agent `name`, which must be valid and known (else 400, 404)."""
+    state = request.app.state.server
+    rt = state.rt()
+    _known(rt, _agent_name(name))
+    return state, rt
+
+
 def _idle(state, name: str) -> None:
     if state.busy(name):
         raise APIError(409, f"agent '{name}' is answering a request now; try again when it is done", code="agent_busy")
+
+
+@asynccontextmanager
+async def _uploaded(request: Request, name: str, suffix: str):
+    """The request body as a temporary file named `upload{suffix}`, once agent `name` may take it."""
+    state = request.app.state.server
+    _agent_name(name)
+    _idle(state, name)
+    data = await read_body(request, state.config.max_upload_bytes)
+    with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
+        path = Path(d) / f"upload{suffix}"
+        path.write_bytes(data)
+        yield path
+
+
+def _download(path: Path, headers: dict | None = None) -> FileResponse:
+    """Send a file written into its own temporary folder, and remove both once sent."""
+    def cleanup():
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
+
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name, headers=headers, background=BackgroundTask(cleanup))
 
 
 @router.get("/v1/agents")
@@ -63,18 +94,14 @@ async def show_agent(request: Request, name: str):
 
 @router.post("/v1/agents/{name}/prefetch")
 async def prefetch(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    _, rt = _existing(request, name)
     started = rt.prefetch(name)
     return {"name": name, "prefetching": started, "tier": rt.describe(name)["tier"]}
 
 
 @router.post("/v1/agents/{name}/evict")
 async def evict(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    state, rt = _existing(request, name)
     _idle(state, name)
     try:
         evicted = await asyncio.to_thread(rt.evict, name)
@@ -87,9 +114,7 @@ async def evict(request: Request, name: str):
 
 @router.post("/v1/agents/{name}/pin")
 async def pin(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    _, rt = _existing(request, name)
     try:
         info = await asyncio.to_thread(rt.pin, name)
     except PinError as e:  # no cache yet, or pins would take over half the budget
@@ -99,18 +124,14 @@ async def pin(request: Request, name: str):
 
 @router.post("/v1/agents/{name}/unpin")
 async def unpin(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    _, rt = _existing(request, name)
     was = await asyncio.to_thread(rt.unpin, name)
     return {"name": name, "pinned": False, "was_pinned": was, "tier": rt.describe(name)["tier"]}
 
 
 @router.delete("/v1/agents/{name}")
 async def delete(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    state, rt = _existing(request, name)
     _idle(state, name)
     try:
         await asyncio.to_thread(rt.delete, name)
@@ -124,9 +145,7 @@ async def delete(request: Request, name: str):
 @router.get("/v1/agents/{name}/archive")
 @router.get("/v1/agents/{name}/card")
 async def export_archive(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    _, rt = _existing(request, name)
     tmp = Path(tempfile.mkdtemp(prefix="agentcache-archive-")) / f"{name}{ARCHIVE_SUFFIX}"
     try:
         path = await asyncio.to_thread(rt.export_archive, name, tmp)
@@ -134,25 +153,14 @@ async def export_archive(request: Request, name: str):
         raise APIError(404, public(e), code="agent_not_found") from None
     except (ValueError, OSError) as e:
         raise APIError(500, f"could not export agent '{name}': {public(e)}") from None
-
-    def cleanup():
-        path.unlink(missing_ok=True)
-        path.parent.rmdir()
-
-    return FileResponse(path, media_type="application/octet-stream", filename=path.name, background=BackgroundTask(cleanup))
+    return _download(path)
 
 
 @router.put("/v1/agents/{name}/archive")
 @router.put("/v1/agents/{name}/card")
 async def import_archive(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _agent_name(name)
-    _idle(state, name)
-    data = await read_body(request, state.config.max_upload_bytes)
-    with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
-        archive = Path(d) / f"upload{ARCHIVE_SUFFIX}"
-        archive.write_bytes(data)
+    rt = request.app.state.server.rt()
+    async with _uploaded(request, name, ARCHIVE_SUFFIX) as archive:
         try:
             got = await asyncio.to_thread(rt.import_archive, archive, name)
         except FileExistsError as e:
@@ -165,9 +173,7 @@ async def import_archive(request: Request, name: str):
 # -- cache cards (cards.py): a token range of one agent's context, to inject into another
 @router.get("/v1/agents/{name}/cachecard")
 async def download_cachecard(request: Request, name: str, bits: float = 4.0, range: str = "all", uniform: bool = False):
-    state = request.app.state.server
-    rt = state.rt()
-    _known(rt, _agent_name(name))
+    state, rt = _existing(request, name)
     _idle(state, name)
     if range not in ("all", "last-turn"):
         raise APIError(400, f"range must be 'all' or 'last-turn', got {range!r}")
@@ -179,25 +185,13 @@ async def download_cachecard(request: Request, name: str, bits: float = 4.0, ran
     except ValueError as e:  # a budget below the minimum, nothing to hand over
         tmp.parent.rmdir()
         raise APIError(400, public(e), code="invalid_card_request") from None
-
-    def cleanup():
-        tmp.unlink(missing_ok=True)
-        tmp.parent.rmdir()
-
-    headers = {"x-card-tokens": str(card.n), "x-card-avg-bits": f"{card.avg_bits:.4f}", "x-card-hops": str(card.hops)}
-    return FileResponse(tmp, media_type="application/octet-stream", filename=tmp.name, headers=headers, background=BackgroundTask(cleanup))
+    return _download(tmp, {"x-card-tokens": str(card.n), "x-card-avg-bits": f"{card.avg_bits:.4f}", "x-card-hops": str(card.hops)})
 
 
 @router.post("/v1/agents/{name}/cachecard")
 async def upload_cachecard(request: Request, name: str):
-    state = request.app.state.server
-    rt = state.rt()
-    _agent_name(name)
-    _idle(state, name)
-    data = await read_body(request, state.config.max_upload_bytes)
-    with tempfile.TemporaryDirectory(prefix="agentcache-upload-") as d:
-        card = Path(d) / f"upload{CACHE_CARD_SUFFIX}"
-        card.write_bytes(data)
+    rt = request.app.state.server.rt()
+    async with _uploaded(request, name, CACHE_CARD_SUFFIX) as card:
         try:
             stats = await asyncio.to_thread(rt.agent(name).inject, card)
         except (ValueError, OSError, CacheFileError) as e:  # damaged, truncated, another model's, or not a card
