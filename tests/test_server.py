@@ -347,6 +347,9 @@ def test_bad_sampling_and_tool_requests_leave_the_agents_history_and_cache(serve
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=MODEL, input="Again", max_output_tokens=2, previous_response_id="resp_unknown",
                                 extra_headers={"X-Agent-Id": "kept"})
+    for kw in ({"n": 2}, {"logprobs": 0}):  # text completions take neither
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_headers={"X-Agent-Id": "kept"}, **kw)
     after = server.get("/v1/agents/kept").json()
     assert before["tokens"] > 0 and (after["messages"], after["tokens"]) == (before["messages"], before["tokens"])
     _, usage2, _, _ = chat(client, "kept", follow)

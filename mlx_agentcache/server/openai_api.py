@@ -220,7 +220,7 @@ async def completions(request: Request):
         raise APIError(400, "'suffix' is not supported", param="suffix")
     number(body, "best_of", 1, 1, 1, integer=True)
     number(body, "n", 1, 1, 1, integer=True)
-    if body.get("logprobs") is not None:
+    if body.get("logprobs") is not None and body.get("logprobs") is not False:  # 0 too: it asks for them
         raise APIError(400, "logprobs are served on /v1/chat/completions only", param="logprobs")
     opts = _common(state, request, body, rt)
     echo = boolean(body, "echo")
