@@ -71,7 +71,7 @@ def _tokens(t: tuple) -> int:
     return t[0].shape[-2]
 
 
-def _slice(t: tuple, a: int, b: int) -> tuple:
+def slice_tokens(t: tuple, a: int, b: int) -> tuple:
     """Tokens [a, b) of a stored tuple. A part with fewer rows than tokens (q4c
     key scales: one row per KEY_GROUP tokens) is cut at the matching rows;
     a and b must then fall on group edges (or b at the end)."""
@@ -108,8 +108,8 @@ class Segment:
     encoding: str = "q4"
 
     def view(self) -> tuple[tuple, tuple | None]:
-        k = _slice(self.keys, 0, self.length)
-        v = None if self.values is None else _slice(self.values, 0, self.length)
+        k = slice_tokens(self.keys, 0, self.length)
+        v = None if self.values is None else slice_tokens(self.values, 0, self.length)
         return k, v
 
     @property
@@ -123,10 +123,10 @@ class Segment:
         k, v = self.view()
         if self.encoding == "q4c":
             g0, g1 = a // KEY_GROUP * KEY_GROUP, -(-b // KEY_GROUP) * KEY_GROUP
-            kd = decode(_slice(k, g0, g1), "q4c", "k", dtype)[..., a - g0 : b - g0, :]
+            kd = decode(slice_tokens(k, g0, g1), "q4c", "k", dtype)[..., a - g0 : b - g0, :]
         else:
-            kd = decode(_slice(k, a, b), self.encoding, "k", dtype)
-        vd = None if v is None else decode(_slice(v, a, b), self.encoding, "v", dtype)
+            kd = decode(slice_tokens(k, a, b), self.encoding, "k", dtype)
+        vd = None if v is None else decode(slice_tokens(v, a, b), self.encoding, "v", dtype)
         return kd, vd
 
 
@@ -357,7 +357,7 @@ class LayerCache:
                 cut = cut // KEY_GROUP * KEY_GROUP
             if cut:
                 k, v = s.view()
-                s = Segment(_slice(k, cut, s.length), None if v is None else _slice(v, cut, s.length), s.length - cut, encoding=s.encoding)
+                s = Segment(slice_tokens(k, cut, s.length), None if v is None else slice_tokens(v, cut, s.length), s.length - cut, encoding=s.encoding)
             out.append(s)
         self.start += self.stored - sum(s.length for s in out)
         self.segments = out
@@ -439,7 +439,7 @@ class LayerCache:
                     cut = whole
                 if cut:
                     k, v = s.view()
-                    k, v = _slice(k, 0, cut), (None if v is None else _slice(v, 0, cut))
+                    k, v = slice_tokens(k, 0, cut), (None if v is None else slice_tokens(v, 0, cut))
                     # copy-on-write: a shared segment is never written to
                     out.append(Segment(tuple(mx.array(x) for x in k), None if v is None else tuple(mx.array(x) for x in v), cut, encoding=s.encoding))
             seen += s.length
@@ -492,7 +492,7 @@ class LayerCache:
             if pos + s.length > first:
                 cut = max(first - pos, 0)
                 k, v = s.view()
-                k, v = _slice(k, cut, s.length), (None if v is None else _slice(v, cut, s.length))
+                k, v = slice_tokens(k, cut, s.length), (None if v is None else slice_tokens(v, cut, s.length))
                 if runs and runs[-1][0] == s.encoding:
                     e, k0, v0 = runs[-1]
                     runs[-1] = (e, _concat(k0, k), None if v is None else _concat(v0, v))

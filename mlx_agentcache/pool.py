@@ -40,7 +40,7 @@ from . import catalog
 from .config import warn as default_warn
 from .kvcache import AgentCache
 from .q4 import BLOCK_TOKENS
-from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shared_bytes
+from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shareable, shared_bytes
 from .store import codec, container, formats, segments
 from .store.container import CacheFileError, CacheWriteError
 from .store.layout import Layout, validate_agent_name
@@ -173,7 +173,7 @@ class CachePool:
         self._over = False  # in an over-budget episode (warned once per episode)
         probe = new_cache()
         self._probe = probe  # knows the model's shapes: turn_bytes asks it
-        self.prefixes = PrefixIndex(fingerprint, probe.layers[0].bits) if share_prefixes and eligible(probe) else None
+        self.prefixes = PrefixIndex(fingerprint, probe.layers[0].mode) if share_prefixes and eligible(probe) else None
         self._writer = Writer(warn=self.warn, describe=lambda name, e: f"warning: agent '{name}' was not saved ({getattr(e, 'strerror', None) or e}); it stays in memory") if write_behind else None
         self.layout.remove_stale_tmp()
         self._scan()
@@ -202,7 +202,7 @@ class CachePool:
                 tokens = codec.block_tokens(meta)
             except (CacheFileError, KeyError, ValueError):
                 continue  # gc reports and removes it; loads of agents using it will refuse
-            if meta.get("fingerprint") == self.fingerprint and meta.get("kv_bits") == str(self.prefixes.bits):
+            if meta.get("fingerprint") == self.fingerprint and codec.block_mode(meta) == self.prefixes.mode:
                 self.prefixes.add(self.layout.block_key(p), tokens)
         for name in self.layout.cache_names():
             try:
@@ -301,7 +301,10 @@ class CachePool:
         def prefix_source(key: str, n: int, tokens: list[int]):
             if self.prefixes is None:
                 raise CacheFileError(f"{path.name}: shared prefix {key} is missing (this pool shares none)")
-            return self.prefixes.segments(key, n, tokens, load=lambda k, t: self._read_block(k, t, read))
+            try:
+                return [(s, s.sinks) for s in self.prefixes.segments(key, n, tokens, load=lambda k, t: self._read_block(k, t, read))]
+            except PrefixMissing as e:  # e.g. its block was refused just before
+                raise CacheFileError(f"{e} (no {self.layout.block_file(key).relative_to(self.dir)})") from None
 
         meta: dict = {}
         try:
@@ -330,11 +333,23 @@ class CachePool:
         return cache
 
     def _read_block(self, key: str, tokens: list[int], read: list[int]):
+        """A prefix's block file. One that fails a check is moved aside and the prefix
+        forgotten, so the next agent to prefill those tokens writes a good one."""
         path = self.layout.block_file(key)
-        if not path.exists():
-            raise CacheFileError(f"shared prefix {key} is missing (no {path.relative_to(self.dir)})")
-        layers = codec.read_block(path, self.fingerprint, self.prefixes.bits, tokens, [layer.expect for layer in self.new_cache().layers])
-        read[0] += path.stat().st_size
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise CacheFileError(f"shared prefix {key} is missing (no {path.relative_to(self.dir)})") from None
+        try:
+            layers = codec.read_block(path, self.fingerprint, self.prefixes.mode, tokens, [layer.expect for layer in self.new_cache().layers])
+        except CacheFileError as e:
+            try:
+                container.quarantine(path, st.st_ino)
+            except OSError:
+                pass  # a read-only directory: still refused, and forgotten here
+            self.prefixes.forget(key)
+            raise CacheFileError(f"shared prefix block {path.relative_to(self.dir)} refused: {e}") from None
+        read[0] += st.st_size
         return layers
 
     # -- turns ---------------------------------------------------------------------
@@ -389,7 +404,7 @@ class CachePool:
             return None
         peer, n = found
         c = self.hot.get(peer)
-        if c is None or peer in self.busy or not eligible(c) or c.tokens[:n] != prompt[:n] or c.own_tokens(min(layer.stored for layer in c.layers)) < n:
+        if c is None or peer in self.busy or not eligible(c) or c.tokens[:n] != prompt[:n] or shareable(c) < n:
             return None
         key = self.prefixes.create(c, n)
         attach(c, self.prefixes.segments(key, n, c.tokens[:n]), n, c.tokens[:n])

@@ -8,6 +8,15 @@ agent's layer caches begin with a read-only `SharedSegment` over them.
 Appends go to the agent's own segment; trimming into the prefix copies what
 is kept (`LayerCache.trim_to`), so sharing is copy-on-write.
 
+Every KV mode of global-attention caches shares. A block holds what the
+mode's body stores for its tokens: q4/q8/fp16 (and q4k, whose keys are
+rotated the same way every run), or for q4c the 4-bit body (256-token
+blocks hold whole 128-token key groups, aligned to absolute positions) plus
+the exact attention sinks of positions 0..3, which every agent attaching it
+takes too. q4c's 8-bit open tail never is in a block: only whole groups are
+shared. docs/pool.md says where an attached block differs from what the
+agent's own prefill would have written.
+
 A prefix is created when a second agent checks in with the same leading
 blocks as one seen before; later agents whose prompt starts with those
 blocks attach to it before prefill and skip computing them at all. An agent
@@ -30,13 +39,14 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .kvcache import AgentCache, Segment
+from .kvcache import KV_MODES, AgentCache, LayerCache, Segment, slice_tokens
 from .q4 import BLOCK_TOKENS
-from .store.codec import block_snapshot, stored_views
+from .store.codec import block_snapshot
 
 MAX_SEEN = 1 << 16  # chain hashes remembered from agents' own blocks
 
-BlockLoader = Callable[[str, list[int]], list[tuple[tuple, tuple | None]]]
+Layer = tuple[tuple, tuple | None, tuple | None]  # one layer of a prefix: keys, values, q4c sinks
+BlockLoader = Callable[[str, list[int]], list[Layer]]
 
 
 class PrefixMissing(LookupError):
@@ -48,6 +58,7 @@ class SharedSegment(Segment):
     """A read-only view of a prefix's first `length` tokens."""
 
     prefix: str = ""
+    sinks: tuple | None = None  # q4c: the exact sinks the prefix was made with
 
 
 def chain_hashes(tokens: list[int], salt: str) -> list[str]:
@@ -60,11 +71,31 @@ def chain_hashes(tokens: list[int], salt: str) -> list[str]:
     return out
 
 
+def salt(fingerprint: str, mode: str) -> str:
+    """What chain hashes are salted with. q4, q8 and fp16 keep the bit width alone, so
+    their block files written before other modes shared stay found."""
+    return f"{fingerprint}:{KV_MODES[mode][0]}" if mode in ("q4", "q8", "fp16") else f"{fingerprint}:{mode}"
+
+
 def eligible(cache: AgentCache) -> bool:
-    """Global-attention caches in q4, q8 or fp16 only: blocks are keyed by bits alone, so q4k
-    (rotated keys) is not shared, and q4c (sinks and 128-token key groups that a 256-token
-    block boundary cuts) is not either."""
-    return all(layer.window is None and layer.start == 0 and layer.mode in ("q4", "q8", "fp16") for layer in cache.layers)
+    """Global-attention caches whose layers store their mode's body encoding (a sliding
+    window drops the front; a latent q4c layer turns q4 and has no sinks)."""
+    return all(layer.window is None and layer.start == 0 and layer.encoding == KV_MODES[layer.mode][2] for layer in cache.layers)
+
+
+def _body_tokens(layer: LayerCache) -> int:
+    """Leading stored tokens in the body encoding (q4c: whole key groups, not the 8-bit tail)."""
+    n = 0
+    for s in layer.segments:
+        if s.encoding != layer.encoding:
+            break
+        n += s.length
+    return n
+
+
+def shareable(cache: AgentCache) -> int:
+    """How many leading tokens this cache could give a prefix: its own prefill, in the body encoding."""
+    return cache.own_tokens(min(min(map(_body_tokens, cache.layers)), len(cache.tokens)))
 
 
 def prefix_of(cache: AgentCache) -> tuple[str, int] | None:
@@ -93,14 +124,21 @@ def shared_bytes(cache: AgentCache) -> int:
 
 def _copy(t: tuple | None, a: int, b: int) -> tuple | None:
     """A fresh buffer for tokens [a, b): slices alone would keep the whole source alive."""
-    return None if t is None else tuple(mx.array(x[..., a:b, :]) for x in t)
+    return None if t is None else tuple(mx.array(x) for x in slice_tokens(t, a, b))
+
+
+def _take(layer: LayerCache, n: int) -> Layer:
+    """A copy of a layer's first `n` body tokens and its sinks."""
+    _, k, v = layer.stored_segments(0)[0]
+    return _copy(k, 0, n), _copy(v, 0, n), None if layer.sinks is None else tuple(mx.array(x) for x in layer.sinks)
 
 
 @dataclass
 class Prefix:
     key: str
     tokens: list[int]
-    layers: list[tuple[tuple, tuple | None]] | None = None  # None: on disk only
+    encoding: str
+    layers: list[Layer] | None = None  # None: on disk only
     host: tuple[dict, dict] | None = None  # (numpy views, meta) of `layers`, for writing its file
     on_disk: bool = False  # its block file is known to exist
 
@@ -108,22 +146,23 @@ class Prefix:
     def nbytes(self) -> int:
         if self.layers is None:
             return 0
-        return sum(sum(x.nbytes for x in k) + sum(x.nbytes for x in v or ()) for k, v in self.layers)
+        return sum(x.nbytes for layer in self.layers for t in layer if t is not None for x in t)
 
     def segments(self, n: int) -> list[SharedSegment]:
         def cut(t):
-            return None if t is None else tuple(x[..., :n, :] for x in t)
+            return None if t is None else slice_tokens(t, 0, n)
 
-        return [SharedSegment(cut(k), cut(v), n, shared=True, prefix=self.key) for k, v in self.layers]
+        return [SharedSegment(cut(k), cut(v), n, shared=True, encoding=self.encoding, prefix=self.key, sinks=s) for k, v, s in self.layers]
 
 
 class PrefixIndex:
-    """Prefixes of one model and KV precision: the index, what is in memory, who uses them."""
+    """Prefixes of one model and KV mode: the index, what is in memory, who uses them."""
 
-    def __init__(self, fingerprint: str, bits: int):
+    def __init__(self, fingerprint: str, mode: str):
         self.fingerprint = fingerprint
-        self.bits = bits
-        self.salt = f"{fingerprint}:{bits}"
+        self.mode = mode
+        self.encoding = KV_MODES[mode][2]
+        self.salt = salt(fingerprint, mode)
         self.entries: dict[str, Prefix] = {}
         self.index: dict[str, tuple[str, int]] = {}  # chain hash -> (prefix key, blocks)
         self.refs: dict[str, set[str]] = {}  # prefix key -> agents whose file uses it
@@ -134,7 +173,7 @@ class PrefixIndex:
     def add(self, key: str, tokens: list[int], on_disk: bool = True) -> None:
         """A prefix known from its block file (its tokens), not in memory yet."""
         with self._lock:
-            self._add(Prefix(key, list(tokens), on_disk=on_disk))
+            self._add(Prefix(key, list(tokens), self.encoding, on_disk=on_disk))
 
     def _add(self, entry: Prefix) -> None:
         chain = chain_hashes(entry.tokens, self.salt)
@@ -160,7 +199,7 @@ class PrefixIndex:
         blocks (the same tokens of the same model), so nothing is read here."""
         if not eligible(cache):
             return False
-        stored = cache.own_tokens(min(layer.stored for layer in cache.layers))
+        stored = shareable(cache)
         chain = chain_hashes(cache.tokens[: min(stored, len(cache.tokens))], self.salt)
         if not chain:
             return False
@@ -214,15 +253,15 @@ class PrefixIndex:
             entry = self.entries.get(key)
             if entry is not None and entry.layers is not None:
                 return key
-            entry = entry or Prefix(key, list(cache.tokens[:n]))
+            entry = entry or Prefix(key, list(cache.tokens[:n]), self.encoding)
             self._fill(entry, cache)
             self._add(entry)
             return key
 
     def _fill(self, entry: Prefix, cache: AgentCache) -> None:
         n = len(entry.tokens)
-        entry.layers = [(_copy(k, 0, n), _copy(v, 0, n)) for k, v in (stored_views(layer, 0) for layer in cache.layers)]
-        entry.host = block_snapshot(entry.layers, entry.tokens, self.fingerprint, self.bits)
+        entry.layers = [_take(layer, n) for layer in cache.layers]
+        entry.host = block_snapshot(entry.layers, entry.tokens, self.fingerprint, self.mode)
 
     def segments(self, key: str, n: int, tokens: list[int] | None = None, load: BlockLoader | None = None) -> list[SharedSegment]:
         """Shared views of a prefix's first `n` tokens. A prefix that is on disk
@@ -239,7 +278,7 @@ class PrefixIndex:
             entry = self._checked(key, n, tokens)
             if entry.layers is None:  # another thread may have filled it meanwhile
                 entry.layers = layers
-                entry.host = block_snapshot(layers, entry.tokens, self.fingerprint, self.bits)
+                entry.host = block_snapshot(layers, entry.tokens, self.fingerprint, self.mode)
                 entry.on_disk = True
             return entry.segments(n)
 
@@ -311,16 +350,18 @@ def attach(cache: AgentCache, segs: list[SharedSegment], n: int, tokens: list[in
     """Make the first `n` tokens (`tokens`) of every layer the shared views `segs`.
 
     If the cache already holds those tokens, what follows them is copied
-    into a fresh own segment (so the old buffers can be freed); otherwise
-    the cache is reset to exactly the prefix.
+    into fresh own segments, one per encoding (so the old buffers can be
+    freed); otherwise the cache is reset to exactly the prefix. A q4c layer
+    takes the prefix's sinks with its body.
     """
     keep = cache.tokens[:n] == list(tokens) and all(layer.offset == cache.offset for layer in cache.layers)
     for layer, seg in zip(cache.layers, segs):
         rest = []
         if keep and layer.offset > n:
-            k, v = stored_views(layer, n)
-            rest = [Segment(_copy(k, 0, layer.offset - n), _copy(v, 0, layer.offset - n), layer.offset - n)]
+            rest = [Segment(_copy(k, 0, m), _copy(v, 0, m), m, encoding=e) for e, k, v in layer.stored_segments(n) for m in [k[0].shape[-2]]]
         layer.segments = [seg] + rest
+        layer.sinks = seg.sinks
+        layer.fresh = None
         layer.start = 0
         layer.clean = 0  # its own segments start anew: the next save writes them whole
         if not keep:

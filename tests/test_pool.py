@@ -15,7 +15,7 @@ import pytest
 from mlx_agentcache import pool as pool_mod
 from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.pool import AgentBusyError, CachePool
-from mlx_agentcache.prefixes import SharedSegment, own_bytes
+from mlx_agentcache.prefixes import SharedSegment, own_bytes, prefix_of
 from mlx_agentcache.store import codec, container, segments
 from tiny import random_cache, same_tensors, tiny_runner, tokens
 
@@ -297,9 +297,17 @@ def test_agent_extend_and_rewrite(tmp_path, byte_runner):
 # -- shared prefixes -----------------------------------------------------------
 
 SYSTEM = tokens(600, seed=9)  # two full blocks (512 tokens) are shareable
+SHARED_MODES = (4, "q4c", "q4k")
 
 
-def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, runner):
+@pytest.fixture(scope="module", params=SHARED_MODES, ids=lambda m: f"kv-{m}")
+def mode_runner(request):
+    return tiny_runner(kv_bits=request.param)
+
+
+def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, mode_runner):
+    """In every KV mode: q4c blocks hold whole key groups and the exact sinks."""
+    runner = mode_runner
     p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     solo = runner.new_cache()
     runner.prefill(SYSTEM + tokens(20, seed=100), solo)
@@ -338,23 +346,41 @@ def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, runner):
     assert q.stats.bytes_read == agent_files + blocks[0].stat().st_size  # the block file was read once
 
 
-def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, runner):
+def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, mode_runner):
+    runner = mode_runner
     p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
     for i, name in enumerate("ab"):
         turn(p, runner, name, SYSTEM + tokens(20, seed=200 + i))
-    b_before = [layer.contiguous() for layer in p.hot["b"].layers]
+    b_before = [layer.dense(0, layer.offset) for layer in p.hot["b"].layers]
     edited = SYSTEM[:300] + tokens(50, seed=7)  # a rewrites inside the shared blocks
     _, reuse, _ = turn(p, runner, "a", edited)
     assert reuse == 300
     # the trim copied; on checkin the one block a still has in common is shared again (a view)
     assert all(isinstance(layer.segments[0], SharedSegment) and layer.segments[0].length == 256 for layer in p.hot["a"].layers)
-    for layer, (k, v) in zip(p.hot["b"].layers, b_before):
-        k2, v2 = layer.contiguous()
-        assert all(mx.array_equal(x, y).item() for x, y in zip(k + v, k2 + v2))
+    for layer, kv in zip(p.hot["b"].layers, b_before):
+        assert all(mx.array_equal(x, y).item() for x, y in zip(kv, layer.dense(0, layer.offset)))
     p.flush()
     assert p.describe("a")["shared_prefix"]["tokens"] == 256
     cache, _ = codec.load(p.path("a"), p.fingerprint)
     assert cache.tokens == edited
+
+
+def test_q4c_agents_on_a_shared_block_export_self_contained_cards(tmp_path):
+    """After the block: only a tail (a), or more whole groups and a tail (b); the card puts
+    the block's groups and sinks back in front."""
+    from mlx_agentcache import catalog
+
+    runner = tiny_runner(kv_bits="q4c")
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    for name, extra in (("a", 30), ("b", 200)):
+        turn(p, runner, name, SYSTEM + tokens(extra, seed=500))
+    p.flush()
+    assert [r[0] for r in p.hot["b"].layers[0].stored_segments(0)] == ["q4c", "q8"]
+    for name in "ab":
+        assert prefix_of(p.hot[name]) is not None and p.describe(name)["shared_prefix"]["tokens"] == 512
+        card = catalog.export_card(tmp_path, name, tmp_path / f"{name}.card.safetensors")
+        inlined, _ = codec.load(card, runner.fingerprint)  # no blocks/ needed
+        assert same_tensors(inlined, p.hot[name])
 
 
 def test_gc_removes_only_unreferenced_blocks_and_missing_blocks_are_refused(tmp_path, runner):
@@ -377,6 +403,36 @@ def test_gc_removes_only_unreferenced_blocks_and_missing_blocks_are_refused(tmp_
     q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
     cache, tier = q.checkout("c")
     assert tier == "cold" and "shared prefix" in messages[-1] and "missing" in messages[-1]
+
+
+def test_a_damaged_q4c_block_refuses_only_its_agents_and_is_written_anew(tmp_path):
+    runner = tiny_runner(kv_bits="q4c")
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    for i, name in enumerate("cd"):
+        turn(p, runner, name, SYSTEM + tokens(20, seed=600 + i))
+    turn(p, runner, "e", tokens(300, seed=3))  # shares nothing
+    p.flush()
+    (block,) = (tmp_path / "blocks").glob("*.safetensors")
+    data = bytearray(block.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    block.write_bytes(bytes(data))
+
+    messages = []
+    q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=messages.append)
+    assert q.checkout("e")[1] == "warm" and messages == []
+    for name in "cd":
+        assert q.checkout(name)[1] == "cold"
+        q.checkin(name, runner.new_cache(), persist=False)
+    assert len(messages) == 2 and all(m.count("\n") == 0 and block.name in m for m in messages)
+    assert not block.exists()  # moved aside, so it is not referred to again
+    _, reuse, logits = turn(q, runner, "c", SYSTEM + tokens(20, seed=600))  # re-prefills all of it
+    assert reuse == 0
+    _, reuse, _ = turn(q, runner, "d", SYSTEM + tokens(20, seed=601))
+    assert reuse == 512  # c's own prefill makes the new block
+    q.flush()
+    r = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=pytest.fail)
+    for name in "cde":
+        assert r.checkout(name)[1] == "warm"
 
 
 # -- two processes, full disks -------------------------------------------------

@@ -246,13 +246,14 @@ def test_card_positions_past_the_context_are_refused(server, tmp_path, first):
     assert server.get("/v1/agents/pos-evil").status_code == 404
 
 
-def test_uploaded_tensors_never_become_another_agents_prefix(home, tmp_path):
-    """Under q4 (which shares leading 256-token blocks between agents) an upload whose
-    tokens are a common system prompt but whose values are garbage must not change the
-    reply any other agent gets for that prompt."""
+@pytest.mark.parametrize("kv", ["q4", "q4c"])
+def test_uploaded_tensors_never_become_another_agents_prefix(home, tmp_path, kv):
+    """Where agents share leading 256-token blocks, an upload whose tokens are a common
+    system prompt but whose values are garbage must not change the reply any other agent
+    gets for that prompt."""
     from mlx_agentcache import cards
 
-    server = Server(home, tmp_path / "cache", tmp_path / "server.log", "--kv", "q4").start()
+    server = Server(home, tmp_path / "cache", tmp_path / "server.log", "--kv", kv).start()
     try:
         ask = lambda agent: httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY, "X-Agent-Id": agent},  # noqa: E731
                                        json={"model": MODEL, "max_tokens": 6, "messages": [{"role": "system", "content": LONG_SYSTEM},

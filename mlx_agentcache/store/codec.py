@@ -14,7 +14,9 @@ Two kinds of file share the container (container.py):
   shared prefix, `prefix` in the metadata names it and the layer tensors hold
   only the tokens after it.
 * prefix block files (`BLOCK_FORMAT`, see prefixes.py): the same tensors for
-  a run of full 256-token blocks that several agents start with.
+  a run of full 256-token blocks that several agents start with, in the
+  mode's body encoding (`kv_mode`; files without it are q4, q8 or fp16 by
+  `kv_bits`); a q4c block holds the 4-bit body and the exact sinks.
 
 Metadata adds the model fingerprint, the quantization parameters and each
 layer's span. The tensor names are spelled here only.
@@ -29,7 +31,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode
+from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv_mode, slice_tokens
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
 from . import formats, numbers, segments
 from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
@@ -124,14 +126,16 @@ def snapshot(cache: AgentCache, fingerprint: str, prefix: tuple[str, int] | None
     return tensors, meta
 
 
-def block_snapshot(layers: list[tuple[tuple, tuple | None]], tokens: list[int], fingerprint: str, bits: int) -> tuple[dict, dict]:
-    """(tensors, metadata) of a prefix block file holding `layers` for `tokens`."""
-    caches = [LayerCache.restore(bits, None, 0, len(tokens), k, v) for k, v in layers]
+def block_snapshot(layers: list[tuple[tuple, tuple | None, tuple | None]], tokens: list[int], fingerprint: str, mode: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a prefix block file holding `layers` (keys, values, q4c sinks) for `tokens`."""
+    body = LayerCache(mode).encoding
+    caches = [LayerCache.restore(mode, None, 0, len(tokens), (), None, runs=[(body, k, v)], sinks=s) for k, v, s in layers]
     tensors, spans = layer_tensors(caches, lambda layer: 0)
     meta = {
         "format": BLOCK_FORMAT,
         "fingerprint": fingerprint,
-        "kv_bits": str(bits),
+        "kv_bits": str(KV_MODES[mode][0]),
+        "kv_mode": mode,
         "tokens": json.dumps(tokens),
         "layers": json.dumps(spans),
     }
@@ -156,7 +160,7 @@ def save_segments(layout: Layout, agent: str, tensors: dict, meta: dict, changed
     return segments.save(layout, agent, tensors, meta, changed, base, body, NAMES)
 
 
-PrefixSource = Callable[[str, int, list[int]], list[Segment]]
+PrefixSource = Callable[[str, int, list[int]], list[tuple[Segment, tuple | None]]]  # per layer: shared segment, sinks
 
 
 def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = None, prefix_source: PrefixSource | None = None,
@@ -165,8 +169,8 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
     A manifest's segments are read and joined first (segments.py); `meta_out` receives the
     file's metadata.
 
-    `prefix_source(hash, n, tokens)` returns one shared segment per layer for
-    a file that refers to a prefix block (see prefixes.py); without it the
+    `prefix_source(hash, n, tokens)` returns one (shared segment, sinks) per layer
+    for a file that refers to a prefix block (see prefixes.py); without it the
     block file of the same cache directory is read.
     """
     path = Path(path)
@@ -213,7 +217,9 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             block = Layout(path.parent).block_file(h)
             if not block.exists():
                 raise CacheFileError(f"{path.name}: shared prefix {h} is missing (no {block.relative_to(path.parent)})")
-            shared = [Segment(tuple(x[..., :n, :] for x in k), None if v is None else tuple(x[..., :n, :] for x in v), n, shared=True) for k, v in read_block(block, fingerprint, bits, tokens[:n])]
+            body = LayerCache(mode).encoding
+            shared = [(Segment(slice_tokens(k, 0, n), None if v is None else slice_tokens(v, 0, n), n, shared=True, encoding=body), s)
+                      for k, v, s in read_block(block, fingerprint, mode, tokens[:n])]
         else:
             shared = prefix_source(h, n, tokens[:n])
     if expect_layers is not None and expect_layers and expect_layers[0].mode != mode:
@@ -246,14 +252,24 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
     return AgentCache(layers, tokens, foreign), extra
 
 
-def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expect: list[StoredShape | None] | None = None) -> list[tuple[tuple, tuple | None]]:
+def block_mode(meta: dict) -> str | None:
+    """The KV mode of a prefix block file's metadata (None when it names none that exists)."""
+    try:
+        return kv_mode(meta.get("kv_mode") or meta.get("kv_bits", ""))
+    except (ValueError, TypeError):
+        return None
+
+
+def read_block(path: Path, fingerprint: str, mode: str, tokens: list[int], expect: list[StoredShape | None] | None = None) -> list[tuple[tuple, tuple | None, tuple | None]]:
     """A prefix block file, verified and checked to start with `tokens` (and,
-    with `expect`, to hold what each layer of the model stores): per-layer (k, v)."""
+    with `expect`, to hold what each layer of the model stores): per layer
+    (keys, values, sinks), sinks for q4c only."""
     path = Path(path)
+    body = LayerCache(mode).encoding
 
     def same(meta: dict) -> None:
-        if meta.get("fingerprint") != fingerprint or meta.get("kv_bits") != str(bits):
-            raise CacheFileError(f"{path.name}: prefix block of another model or KV precision")
+        if meta.get("fingerprint") != fingerprint or block_mode(meta) != mode:
+            raise CacheFileError(f"{path.name}: prefix block of another model or KV mode")
         try:
             ok = json.loads(meta["tokens"])[: len(tokens)] == list(tokens)
         except (KeyError, ValueError):
@@ -263,17 +279,19 @@ def read_block(path: Path, fingerprint: str, bits: int, tokens: list[int], expec
 
     arrays, meta = read_arrays(path, (BLOCK_FORMAT,), same)
     n = len(block_tokens(meta))
-    parts = 1 if bits == 16 else 3
     out = []
     try:
         for i, s in enumerate(json.loads(meta["layers"])):
             s = _span(i, s, n)
-            k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(parts))
-            v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(parts)) if s["values"] else None
-            _check_run(path, i, kv_mode(bits), k, v, n, expect[i] if expect is not None and i < len(expect) else None)
-            if k[0].shape[-2] != n:
-                raise ValueError(f"layer {i} holds {k[0].shape[-2]} tokens, expected {n}")
-            out.append((k, v))
+            if s.get("runs", [[body, n]]) != [[body, n]] or s["start"] or s["window"] is not None:
+                raise ValueError(f"layer {i} is not one {body} run of {n} tokens")
+            k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(3) if tensor_name(i, "k", j) in arrays)
+            v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(3) if tensor_name(i, "v", j) in arrays) if s["values"] else None
+            _check_run(path, i, body, k, v, n, expect[i] if expect is not None and i < len(expect) else None)
+            sinks = _sinks(path, i, s, arrays, [(body, k, v)], mode)
+            if (sinks is None) != (body != "q4c"):
+                raise ValueError(f"layer {i} sinks do not fit a {mode} block")
+            out.append((k, v, sinks))
     except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
     if arrays or (expect is not None and len(out) != len(expect)):
@@ -306,14 +324,33 @@ def inline_prefix(arrays: dict[str, np.ndarray], meta: dict, block: dict[str, np
     spans = json.loads(meta["layers"])
     tensors = dict(arrays)
     for i, s in enumerate(spans):
+        runs = s.get("runs")
+        if runs is not None and (not runs or runs[0][0] != "q4c"):  # q4c with only a tail after the prefix: the block is run 0
+            for r in range(len(runs), 0, -1):
+                for part in ("k", "v"):
+                    for j in range(3):
+                        if tensor_name(i, part, j, r - 1) in tensors:
+                            tensors[tensor_name(i, part, j, r)] = tensors.pop(tensor_name(i, part, j, r - 1))
+            runs.insert(0, ["q4c", 0])
         for part in ("k", "v"):
             for j in range(3):
                 key = tensor_name(i, part, j)
                 if key in block:
-                    head = block[key][..., :n, :]
-                    tensors[key] = np.concatenate([head, arrays[key]], axis=-2) if key in arrays else np.ascontiguousarray(head)
+                    head = _head(block[key], n, block[tensor_name(i, part, 0)].shape[-2])
+                    tensors[key] = np.concatenate([head, tensors[key]], axis=-2) if key in tensors else np.ascontiguousarray(head)
+        for part in ("k", "v"):
+            if sinks_name(i, part) in block:
+                tensors[sinks_name(i, part)] = block[sinks_name(i, part)]
+                s["sinks"] = int(block[sinks_name(i, part)].shape[-2])
+        if runs is not None:
+            runs[0][1] += n
         s["start"] = 0
     return tensors, {**meta, "layers": json.dumps(spans), "prefix": "null"}
+
+
+def _head(x: np.ndarray, n: int, tokens: int) -> np.ndarray:
+    """The rows of a stored part holding its first `n` tokens (q4c key scales: one row per group)."""
+    return x[..., : n * x.shape[-2] // tokens, :]
 
 
 def _sinks(path: Path, i: int, span: dict, arrays: dict, runs: list, mode: str) -> tuple | None:
@@ -331,15 +368,17 @@ def _sinks(path: Path, i: int, span: dict, arrays: dict, runs: list, mode: str) 
     return k, v
 
 
-def _restore_layer(path, i, mode, window, span, runs, shared: Segment | None, sinks=None) -> LayerCache:
+def _restore_layer(path, i, mode, window, span, runs, shared: tuple[Segment, tuple | None] | None, sinks=None) -> LayerCache:
     if shared is None:
         return LayerCache.restore(mode, window, span["start"], span["offset"], (), None, runs=runs, sinks=sinks)
+    seg, sinks = shared
     n = sum(k[0].shape[-2] for _, k, _ in runs)
-    if window is not None or span["start"] != shared.length or span["start"] + n != span["offset"] or len(runs) > 1:
+    if window is not None or span["start"] != seg.length or span["start"] + n != span["offset"] or (len(runs) > 1 and mode != "q4c"):
         raise CacheFileError(f"{path.name}: layer {i} does not continue its shared prefix")
     layer = LayerCache(mode, window)
     layer.offset = span["offset"]
-    layer.segments = [shared] + [Segment(k, v, n, encoding=e) for e, k, v in runs]
+    layer.segments = [seg] + [Segment(k, v, k[0].shape[-2], encoding=e) for e, k, v in runs]
+    layer.sinks = sinks
     return layer
 
 
