@@ -814,6 +814,11 @@ def summary_rows(out: Path) -> list[tuple[str, str, str]]:
         rows.append(("Agent store: bytes a short turn writes, share of the agent's stored bytes (goal <= 5% at 3.5K)",
                      f"{near['context']} tokens {near['share_of_stored']['median']:.2%}, {big['context']} tokens {big['share_of_stored']['median']:.2%} (median); "
                      f"restore {st['restore']['ratio']}x sequential read; `agents ls` over {ls['agents']:,} agents {ls['wall_s']['median']} s", "store.json"))
+        sh = st.get("sharing")
+        if sh:
+            rows.append((f"Shared q4c prefixes ({sh['model']}): 6 agents with one {sh['six_agents']['system_tokens']}-token system prompt / one agent's bytes "
+                         f"(goal <= 1.5x); first token of a new agent on a {sh['ttft']['prefix_tokens']}-token shared prefix / a warm restore (goal <= 1.2x)",
+                         f"{sh['six_agents']['vs_one_agent']}x; {sh['ttft']['new_vs_restore']}x", "store.json"))
     return rows
 
 

@@ -15,10 +15,19 @@
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
   builds the index.
+* Shared prefixes (a real model, SmolLM2 135M, q4c; prompts are the test
+  suite's Python reference text): bytes on disk (agent files, their
+  segments, block files) of 6 agents with the same 1.5K-token system prompt
+  and of N agents sharing a 2K prefix, each with its own 24-token question,
+  against one agent alone; and the time to first token of a new agent whose
+  prompt starts with a 4K-token prefix another agent shared (its block on
+  disk, nothing in memory) against a warm restore of that agent with the
+  same question, alternating in fresh pools after a warm-up, and of a new
+  agent while the prefix is in memory.
 
 Medians with min-max over the repeats. Writes store.json and store.md.
 
-    python scripts/bench_store.py [--quick] [--out bench_results]
+    python scripts/bench_store.py [--quick] [--out bench_results] [--parts turns,restore,ls,sharing]
 """
 
 from __future__ import annotations
@@ -41,12 +50,16 @@ import mlx.core as mx
 from mlx_agentcache.blas import read_cpuinfo
 from mlx_agentcache.config import default_home
 from mlx_agentcache.kvcache import AgentCache, LayerCache
+from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.store import codec, history, segments
 from mlx_agentcache.store.container import peek_meta
 from mlx_agentcache.store.layout import Layout
 
 GEOMETRY = "llama3-8b-geometry-random"
+SHARING_MODEL = "smollm2-135m"
+TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "python_reference.txt"
+PARTS = ("turns", "restore", "ls", "sharing")
 AGENTCACHE = str(Path(sys.executable).parent / "agentcache")
 
 
@@ -217,6 +230,107 @@ def ls_times(counts: list[int], repeats: int, work: Path) -> list[dict]:
     return [{"agents": n, "wall_s": spread(got[n][0], 3), "cpu_s": spread(got[n][1], 3)} for n in counts]
 
 
+def stored(pool: CachePool, names: list[str]) -> int:
+    """Bytes on disk of these agents (manifests and segments) and of every prefix block."""
+    return sum(segments.disk_bytes(pool.path(n)) for n in names) + sum(b.stat().st_size for b in pool.layout.block_files())
+
+
+def first_token(pool: CachePool, runner: ModelRunner, name: str, prompt: list[int], keep: bool = True) -> tuple[float, int]:
+    """(seconds to the first token, tokens reused) of one turn of `name`; checked in (saved) if `keep`."""
+    t = time.perf_counter()
+    cache, tier = pool.checkout(name)
+    cache, reused = pool.begin_turn(name, prompt)
+    mx.eval(mx.argmax(runner.prefill(prompt[reused:], cache)))
+    took = time.perf_counter() - t
+    if keep:
+        pool.checkin(name, cache)
+        pool.flush()
+    return took, reused
+
+
+def sharing(home: Path, work: Path, quick: bool, repeats: int) -> dict:
+    started, load = time.time(), [round(x, 2) for x in os.getloadavg()]
+    runner = ModelRunner.load(SHARING_MODEL, home, "q4c")
+    ids = runner.tokenizer.encode(TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
+    system, prefix, long = (512, 512, 1024) if quick else (1536, 2048, 4096)
+    counts = [1, 2, 4] if quick else [1, 2, 4, 8, 16]
+    question = lambda i: ids[20000 + 24 * i : 20000 + 24 * (i + 1)]  # noqa: E731  (own tokens of agent i)
+
+    def pool(d: Path, share: bool = True) -> CachePool:
+        return CachePool(d, runner.fingerprint, runner.new_cache, float("inf"), share_prefixes=share)
+
+    def agents_on_disk(n_prefix: int, n_agents: int, tag: str) -> tuple[list[int], int]:
+        """Bytes on disk after each of `n_agents` agents took a turn with the same prefix; one agent alone."""
+        alone = pool(work / f"{tag}-alone", share=False)
+        first_token(alone, runner, "a0", ids[:n_prefix] + question(0))
+        one = stored(alone, ["a0"])
+        p, got = pool(work / tag), []
+        for i in range(n_agents):
+            _, reused = first_token(p, runner, f"a{i}", ids[:n_prefix] + question(i))
+            assert reused == (n_prefix if i else 0), (i, reused)
+            got.append(stored(p, [f"a{j}" for j in range(i + 1)]))
+        return got, one
+
+    got, one = agents_on_disk(system, 6, "system")
+    out = {"model": SHARING_MODEL, "question_tokens": 24, "load_average": load,
+           "six_agents": {"system_tokens": system, "one_agent_bytes": one, "bytes": got[-1], "vs_one_agent": round(got[-1] / one, 3)}}
+    got, one = agents_on_disk(prefix, counts[-1], "prefix")
+    out["n_agents"] = {"prefix_tokens": prefix, "one_agent_bytes": one,
+                       "rows": [{"agents": n, "bytes": got[n - 1], "unshared_bytes": n * one, "vs_one_agent": round(got[n - 1] / one, 3)} for n in counts]}
+
+    d = work / "ttft"
+    setup = pool(d)
+    for name in ("x", "y"):  # y's turn makes x's leading blocks a shared block
+        first_token(setup, runner, name, ids[:long] + question(1 if name == "x" else 2))
+    assert setup.describe("x")["shared_prefix"]["tokens"] == long
+    setup.close()
+    ask = ids[:long] + question(1) + question(3)
+
+    def new_agent(i: int) -> tuple[float, float]:
+        p = pool(d)
+        took, reused = first_token(p, runner, f"new{i}", ids[:long] + question(3), keep=False)
+        hot, _ = first_token(p, runner, f"hot{i}", ids[:long] + question(4), keep=False)  # the prefix is in memory now
+        assert reused == long
+        p.close()
+        return took, hot
+
+    def restore() -> float:
+        p = pool(d)
+        took, reused = first_token(p, runner, "x", ask, keep=False)
+        assert reused == long + 24
+        p.close()
+        return took
+
+    new_agent(-1), restore()  # warm-up
+    fresh, hot, warm = [], [], []
+    for i in range(repeats):  # alternating
+        a, b = new_agent(i)
+        fresh.append(a)
+        hot.append(b)
+        warm.append(restore())
+    out["ttft"] = {"prefix_tokens": long, "question_tokens": 24, "new_agent_s": spread(fresh), "new_agent_prefix_in_memory_s": spread(hot),
+                   "warm_restore_s": spread(warm), "new_vs_restore": round(statistics.median(fresh) / statistics.median(warm), 3), "page_cache": "warm"}
+    out["load_average_end"], out["seconds"] = [round(x, 2) for x in os.getloadavg()], round(time.time() - started, 1)
+    print(f"sharing: {out['six_agents']['vs_one_agent']}x for 6 agents, new agent / restore {out['ttft']['new_vs_restore']}", flush=True)
+    return out
+
+
+def sharing_report(sh: dict) -> list[str]:
+    six, n, t = sh["six_agents"], sh["n_agents"], sh["ttft"]
+    lines = ["", f"## Shared prefixes ({sh['model']}, q4c)", "", f"Load average {sh['load_average']} at the start, {sh['load_average_end']} at the end.", "",
+             f"6 agents with the same {six['system_tokens']}-token system prompt and their own {sh['question_tokens']}-token questions store "
+             f"{six['bytes'] / 1e6:.2f} MB, {six['vs_one_agent']}x one agent's {six['one_agent_bytes'] / 1e6:.2f} MB (goal <= 1.5x).", "",
+             f"N agents sharing a {n['prefix_tokens']}-token prefix:", "", "| agents | MB on disk | unshared MB | vs one agent |", "|---|---|---|---|"]
+    lines += [f"| {x['agents']} | {x['bytes'] / 1e6:.2f} | {x['unshared_bytes'] / 1e6:.2f} | {x['vs_one_agent']}x |" for x in n["rows"]]
+    f, w, h = t["new_agent_s"], t["warm_restore_s"], t["new_agent_prefix_in_memory_s"]
+    lines += ["", f"Time to first token with a {t['prefix_tokens']}-token shared prefix and a {t['question_tokens']}-token question "
+              f"(median, min-max, {f['n']} alternating repeats): a new agent reading the block from disk {f['median'] * 1e3:.0f} ms "
+              f"({f['min'] * 1e3:.0f}-{f['max'] * 1e3:.0f}), a warm restore of the agent that holds it {w['median'] * 1e3:.0f} ms "
+              f"({w['min'] * 1e3:.0f}-{w['max'] * 1e3:.0f}): {t['new_vs_restore']}x (goal <= 1.2x). With the prefix in memory a new agent "
+              f"takes {h['median'] * 1e3:.0f} ms ({h['min'] * 1e3:.0f}-{h['max'] * 1e3:.0f})."]
+    return lines
+
+
 def report(r: dict) -> str:
     lines = ["# Agent store", "", f"CPU: {r['cpu']} ({r['cores']} cores, load average {r['load_average']} at the start). "
              f"Geometry {r['geometry']['layers']} of {r['geometry'].get('model_layers')} layers x {r['geometry']['kv_heads']} KV heads x {r['geometry']['head_dim']} dims, q4c."
@@ -237,6 +351,8 @@ def report(r: dict) -> str:
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")
+    if "sharing" in r:
+        lines += sharing_report(r["sharing"])
     return "\n".join(lines) + "\n"
 
 
@@ -246,24 +362,38 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, help="Of the geometry's layers, this many (bytes scale with it; shares do not).")
+    ap.add_argument("--parts", default=",".join(PARTS), help="what to measure; the others are kept from --out's store.json")
     a = ap.parse_args()
+    parts = a.parts.split(",")
+    if not set(parts) <= set(PARTS) or ("restore" in parts and "turns" not in parts):
+        raise SystemExit(f"--parts takes {', '.join(PARTS)} (restore reads what turns wrote)")
     contexts = [1024, 2048] if a.quick else [1024, 2048, 3584, 8192, 16384, 32768]
     counts = [100, 1000] if a.quick else [100, 1000, 10000]
     layers, heads, dim = geometry(default_home())
     full_layers = layers
     layers = 4 if a.quick else (a.layers or layers)  # bytes scale with the layer count, their shares do not
     started = time.time()
-    r = {"quick": a.quick, "cpu": read_cpuinfo().model, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-         "geometry": {"model": GEOMETRY, "layers": layers, "model_layers": full_layers, "kv_heads": heads, "head_dim": dim}}
+    merge = set(parts) != set(PARTS)
+    old = json.loads((a.out / "store.json").read_text()) if merge and (a.out / "store.json").exists() else None
+    if merge and (old is None or old.get("quick") != a.quick):
+        raise SystemExit(f"--parts updates the store.json in {a.out} of a run like this one (--quick or not); there is none")
+    r = old or {"quick": a.quick, "cpu": read_cpuinfo().model, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+                "geometry": {"model": GEOMETRY, "layers": layers, "model_layers": full_layers, "kv_heads": heads, "head_dim": dim}}
     default_home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=default_home(), prefix="bench-store-") as tmp:  # the disk agents live on
         work = Path(tmp)
         agent = Agent(layers, heads, dim)
-        r["bytes_per_turn"] = bytes_per_turn(agent, contexts, 3 if a.quick else 5, work)
-        r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else a.repeats)
-        r["ls"] = ls_times(counts, 3 if a.quick else a.repeats, work)
-    r["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    r["seconds"] = round(time.time() - started, 1)
+        if "turns" in parts:
+            r["bytes_per_turn"] = bytes_per_turn(agent, contexts, 3 if a.quick else 5, work)
+        if "restore" in parts:
+            r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else a.repeats)
+        if "ls" in parts:
+            r["ls"] = ls_times(counts, 3 if a.quick else a.repeats, work)
+        if "sharing" in parts:
+            r["sharing"] = sharing(default_home(), work, a.quick, 3 if a.quick else a.repeats)
+    if not merge:
+        r["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        r["seconds"] = round(time.time() - started, 1)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "store.json").write_text(json.dumps(r, indent=1) + "\n")
     (a.out / "store.md").write_text(report(r))
