@@ -195,8 +195,10 @@ class PrefixIndex:
         """Point `cache` at a prefix for its leading blocks when one exists or a
         second agent has the same ones. Returns True if the cache changed.
 
-        A prefix known only on disk takes its memory copy from this cache's own
-        blocks (the same tokens of the same model), so nothing is read here."""
+        A prefix known only on disk is left alone: its file may hold other bytes
+        than this cache (another agent's prefill, q4c groups of other turns), and
+        an agent's memory must be what its restore gives. The next agent that
+        attaches it or restores from it reads it (outside any lock)."""
         if not eligible(cache):
             return False
         stored = shareable(cache)
@@ -216,9 +218,7 @@ class PrefixIndex:
             key, n = target
             entry = self.entries[key]
             if entry.layers is None:
-                if len(entry.tokens) > stored or cache.tokens[: len(entry.tokens)] != entry.tokens:
-                    return False  # this cache cannot supply the whole prefix
-                self._fill(entry, cache)
+                return False
             attach(cache, entry.segments(n), n, cache.tokens[:n])
             return True
 

@@ -405,6 +405,28 @@ def test_gc_removes_only_unreferenced_blocks_and_missing_blocks_are_refused(tmp_
     assert tier == "cold" and "shared prefix" in messages[-1] and "missing" in messages[-1]
 
 
+def test_an_agent_never_takes_a_block_on_disk_from_its_own_memory(tmp_path):
+    """m gets the system prompt in two turns (a q4c group re-quantized when it fills), so the
+    block m and n make holds other bytes than c's one-go prefill. c, restored from its own
+    file, keeps its own blocks at checkin: a restore gives back what it had in memory."""
+    runner = tiny_runner(kv_bits="q4c")
+    solo = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None, share_prefixes=False)
+    turn(solo, runner, "c", SYSTEM + tokens(20, seed=700))
+    solo.close()
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    turn(p, runner, "m", SYSTEM[:300])
+    turn(p, runner, "m", SYSTEM + tokens(20, seed=701))
+    _, reuse, _ = turn(p, runner, "n", SYSTEM + tokens(20, seed=702))
+    assert reuse == 512
+    p.close()
+    q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=pytest.fail)
+    _, reuse, _ = turn(q, runner, "c", SYSTEM + tokens(30, seed=700))
+    assert reuse == 620 and prefix_of(q.hot["c"]) is None
+    q.flush()
+    r = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=pytest.fail)
+    assert same_tensors(r.checkout("c")[0], q.hot["c"])
+
+
 def test_a_damaged_q4c_block_refuses_only_its_agents_and_is_written_anew(tmp_path):
     runner = tiny_runner(kv_bits="q4c")
     p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
