@@ -252,7 +252,7 @@ def sharing(home: Path, work: Path, quick: bool, repeats: int) -> dict:
     started, load = time.time(), [round(x, 2) for x in os.getloadavg()]
     runner = ModelRunner.load(SHARING_MODEL, home, "q4c")
     ids = runner.tokenizer.encode(TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
-    system, prefix, long = (512, 512, 1024) if quick else (1536, 2048, 4096)
+    system, prefix, long = (512, 512, 512) if quick else (1536, 2048, 4096)
     counts = [1, 2, 4] if quick else [1, 2, 4, 8, 16]
     question = lambda i: ids[20000 + 24 * i : 20000 + 24 * (i + 1)]  # noqa: E731  (own tokens of agent i)
 

@@ -119,6 +119,11 @@ def plausible_results(out: Path) -> None:
     server = get("server.json")
     for r in server["runs"]:
         assert r["checks"]["lost"] == 0 and r["checks"]["cross_agent_leaks"] == [], r["checks"]
+    sharing = get("store.json")["sharing"]  # shared q4c prefixes: one copy of the prefix, a short own part per agent
+    within(sharing["six_agents"]["vs_one_agent"], 1.0, 2.0, "store: 6 agents sharing a system prompt / one agent's bytes")
+    for row in sharing["n_agents"]["rows"]:
+        within(row["vs_one_agent"], 1.0, 1 + 0.5 * (row["agents"] - 1), f"store: {row['agents']} agents sharing a prefix / one agent's bytes")
+    within(sharing["ttft"]["new_vs_restore"], 0.2, 5, "store: TTFT of a new agent on a shared prefix / a warm restore")
 
 
 def test_the_plausibility_check_holds_for_the_committed_results():

@@ -59,14 +59,6 @@ def sinks_name(layer: int, part: str) -> str:
 NAMES = (tensor_name, sinks_name)  # handed to segments.py, which keeps codec's tensor names
 
 
-def stored_views(layer: LayerCache, first: int) -> tuple[tuple, tuple | None]:
-    """Stored tokens [first, offset) of a layer of one encoding; no copy when one segment holds them."""
-    runs = layer.stored_segments(first)
-    if len(runs) != 1:
-        raise ValueError(f"layer holds {len(runs)} runs of different encodings")
-    return runs[0][1], runs[0][2]
-
-
 def layer_tensors(layers: list[LayerCache], first: Callable[[LayerCache], int]) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Per-layer tensors from position `first(layer)` on, as numpy views of MLX memory."""
     out, spans, arrays = {}, [], []
