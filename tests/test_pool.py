@@ -365,8 +365,8 @@ def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, 
     assert cache.tokens == edited
 
 
-def test_q4c_agents_on_a_shared_block_export_self_contained_cards(tmp_path):
-    """After the block: only a tail (a), or more whole groups and a tail (b); the card puts
+def test_q4c_agents_on_a_shared_block_export_self_contained_archives(tmp_path):
+    """After the block: only a tail (a), or more whole groups and a tail (b); the archive puts
     the block's groups and sinks back in front."""
     from mlx_agentcache import catalog
 
@@ -378,8 +378,8 @@ def test_q4c_agents_on_a_shared_block_export_self_contained_cards(tmp_path):
     assert [r[0] for r in p.hot["b"].layers[0].stored_segments(0)] == ["q4c", "q8"]
     for name in "ab":
         assert prefix_of(p.hot[name]) is not None and p.describe(name)["shared_prefix"]["tokens"] == 512
-        card = catalog.export_card(tmp_path, name, tmp_path / f"{name}.card.safetensors")
-        inlined, _ = codec.load(card, runner.fingerprint)  # no blocks/ needed
+        archive = catalog.export_archive(tmp_path, name, tmp_path / f"{name}.archive.safetensors")
+        inlined, _ = codec.load(archive, runner.fingerprint)  # no blocks/ needed
         assert same_tensors(inlined, p.hot[name])
 
 
