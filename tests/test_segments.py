@@ -114,6 +114,30 @@ def test_a_bad_segment_refuses_only_its_agent(tmp_path, damage):
     assert q.checkout("b")[1] == "warm" and len(warnings) == 1
 
 
+def test_rows_no_piece_uses_are_still_checksummed(tmp_path):
+    """A turn that cuts tokens leaves rows of an older segment that no piece names: a restore
+    reads them aside, and a flipped bit there refuses the cache, naming that segment."""
+    import json
+
+    runner = tiny_runner(kv_bits="q4c")
+    p = pool(tmp_path, runner)
+    turn(p, runner, "a", tokens(300))
+    turn(p, runner, "a", p.hot["a"].tokens[:-2] + tokens(10, seed=3))
+    layout, meta = Layout(tmp_path), container.peek_meta(p.path("a"))
+    segs = json.loads(meta["segments"])
+    g, r, *_ = next(x for x in json.loads(meta["pieces"])[0] if x[5] < json.loads(container.peek_meta(
+        layout.segment_file("a", segs[x[0]]))["runs"])[0][x[1]][2])  # a piece that ends before its run
+    seg = layout.segment_file("a", segs[g])
+    header, _, start = container.read_header(seg, (segments.SEGMENT_FORMAT,))
+    last = start + header[f"layers.0.{r}.k.0" if r else "layers.0.k.0"]["data_offsets"][1] - 1  # the last head's last row
+    data = bytearray(seg.read_bytes())
+    data[last] ^= 0x10
+    seg.write_bytes(bytes(data))
+    warnings = []
+    cache, tier = pool(tmp_path, runner, warn=warnings.append).checkout("a")
+    assert tier == "cold" and len(warnings) == 1 and f"{seg.name}: checksum mismatch" in warnings[0], warnings
+
+
 def test_gc_collects_segments_of_interrupted_saves_and_removed_agents(tmp_path):
     runner = tiny_runner(kv_bits="q4c")
     p = pool(tmp_path, runner)

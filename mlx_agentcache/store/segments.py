@@ -23,24 +23,27 @@ names them, and deleted only after it.
 
 `assemble` turns a manifest and its segments back into the tensors and spans
 of one self-contained file (codec.py's form), so the checks of codec.load
-apply unchanged. The tensor names are codec's, handed in as `names`.
+apply unchanged: each joined run is allocated once and every segment's bytes
+are read, in file order, straight into the rows they belong to (no second
+copy). The tensor names are codec's, handed in as `names`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
 import numpy as np
 
 from ..q4_format import KEY_GROUP
 from . import container, formats
-from .container import CacheFileError, CacheWriteError, peek_meta, read_arrays, read_header
+from .container import CacheFileError, CacheWriteError, peek_meta, read_header
 from .layout import Layout
 
 MANIFEST_FORMAT, SEGMENT_FORMAT = formats.MANIFEST, formats.SEGMENT
@@ -227,8 +230,11 @@ def collect(layout: Layout, agent: str, keep: set[str]) -> int:
 
 def assemble(path: Path, arrays: dict, meta: dict, fingerprint: str, names: Names) -> tuple[dict, dict]:
     """A manifest's segments read, checked and joined: (tensors, metadata) in the form of one
-    self-contained file, for codec.load. Raises CacheFileError naming the file at fault."""
-    name, sinks_name = names
+    self-contained file, for codec.load. Raises CacheFileError naming the file at fault.
+
+    Every segment's header is checked first; then each joined run is allocated once and
+    every segment's bytes are read, in file order, straight into the rows they belong to
+    (rows no piece uses into scratch, so that each tensor's checksum still covers all of it)."""
     path = Path(path)
     layout = Layout(path.parent)
     agent = layout.agent_of(path)
@@ -241,54 +247,134 @@ def assemble(path: Path, arrays: dict, meta: dict, fingerprint: str, names: Name
             raise ValueError("segment list does not match the layers")
     except (KeyError, ValueError, TypeError) as e:
         raise CacheFileError(f"{path.name}: malformed manifest ({e})") from None
-    read = {}
-    for g in segs:
-        seg = layout.segment_file(agent, g)
+    with ExitStack() as stack, container.ReadThreads() as threads:
+        opened = []
+        for g in segs:
+            seg = layout.segment_file(agent, g)
 
-        def same(m: dict, seg=seg, g=g) -> None:
-            if m.get("fingerprint") != fingerprint or m.get("kv_mode") != meta.get("kv_mode") or m.get("id") != g:
-                raise CacheFileError(f"{seg.name}: segment of another agent, model or KV mode")
+            def same(m: dict, seg=seg, g=g) -> None:
+                if m.get("fingerprint") != fingerprint or m.get("kv_mode") != meta.get("kv_mode") or m.get("id") != g:
+                    raise CacheFileError(f"{seg.name}: segment of another agent, model or KV mode")
 
-        if not seg.exists():
-            raise CacheFileError(f"{path.name}: segment {seg.relative_to(layout.dir)} is missing")
-        read[g] = read_arrays(seg, (SEGMENT_FORMAT,), same)
-    out = {"tokens": arrays["tokens"]}
-    try:
-        for i, s in enumerate(spans):
-            merged, pos = [], s["start"]
-            for g, r, enc, ra, a, b in pieces[i]:
-                tensors, m = read[segs[g]]
-                e, rs, re_ = json.loads(m["runs"])[i][r]
-                if e != enc or rs != ra or a != pos or not ra <= a < b <= re_:
-                    raise ValueError(f"piece [{a}, {b}) of layer {i} does not follow on or is not in its segment")
-                part = {(p, j): _cut(x, a - ra, b - ra, re_ - ra) for (p, j), x in _parts(tensors, i, r, name).items()}
-                if merged and merged[-1][0] == enc:
-                    prev = merged[-1][2]
-                    merged[-1] = (enc, merged[-1][1] + b - a, {k: mx.concatenate([prev[k], x], axis=-2) for k, x in part.items()})
-                else:
-                    merged.append((enc, b - a, part))
-                pos = b
-            if pos != s["offset"]:
-                raise ValueError(f"layer {i} pieces end at {pos}, its span at {s['offset']}")
-            for r, (_, _, part) in enumerate(merged):
-                for (p, j), x in part.items():
-                    out[name(i, p, j, r)] = x
-            if "runs" in s or len(merged) > 1:  # codec's form: runs are listed for q4c layers only
-                s["runs"] = [[e, n] for e, n, _ in merged]
-            s.pop("sinks", None)
-            if sinks[i] is not None:
-                tensors, m = read[segs[sinks[i]]]
-                s["sinks"] = json.loads(m["sinks"])[i]
-                for p in "kv":
-                    out[sinks_name(i, p)] = tensors[sinks_name(i, p)]
-    except (KeyError, ValueError, TypeError, IndexError) as e:
-        raise CacheFileError(f"{path.name}: segments do not fit the manifest ({e})") from None
-    mx.eval(list(out.values()))  # joined here, on the reading thread (its stream goes with it)
-    return out, {**meta, "layers": json.dumps(spans)}
+            if not seg.exists():
+                raise CacheFileError(f"{path.name}: segment {seg.relative_to(layout.dir)} is missing")
+            opened.append(stack.enter_context(container.open_checked(seg, (SEGMENT_FORMAT,), same)))
+        try:
+            shapes, dests = _plan([(r.header, json.loads(r.meta["runs"]), json.loads(r.meta["sinks"])) for r in opened],
+                                  pieces, sinks, spans, names)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise CacheFileError(f"{path.name}: segments do not fit the manifest ({e})") from None
+        out = container.Arrays(shapes, [d[0] for k, r in enumerate(opened) for t, _ in r.entries() for d in dests[k].get(t, ())])
+        jobs = [r.scatter(lambda t, e, k=k: _buffers(dests[k].get(t), e, out.bytes), threads) for k, r in enumerate(opened)]
+        for r, j in zip(opened, jobs):
+            r.verify(j)
+    return {"tokens": arrays["tokens"], **out.all()}, {**meta, "layers": json.dumps(spans)}
 
 
-def _parts(tensors: dict, i: int, r: int, name) -> dict:
-    return {(p, j): tensors[name(i, p, j, r)] for p in "kv" for j in range(3) if name(i, p, j, r) in tensors}
+Dest = tuple[str, int, int, int, int]  # (joined tensor, first source row, end row, first row there, its rows)
+
+
+def _plan(segs: list[tuple[dict, list, list]], pieces: list, sinks: list, spans: list[dict], names: Names):
+    """Where every stored row goes. `segs`: per segment (tensor table, runs, sinks). Returns
+    ({joined tensor: (shape, dtype)}, per segment {its tensor: [Dest, ...] in row order}).
+    Rewrites `spans` to codec's form (runs and sinks as joined). Raises ValueError (or
+    KeyError, TypeError, IndexError) where pieces do not follow on or do not match."""
+    name, sinks_name = names
+    shapes: dict[str, tuple[list, str]] = {}
+    dests: list[dict[str, list[Dest]]] = [{} for _ in segs]
+    for i, s in enumerate(spans):
+        merged, pos = [], s["start"]  # merged: [encoding, tokens, {(part, j): [(segment, tensor, r0, r1), ...]}]
+        for g, r, enc, ra, a, b in pieces[i]:
+            header, runs, _ = segs[g]
+            e, rs, re_ = runs[i][r]
+            if e != enc or rs != ra or a != pos or not ra <= a < b <= re_:
+                raise ValueError(f"piece [{a}, {b}) of layer {i} does not follow on or is not in its segment")
+            part = {}
+            for p in "kv":
+                for j in range(3):
+                    t = name(i, p, j, r)
+                    if t in header:
+                        rows = _rows(header[t])
+                        per = (re_ - ra) // rows if rows else 0
+                        if not per or per * rows != re_ - ra:
+                            raise ValueError(f"{t} has {rows} rows for {re_ - ra} tokens")
+                        part[(p, j)] = [(g, t, (a - ra) // per, -(-(b - ra) // per))]
+            if merged and merged[-1][0] == enc:
+                if set(part) != set(merged[-1][2]):
+                    raise ValueError(f"pieces of layer {i} hold different parts")
+                merged[-1][1] += b - a
+                for k, x in part.items():
+                    merged[-1][2][k] += x
+            else:
+                merged.append([enc, b - a, part])
+            pos = b
+        if pos != s["offset"]:
+            raise ValueError(f"layer {i} pieces end at {pos}, its span at {s['offset']}")
+        for r, (_, _, part) in enumerate(merged):
+            for (p, j), srcs in part.items():
+                joined, first = name(i, p, j, r), segs[srcs[0][0]][0][srcs[0][1]]
+                total, at = sum(r1 - r0 for _, _, r0, r1 in srcs), 0
+                for g, t, r0, r1 in srcs:
+                    e = segs[g][0][t]
+                    if e["dtype"] != first["dtype"] or e["shape"][:-2] != first["shape"][:-2] or e["shape"][-1] != first["shape"][-1]:
+                        raise ValueError(f"{t} does not match the other pieces of its run")
+                    dests[g].setdefault(t, []).append((joined, r0, r1, at, total))
+                    at += r1 - r0
+                shapes[joined] = (first["shape"][:-2] + [total, first["shape"][-1]], container.dtype_name(first))
+        if "runs" in s or len(merged) > 1:  # codec's form: runs are listed for q4c layers only
+            s["runs"] = [[e, n] for e, n, _ in merged]
+        s.pop("sinks", None)
+        if sinks[i] is not None:
+            header, _, seg_sinks = segs[sinks[i]]
+            s["sinks"] = seg_sinks[i]
+            for p in "kv":
+                t = sinks_name(i, p)
+                shapes[t] = (header[t]["shape"], container.dtype_name(header[t]))
+                dests[sinks[i]][t] = [(t, 0, _rows(header[t]), 0, _rows(header[t]))]
+    for d in dests:
+        for t, ds in d.items():
+            ds.sort(key=lambda x: x[1])
+            if any(x[2] > y[1] for x, y in zip(ds, ds[1:])):
+                raise ValueError(f"pieces overlap in {t}")
+    return shapes, dests
+
+
+def _rows(entry: dict) -> int:
+    """Rows (tokens, or token groups) of a stored tensor: its second-last dimension."""
+    if len(entry["shape"]) < 2:
+        raise ValueError("a stored tensor has fewer than 2 dimensions")
+    return entry["shape"][-2]
+
+
+def _buffers(dests: list[Dest] | None, entry: dict, view: Callable[[str], np.ndarray]) -> list:
+    """A segment tensor's bytes as buffers in file order: the rows of each destination,
+    scratch for rows no piece uses."""
+    nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+    if not dests:
+        return [np.empty(nbytes, np.uint8)]
+    rows = _rows(entry)
+    outer = math.prod(entry["shape"][:-2])
+    row = nbytes // max(outer * rows, 1)
+    if len(dests) == 1 and dests[0][1:] == (0, rows, 0, rows):  # the whole tensor is the whole joined one
+        return [view(dests[0][0])]
+    scratch = np.empty(nbytes - sum(r1 - r0 for _, r0, r1, _, _ in dests) * outer * row, np.uint8)
+    out, used = [], 0
+
+    def skip(n: int) -> None:
+        nonlocal used
+        if n:
+            out.append(scratch[used : used + n])
+            used += n
+
+    for h in range(outer):
+        at = 0
+        for joined, r0, r1, first, total in dests:
+            skip((r0 - at) * row)
+            v = view(joined)
+            out.append(v[(h * total + first) * row : (h * total + first + r1 - r0) * row])
+            at = r1
+        skip((rows - at) * row)
+    return out
 
 
 def numpy(tensors: dict) -> dict[str, np.ndarray]:
