@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import limits
+from . import entry, limits
 from .config import DEFAULT_KV, DEFAULT_MODEL, default_home
 from .turnlock import TurnBusyError
 
@@ -338,10 +338,6 @@ def _confirm(question: str, yes: bool) -> bool:
     return typer.confirm(question, default=False)
 
 
-def _kib(n: int) -> str:
-    return f"{n / 1024:,.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):,.1f} MiB"
-
-
 def _fail(msg: str, code: int = 1):
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(code)
@@ -354,28 +350,7 @@ def agents_ls(
     json_out: Json = False,
 ):
     """Agents on disk: tier (warm: cache file, cold: history only), tokens, size, model, last use."""
-    from .store import index  # not catalog: a listing imports no MLX
-
-    d = _cache_dir(cache_dir)
-    infos = index.listing(d)
-    if model:  # only an installed model: listing never builds one
-        from .config import default_home
-        from .models.runner import fingerprint
-
-        found = [p for p in (Path(model), default_home() / "models" / model, d / "models" / model) if (p / "config.json").is_file()]
-        fp = fingerprint(found[0]) if found else None
-        for i in infos:
-            i["model_match"] = fp is not None and i.get("fingerprint") == fp
-    if json_out:
-        typer.echo(json.dumps(infos))
-        return
-    if not infos:
-        typer.echo(f"no agents in {d}")
-        return
-    lines = [f"{'NAME':<20} {'TIER':<7} {'TOKENS':>7} {'FILE':>12} {'SHARED':>12}  {'MODEL':<16} LAST USED"]
-    lines += [f"{i['name']:<20} {i['tier']:<7} {i['tokens']:>7} {_kib(i['bytes']):>12} {_kib(i['shared_bytes']):>12}  "
-              f"{(i.get('model') or '-')[:16]:<16} {i.get('last_used') or '-'}" for i in infos]
-    typer.echo("\n".join(lines))
+    entry.agents_ls(model, cache_dir, json_out)  # answered there, without this framework, when the options allow
 
 
 @agents_app.command("show")
@@ -395,7 +370,7 @@ def agents_show(
         typer.echo(json.dumps(info))
         return
     for k, v in info.items():
-        typer.echo(f"{k:<14} {_kib(v) if k in ('bytes', 'shared_bytes') else v}")
+        typer.echo(f"{k:<14} {entry.kib(v) if k in ('bytes', 'shared_bytes') else v}")
     if info.get("error"):
         raise typer.Exit(1)
 
@@ -439,7 +414,7 @@ def agents_export(
         path = catalog.export_archive(_cache_dir(cache_dir), name, out or Path(name + catalog.ARCHIVE_SUFFIX))
     except (FileNotFoundError, ValueError, CacheFileError, CacheWriteError) as e:
         _fail(str(e))
-    typer.echo(f"exported '{name}' to {path} ({_kib(path.stat().st_size)})")
+    typer.echo(f"exported '{name}' to {path} ({entry.kib(path.stat().st_size)})")
 
 
 @agents_app.command("import")
@@ -497,10 +472,10 @@ def agents_gc(
         typer.echo("nothing to remove")
         return
     for p, why in plan:
-        typer.echo(f"{_kib(p.stat().st_size):>12}  {p.relative_to(d)}  ({why})")
+        typer.echo(f"{entry.kib(p.stat().st_size):>12}  {p.relative_to(d)}  ({why})")
     if dry_run or not _confirm(f"Remove these {len(plan)} files?", yes):
         raise typer.Exit(0 if dry_run else 1)
-    typer.echo(f"freed {_kib(catalog.gc_apply(d, plan))}")
+    typer.echo(f"freed {entry.kib(catalog.gc_apply(d, plan))}")
 
 
 @app.command()
@@ -665,7 +640,7 @@ def card_export(
     finally:
         rt.close()
     info = card.summary()
-    typer.echo(json.dumps(info) if json_out else f"exported {info['tokens']} tokens of '{agent}' to {out} ({_kib(info['bytes'])}, {info['avg_bits']:.3f} bits, hop {info['hops']})")
+    typer.echo(json.dumps(info) if json_out else f"exported {info['tokens']} tokens of '{agent}' to {out} ({entry.kib(info['bytes'])}, {info['avg_bits']:.3f} bits, hop {info['hops']})")
 
 
 @card_app.command("show")

@@ -175,7 +175,7 @@ class CachePool:
         self._probe = probe  # knows the model's shapes: turn_bytes asks it
         self.prefixes = PrefixIndex(fingerprint, probe.layers[0].mode) if share_prefixes and eligible(probe) else None
         self._writer = Writer(warn=self.warn, describe=lambda name, e: f"warning: agent '{name}' was not saved ({getattr(e, 'strerror', None) or e}); it stays in memory") if write_behind else None
-        self.layout.remove_stale_tmp()
+        self.layout.remove_stale_tmp(agents=[])  # not one glob per agent: a save cleans its own segments folder
         self._scan()
 
     # -- names and files ---------------------------------------------------

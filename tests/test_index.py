@@ -72,6 +72,20 @@ def test_agents_ls_imports_no_mlx(tmp_path):
     assert out.stdout.split() == ["0", "True", "False"], out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("options", [[], ["--json"], ["--cache-dir"]])
+def test_the_agentcache_command_lists_without_numpy_or_its_cli_framework(tmp_path, options):
+    """The command's own entry answers `agents ls` before typer (which builds pydantic
+    validators per run), numpy or MLX load: most of a listing's time was their import."""
+    saved(tmp_path, "a", 300)
+    args = options + [str(tmp_path)] if options == ["--cache-dir"] else options
+    env = {**os.environ, "AGENTCACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "mlx_agentcache", "agents", "ls", *args], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0 and ("\na " in out.stdout or '"name": "a"' in out.stdout), out.stdout + out.stderr
+    loaded = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "mlx_agentcache.store.index" in loaded and not loaded & {"numpy", "typer", "pydantic", "mlx.core", "filelock"}, loaded
+
+
 def test_a_settled_directory_is_listed_from_the_index_alone_until_a_save(tmp_path):
     """With the directory unchanged since well before the index's scan, the index answers
     alone; any save renames a file into the directory and is seen at once."""

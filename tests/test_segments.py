@@ -157,6 +157,18 @@ def test_gc_collects_segments_of_interrupted_saves_and_removed_agents(tmp_path):
     assert tier == "warm" and same_tensors(back, p.hot["a"])
 
 
+def test_a_killed_saves_segment_is_removed_by_the_agents_next_save_not_by_every_pool_start(tmp_path):
+    runner = tiny_runner(kv_bits="q4c")
+    turn(pool(tmp_path, runner), runner, "a", tokens(300))
+    left = Layout(tmp_path).segments_dir("a") / ".0123456789abcdef.safetensors.tmp999999999"  # no such process
+    left.write_bytes(b"half a segment")
+    p = pool(tmp_path, runner)
+    assert left.exists()  # a pool's start reads no agent's segments folder
+    assert [why for q, why in catalog.gc_plan(tmp_path, set()) if q == left] == ["temporary file of an interrupted save"]
+    turn(p, runner, "a", tokens(300) + tokens(10, seed=5))
+    assert not left.exists()
+
+
 def test_rm_removes_the_segments(tmp_path):
     runner = tiny_runner(kv_bits="q4c")
     p = pool(tmp_path, runner)

@@ -23,17 +23,17 @@ import os
 import struct
 import time
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 try:  # zlib's CRC32 computed with carry-less multiply: ten times zlib's speed, the same sums
     from zlib_ng.zlib_ng import crc32 as _crc32
 except ImportError:  # pragma: no cover (a platform without its wheel)
     from zlib import crc32 as _crc32
-
-import numpy as np
 
 from . import numbers
 from .layout import bad_name, tmp_name
@@ -42,8 +42,10 @@ VERSION = 2
 MAX_HEADER_BYTES = 64 << 20
 MAX_DIM = (1 << 31) - 1  # MLX array dimensions are 32-bit
 
-_DTYPES = {"U32": np.uint32, "F16": np.float16, "I32": np.int32, "F32": np.float32, "U8": np.uint8}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+# safetensors dtype -> numpy's (and MLX's) name, item size. numpy is imported where tensors are
+# read or written, not here: listings (index.py) read headers only, and start faster without it.
+_DTYPES = {"U32": ("uint32", 4), "F16": ("float16", 2), "I32": ("int32", 4), "F32": ("float32", 4), "U8": ("uint8", 1)}
+_NAMES = {name: k for k, (name, _) in _DTYPES.items()}
 
 
 class CacheFileError(Exception):
@@ -135,9 +137,11 @@ def _table_crc(entries: dict) -> int:
 
 def write_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> int:
     """Checksum `tensors`, build the header and write atomically; returns bytes written."""
+    import numpy as np
+
     entries, offset = {}, 0
     for name, arr in tensors.items():
-        entries[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        entries[name] = {"dtype": _NAMES[arr.dtype.name], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     arrays = [np.ascontiguousarray(a) for a in tensors.values()]
     meta = {
@@ -188,13 +192,13 @@ def _check(header: dict, meta: dict, name: str, size: int, data_start: int, form
     end, table = 0, []
     try:
         for tname, e in header.items():
-            dt = np.dtype(_DTYPES[e["dtype"]])
+            itemsize = _DTYPES[e["dtype"]][1]
             shape = numbers.shape(e["shape"], f"tensor {tname!r} shape", MAX_DIM)
             offsets = e["data_offsets"]
             if not isinstance(offsets, list) or len(offsets) != 2:
                 raise numbers.HeaderNumberError(f"tensor {tname!r} data_offsets is not a pair")
             a, b = (numbers.count(x, f"tensor {tname!r} data_offsets", 0, size) for x in offsets)
-            table.append((a, b, tname, dt.itemsize * math.prod(shape)))
+            table.append((a, b, tname, itemsize * math.prod(shape)))
     except numbers.HeaderNumberError as e:
         raise CacheFileError(f"{name}: malformed tensor table ({e})") from None
     except (KeyError, TypeError, ValueError, IndexError):
@@ -248,6 +252,8 @@ def read_tensors(path: Path, formats: tuple[str, ...], check: Callable[[dict], N
     `check(meta)` runs before any tensor byte is read (e.g. the model
     fingerprint), so a file for another model costs only its header.
     """
+    import numpy as np
+
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -265,7 +271,7 @@ def read_tensors(path: Path, formats: tuple[str, ...], check: Callable[[dict], N
         raw = np.frombuffer(mm, dtype=np.uint8, count=b - a, offset=data_start + a)
         if crc(raw) != crcs[tname]:
             raise CacheFileError(f"{path.name}: checksum mismatch in {tname}")
-        out[tname] = raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+        out[tname] = raw.view(_DTYPES[e["dtype"]][0]).reshape(e["shape"])
     return out, meta
 
 
@@ -339,6 +345,8 @@ class ReadThreads:
     next buffers, `crc` the checksums while the next bytes are read. Neither touches MLX."""
 
     def __enter__(self) -> "ReadThreads":
+        from concurrent.futures import ThreadPoolExecutor  # here: listings read no tensors
+
         self.io = ThreadPoolExecutor(1, "agentcache-read")
         self.crc = ThreadPoolExecutor(1, "agentcache-crc")
         return self
@@ -376,7 +384,7 @@ class Arrays:
         self.order = list(dict.fromkeys([*order, *shapes]))
         self.next = 0
 
-    def bytes(self, name: str) -> np.ndarray:
+    def bytes(self, name: str) -> "np.ndarray":
         """A writable uint8 view of the array's memory (filled before any use)."""
         while name not in self.views and self.next < len(self.order):
             self._allocate()
@@ -389,6 +397,7 @@ class Arrays:
 
     def _allocate(self) -> None:
         import mlx.core as mx  # here, not at the top: listings (index.py) read headers without MLX
+        import numpy as np
 
         batch, size = {}, 0
         while self.next < len(self.order) and size < READ_BATCH:
@@ -403,7 +412,7 @@ class Arrays:
 
 
 def dtype_name(entry: dict) -> str:
-    return np.dtype(_DTYPES[entry["dtype"]]).name
+    return _DTYPES[entry["dtype"]][0]
 
 
 def read_arrays(path: Path, formats: tuple[str, ...], check: Callable[[dict], None] | None = None) -> tuple[dict, dict]:

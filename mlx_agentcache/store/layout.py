@@ -21,8 +21,10 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from filelock import FileLock
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 SUFFIX = ".safetensors"
 HISTORY_SUFFIX = ".json"
@@ -130,6 +132,8 @@ class Layout:
         return self.dir / LOCKS_DIR / f"{validate_agent_name(name)}.turn"
 
     def agent_lock(self, name: str, timeout: float) -> FileLock:
+        from filelock import FileLock  # here: listings take no locks, and start faster without it
+
         return FileLock(self.lock_file(name), timeout=timeout)
 
     # -- an agent's segments ------------------------------------------------------
@@ -166,6 +170,8 @@ class Layout:
 
     def blocks_lock(self, timeout: float) -> FileLock:
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock
+
         return FileLock(str(self.blocks_dir / ".lock"), timeout=timeout)
 
     @staticmethod
@@ -224,11 +230,16 @@ class Layout:
         """Refused cache files moved aside (exactly `bad_name`'s pattern: never a live agent's file)."""
         return [p for p in sorted(self.dir.glob("*" + SUFFIX + BAD_MARK + "*")) if BAD_RE.fullmatch(p.name)]
 
-    def stale_tmp_files(self) -> list[Path]:
-        """Temporary files of saves whose process died."""
-        dirs = [self.dir, self.blocks_dir] + [self.segments_dir(n) for n in self.segment_owners()]
-        return [p for d in dirs for p in sorted(d.glob(".*.tmp*")) if is_stale_tmp(p)]
+    def stale_tmp_files(self, agents: list[str] | None = None) -> list[Path]:
+        """Temporary files of saves whose process died: in the directory, the blocks
+        folder and the segment folders of `agents` (None: of every agent)."""
+        top = [p for d in (self.dir, self.blocks_dir) for p in sorted(d.glob(".*.tmp*")) if is_stale_tmp(p)]
+        return top + [p for n in (self.segment_owners() if agents is None else agents) for p in self.stale_segment_tmp(n)]
 
-    def remove_stale_tmp(self) -> None:
-        for p in self.stale_tmp_files():
+    def stale_segment_tmp(self, name: str) -> list[Path]:
+        """Segments that a killed save of the agent left half written."""
+        return [p for p in sorted(self.segments_dir(name).glob(".*.tmp*")) if is_stale_tmp(p)]
+
+    def remove_stale_tmp(self, agents: list[str] | None = None) -> None:
+        for p in self.stale_tmp_files(agents):
             p.unlink(missing_ok=True)

@@ -171,6 +171,8 @@ def save(layout: Layout, agent: str, tensors: dict, meta: dict, changed: list[in
                     "runs": json.dumps(seg_runs), "sinks": json.dumps(seg_sinks)}
         try:
             layout.segments_dir(agent).mkdir(parents=True, exist_ok=True)
+            for p in layout.stale_segment_tmp(agent):  # the pool's start leaves them to the agent's next save
+                p.unlink(missing_ok=True)
             written += container.write_tensors(layout.segment_file(agent, seg_id), seg_tensors, seg_meta)
         except OSError as e:  # named after the agent's file, as every save error is
             raise CacheWriteError(e.errno, f"could not save {path.name}: {os.strerror(e.errno) if e.errno else e}") from e
