@@ -10,7 +10,9 @@
 * Restore bandwidth: a fresh pool restores that agent (manifest and every
   segment) with the page cache dropped for its files (posix_fadvise), against
   a plain sequential read of the same files and a restore of the same cache
-  saved as one version 2 file, alternating, after a warm-up.
+  saved as one version 2 file, alternating, after a warm-up. Again in a child
+  process with glibc's malloc asking for huge pages (GLIBC_TUNABLES): on a
+  CPU, page faults of the fresh arrays cost about as much as the read.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -24,10 +26,17 @@
   disk, nothing in memory) against a warm restore of that agent with the
   same question, alternating in fresh pools after a warm-up, and of a new
   agent while the prefix is in memory.
+* Time to first token of a returning agent with 10 and with 1,000 agents of
+  4K tokens on disk: SmolLM2-135M (real weights) in the default KV mode; one
+  agent's files (manifest and history copied, segments hard-linked) stand
+  for every agent; one Runtime per directory; before each turn the agent is
+  evicted and its files dropped from the page cache, so each turn restores
+  from disk. The two directories alternate turn by turn, after a warm-up
+  turn each; p50 and p95 over the turns.
 
 Medians with min-max over the repeats. Writes store.json and store.md.
 
-    python scripts/bench_store.py [--quick] [--out bench_results] [--parts turns,restore,ls,sharing]
+    python scripts/bench_store.py [--quick] [--out bench_results] [--parts turns,restore,ls,sharing,ttft]
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from mlx_agentcache.config import default_home
 from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.pool import CachePool
+from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.store import codec, history, segments
 from mlx_agentcache.store.container import peek_meta
 from mlx_agentcache.store.layout import Layout
@@ -59,12 +69,17 @@ from mlx_agentcache.store.layout import Layout
 GEOMETRY = "llama3-8b-geometry-random"
 SHARING_MODEL = "smollm2-135m"
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "python_reference.txt"
-PARTS = ("turns", "restore", "ls", "sharing")
+PARTS = ("turns", "restore", "ls", "sharing", "ttft")
 AGENTCACHE = str(Path(sys.executable).parent / "agentcache")
 
 
 def spread(xs: list[float], nd: int = 4) -> dict:
     return {"median": round(statistics.median(xs), nd), "min": round(min(xs), nd), "max": round(max(xs), nd), "n": len(xs)}
+
+
+def p95(xs: list[float]) -> float:
+    """The nearest-rank 95th percentile."""
+    return sorted(xs)[-(-95 * len(xs) // 100) - 1]
 
 
 def geometry(home: Path) -> tuple[int, int, int]:
@@ -186,6 +201,32 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
             "one_file_restore_MBps": spread(w, 1)}
 
 
+def populate(src: Layout, name: str, d: Path, n: int) -> None:
+    """`n` agents in `d` with one agent's files: the manifest and history copied (saves replace
+    them), the segments hard-linked (never changed once written)."""
+    dst = Layout(d)
+    dst.dir.mkdir()
+    for i in range(n):
+        other = f"agent{i:05d}"
+        shutil.copyfile(src.agent_file(name), dst.agent_file(other))
+        shutil.copyfile(src.history_file(name), dst.history_file(other))
+        dst.segments_dir(other).mkdir(parents=True)
+        for seg in src.segment_files(name):
+            os.link(seg, dst.segment_file(other, seg.stem))
+    old = time.time_ns() - 10**10  # as a directory last changed a while ago
+    os.utime(dst.dir, ns=(old, old))
+
+
+def hugepage_restore(d: Path, layers: int, repeats: int) -> dict:
+    """restore_bandwidth in a child process whose malloc asks for transparent huge pages
+    (glibc's `glibc.malloc.hugetlb=1`): fresh MLX memory then costs one page fault per
+    2 MiB, not per 4 KiB."""
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    p = subprocess.run([sys.executable, __file__, "--restore-only", str(d), "--layers", str(layers), "--repeats", str(repeats)],
+                       capture_output=True, text=True, env=env, check=True)
+    return {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"], **json.loads(p.stdout.splitlines()[-1])}
+
+
 def ls_times(counts: list[int], repeats: int, work: Path) -> list[dict]:
     src = work / "one"
     agent = Agent(2, 1, 64)
@@ -195,20 +236,10 @@ def ls_times(counts: list[int], repeats: int, work: Path) -> list[dict]:
     pool.save("a0", cache)
     layout = Layout(src)
     history.write(layout.history_file("a0"), "a0", None, [{"role": "user", "content": "hi"}])
-    man, hist, seg = layout.agent_file("a0"), layout.history_file("a0"), layout.segment_files("a0")[0]
     dirs = {}
     for n in counts:
-        d = Layout(work / f"ls-{n}")
-        d.dir.mkdir()
-        for i in range(n):
-            name = f"agent{i:05d}"
-            shutil.copyfile(man, d.agent_file(name))
-            shutil.copyfile(hist, d.history_file(name))
-            d.segments_dir(name).mkdir(parents=True)
-            os.link(seg, d.segment_file(name, seg.stem))
-        old = time.time_ns() - 10**10  # as a directory last changed a while ago
-        os.utime(d.dir, ns=(old, old))
-        dirs[n] = d.dir
+        dirs[n] = work / f"ls-{n}"
+        populate(layout, "a0", dirs[n], n)
 
     def run(n: int) -> tuple[float, float]:
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -331,6 +362,42 @@ def sharing_report(sh: dict) -> list[str]:
     return lines
 
 
+def returning_ttft(counts: list[int], context: int, turns: int, work: Path) -> dict:
+    """TTFT of agent00000 returning to a directory of n agents, each turn restored from disk."""
+    runner = ModelRunner.load(SHARING_MODEL, default_home())
+    system = runner.tokenizer.decode(runner.tokenizer.encode(TEXT.read_text()[: 8 * context])[:context])
+    src = work / "ttft-one"
+    rt = Runtime(cache_dir=src, runner=runner, max_tokens=2, budget_bytes=float("inf"))
+    first = rt.agent("agent00000", system=system).chat("Name one function.")
+    rt.close()
+    runtimes = {}
+    for n in counts:
+        populate(Layout(src), "agent00000", work / f"ttft-{n}", n)
+        runtimes[n] = Runtime(cache_dir=work / f"ttft-{n}", runner=runner, max_tokens=1, budget_bytes=float("inf"))
+
+    def turn(n: int, k: int) -> float:
+        rt = runtimes[n]
+        rt.evict("agent00000")
+        layout = Layout(rt.cache_dir)
+        drop([layout.agent_file("agent00000"), layout.history_file("agent00000")] + layout.segment_files("agent00000"))
+        reply = rt.agent("agent00000").chat(f"Turn {k}: one word?")
+        assert reply.stats.tier == "warm", reply.stats.tier
+        return reply.stats.ttft_ms
+
+    got = {n: [] for n in counts}
+    for n in counts:
+        turn(n, 0)  # warm-up
+    for k in range(turns):
+        for n in counts:  # alternating
+            got[n].append(turn(n, k + 1))
+    for rt in runtimes.values():
+        rt.close()
+    rows = [{"agents": n, "ttft_ms": spread(got[n], 1), "p50_ms": round(statistics.median(got[n]), 1), "p95_ms": round(p95(got[n]), 1),
+             "samples_ms": [round(x, 1) for x in got[n]]} for n in counts]
+    return {"model": SHARING_MODEL, "context_tokens": first.stats.cache_tokens, "turns": turns, "agents": rows,
+            "p95_ratio": round(rows[-1]["p95_ms"] / rows[0]["p95_ms"], 3)}
+
+
 def report(r: dict) -> str:
     lines = ["# Agent store", "", f"CPU: {r['cpu']} ({r['cores']} cores, load average {r['load_average']} at the start). "
              f"Geometry {r['geometry']['layers']} of {r['geometry'].get('model_layers')} layers x {r['geometry']['kv_heads']} KV heads x {r['geometry']['head_dim']} dims, q4c."
@@ -347,12 +414,23 @@ def report(r: dict) -> str:
               f"({rb['restore_MBps']['min']}-{rb['restore_MBps']['max']}), sequential read {rb['sequential_read_MBps']['median']} MB/s "
               f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}."
               + (f" The same cache as one version 2 file restores at {rb['one_file_restore_MBps']['median']} MB/s "
-                 f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else ""), "",
+                 f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else "")
+              + (f" With `GLIBC_TUNABLES={hp['GLIBC_TUNABLES']}` (huge pages for fresh memory, a child process, same files): restore "
+                 f"{hp['restore_MBps']['median']} MB/s ({hp['restore_MBps']['min']}-{hp['restore_MBps']['max']}), sequential read "
+                 f"{hp['sequential_read_MBps']['median']} MB/s: ratio {hp['ratio']}." if (hp := r.get("restore_hugepages")) else ""), "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")
     if "sharing" in r:
         lines += sharing_report(r["sharing"])
+    if "returning_ttft" in r:
+        t = r["returning_ttft"]
+        lines += ["", "## TTFT of a returning agent, page cache dropped before each turn", "",
+                  f"{t['model']}, {t['context_tokens']:,} tokens of context, {t['turns']} turns per directory (alternating, after a warm-up).", "",
+                  "| agents on disk | p50 ms | p95 ms | min-max ms |", "|---|---|---|---|"]
+        for x in t["agents"]:
+            lines.append(f"| {x['agents']:,} | {x['p50_ms']} | {x['p95_ms']} | {x['ttft_ms']['min']}-{x['ttft_ms']['max']} |")
+        lines += ["", f"p95 with {t['agents'][-1]['agents']:,} agents / p95 with {t['agents'][0]['agents']:,}: {t['p95_ratio']} (goal <= 1.2)."]
     return "\n".join(lines) + "\n"
 
 
@@ -363,7 +441,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, help="Of the geometry's layers, this many (bytes scale with it; shares do not).")
     ap.add_argument("--parts", default=",".join(PARTS), help="what to measure; the others are kept from --out's store.json")
+    ap.add_argument("--restore-only", type=Path, help=argparse.SUPPRESS)  # a child: restore_bandwidth of this directory, as JSON
     a = ap.parse_args()
+    if a.restore_only:
+        layers, heads, dim = geometry(default_home())
+        print(json.dumps(restore_bandwidth(Agent(a.layers or layers, heads, dim), a.restore_only, a.repeats)))
+        return
     parts = a.parts.split(",")
     if not set(parts) <= set(PARTS) or ("restore" in parts and "turns" not in parts):
         raise SystemExit(f"--parts takes {', '.join(PARTS)} (restore reads what turns wrote)")
@@ -387,10 +470,13 @@ def main() -> None:
             r["bytes_per_turn"] = bytes_per_turn(agent, contexts, 3 if a.quick else 5, work)
         if "restore" in parts:
             r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else a.repeats)
+            r["restore_hugepages"] = hugepage_restore(work / f"turns-{contexts[-1]}", layers, 3 if a.quick else a.repeats)
         if "ls" in parts:
             r["ls"] = ls_times(counts, 3 if a.quick else a.repeats, work)
         if "sharing" in parts:
             r["sharing"] = sharing(default_home(), work, a.quick, 3 if a.quick else a.repeats)
+        if "ttft" in parts:
+            r["returning_ttft"] = returning_ttft([10, 100] if a.quick else [10, 1000], 512 if a.quick else 4096, 3 if a.quick else 20, work)
     if not merge:
         r["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         r["seconds"] = round(time.time() - started, 1)

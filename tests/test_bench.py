@@ -119,11 +119,18 @@ def plausible_results(out: Path) -> None:
     server = get("server.json")
     for r in server["runs"]:
         assert r["checks"]["lost"] == 0 and r["checks"]["cross_agent_leaks"] == [], r["checks"]
-    sharing = get("store.json")["sharing"]  # shared q4c prefixes: one copy of the prefix, a short own part per agent
+    store = get("store.json")
+    sharing = store["sharing"]  # shared q4c prefixes: one copy of the prefix, a short own part per agent
     within(sharing["six_agents"]["vs_one_agent"], 1.0, 2.0, "store: 6 agents sharing a system prompt / one agent's bytes")
     for row in sharing["n_agents"]["rows"]:
         within(row["vs_one_agent"], 1.0, 1 + 0.5 * (row["agents"] - 1), f"store: {row['agents']} agents sharing a prefix / one agent's bytes")
     within(sharing["ttft"]["new_vs_restore"], 0.2, 5, "store: TTFT of a new agent on a shared prefix / a warm restore")
+    ttft = store["returning_ttft"]
+    for x in ttft["agents"]:
+        within(x["p50_ms"], 1, 60_000, f"store: p50 TTFT of a returning agent, {x['agents']} agents on disk")
+        within(x["p95_ms"] / x["p50_ms"], 1, 50, f"store: p95 / p50 TTFT, {x['agents']} agents on disk")
+    within(ttft["p95_ratio"], 0.2, 5, "store: p95 TTFT with many agents on disk / with 10")  # the disk, not the agent count
+    within(store["restore"]["ratio"], 0.05, 2, "store: restore / sequential read bandwidth")
 
 
 def test_the_plausibility_check_holds_for_the_committed_results():

@@ -66,6 +66,14 @@ def crc(buf, prev: int = 0) -> int:
     return _crc32(view.cast("B") if view.nbytes else b"", prev) & 0xFFFFFFFF
 
 
+def _preadv(fd: int, bufs: list, at: int) -> int:
+    """os.preadv where the platform has it; else a seek and readv (only the reading thread reads `fd`)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, bufs, at)
+    os.lseek(fd, at, os.SEEK_SET)
+    return os.readv(fd, bufs)
+
+
 def _crc_chain(bufs: list) -> int:
     c = 0
     for b in bufs:
@@ -300,7 +308,7 @@ class Opened:
 
         def read(at: int, bufs: list, done: list) -> list[tuple[str, Future]]:
             while bufs:
-                k = os.preadv(fd, bufs[:IOV_MAX], at)
+                k = _preadv(fd, bufs[:IOV_MAX], at)
                 if not k:
                     raise CacheFileError(f"{name}: truncated while reading {done[0][0]}")
                 at += k
