@@ -28,9 +28,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench_results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Every annotated figure in every doc is checked, and every doc is held to "no unannotated measured
-# figure" except these, whose figures are not annotated yet.
-NOT_YET = {"pool.md"}
 
 NUMBER = r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?"
 FIG = re.compile(rf"(?P<num>{NUMBER})[^\d<>\n]{{0,12}}?<!-- fig: (?P<file>[\w.-]+\.json) (?P<expr>.+?) -->")
@@ -128,7 +125,7 @@ def test_every_annotated_figure_equals_its_json(doc):
     assert not mismatches(doc.read_text()), "\n".join(mismatches(doc.read_text()))
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if d.name not in NOT_YET], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_no_measured_figure_is_left_unannotated(doc):
     bad = unannotated(doc.read_text())
     assert not bad, f"{doc.name}: annotate these with <!-- fig: FILE.json EXPR --> (or end the line with " \
