@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import entry, limits
+from . import limits, listing
 from .config import DEFAULT_KV, DEFAULT_MODEL, default_home
 from .turnlock import TurnBusyError
 
@@ -350,7 +350,7 @@ def agents_ls(
     json_out: Json = False,
 ):
     """Agents on disk: tier (warm: cache file, cold: history only), tokens, size, model, last use."""
-    entry.agents_ls(model, cache_dir, json_out)  # answered there, without this framework, when the options allow
+    listing.agents_ls(model, cache_dir, json_out)  # answered there, without this framework, when the options allow
 
 
 @agents_app.command("show")
@@ -370,7 +370,7 @@ def agents_show(
         typer.echo(json.dumps(info))
         return
     for k, v in info.items():
-        typer.echo(f"{k:<14} {entry.kib(v) if k in ('bytes', 'shared_bytes') else v}")
+        typer.echo(f"{k:<14} {listing.kib(v) if k in ('bytes', 'shared_bytes') else v}")
     if info.get("error"):
         raise typer.Exit(1)
 
@@ -414,7 +414,7 @@ def agents_export(
         path = catalog.export_archive(_cache_dir(cache_dir), name, out or Path(name + catalog.ARCHIVE_SUFFIX))
     except (FileNotFoundError, ValueError, CacheFileError, CacheWriteError) as e:
         _fail(str(e))
-    typer.echo(f"exported '{name}' to {path} ({entry.kib(path.stat().st_size)})")
+    typer.echo(f"exported '{name}' to {path} ({listing.kib(path.stat().st_size)})")
 
 
 @agents_app.command("import")
@@ -472,10 +472,10 @@ def agents_gc(
         typer.echo("nothing to remove")
         return
     for p, why in plan:
-        typer.echo(f"{entry.kib(p.stat().st_size):>12}  {p.relative_to(d)}  ({why})")
+        typer.echo(f"{listing.kib(p.stat().st_size):>12}  {p.relative_to(d)}  ({why})")
     if dry_run or not _confirm(f"Remove these {len(plan)} files?", yes):
         raise typer.Exit(0 if dry_run else 1)
-    typer.echo(f"freed {entry.kib(catalog.gc_apply(d, plan))}")
+    typer.echo(f"freed {listing.kib(catalog.gc_apply(d, plan))}")
 
 
 @app.command()
@@ -640,7 +640,7 @@ def card_export(
     finally:
         rt.close()
     info = card.summary()
-    typer.echo(json.dumps(info) if json_out else f"exported {info['tokens']} tokens of '{agent}' to {out} ({entry.kib(info['bytes'])}, {info['avg_bits']:.3f} bits, hop {info['hops']})")
+    typer.echo(json.dumps(info) if json_out else f"exported {info['tokens']} tokens of '{agent}' to {out} ({listing.kib(info['bytes'])}, {info['avg_bits']:.3f} bits, hop {info['hops']})")
 
 
 @card_app.command("show")
