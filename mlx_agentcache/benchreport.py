@@ -368,7 +368,9 @@ def quality_line(model: str, h: dict) -> str:
     (nothing was tuned on them) where the file has them, else on every text."""
     p = "held_out_" if "held_out_ppl_change_pct" in h else ""
     peer = h.get(f"{p}llama_cpp_q4_0_ppl_change_pct")
-    texts = (f" on held-out text ({', '.join(h['held_out_texts'])}, at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
+    contexts = " and ".join(f"{c:,}" for c in h.get("held_out_contexts", []))
+    texts = (f" on held-out text ({', '.join(h['held_out_texts'])}, {contexts + '-token windows, ' if contexts else ''}"
+             f"at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
              if p else " on the tuning texts (no held-out run)" if "held_out_texts" not in h and "scored_tokens_min" in h else "")
     return (f"{model} {h['mode']} ({h['bits_per_value']:.2f} bits){texts}: ppl {h[p + 'ppl_change_pct']:+.2f}% (worst {h[p + 'ppl_change_worst_pct']:+.2f}%), "
             f"KL {h[p + 'kl']:.4f} (worst {h[p + 'kl_worst']:.4f})"

@@ -383,7 +383,7 @@ def _summary(rows: list[tuple[str, str, dict]]) -> dict:
     h = {"ppl_change_pct": round(float(np.mean([o["ppl_change_pct"] for o in ours])), 3),
          "ppl_change_worst_pct": round(max(o["ppl_change_pct"] for o in ours), 3),
          "kl": round(float(np.mean([o["kl"] for o in ours])), 5), "kl_worst": round(max(o["kl"] for o in ours), 5),
-         "scored_tokens_min": min(o["tokens"] for o in ours)}
+         "scored_tokens_min": min(o["tokens"] for o in ours), "contexts": sorted({int(c) for _, c, _ in rows})}
     pairs = [(e[DEFAULT_KV], e["llama.cpp q4_0"]) for _, _, e in rows if "llama.cpp q4_0" in e]
     if pairs:
         h["llama_cpp_q4_0_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
