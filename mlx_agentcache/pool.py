@@ -39,7 +39,6 @@ from filelock import FileLock, Timeout
 from . import catalog
 from .config import warn as default_warn
 from .kvcache import AgentCache
-from .q4 import BLOCK_TOKENS
 from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, own_bytes, prefix_of, shareable, shared_bytes
 from .store import codec, container, formats, segments
 from .store.container import CacheFileError, CacheWriteError

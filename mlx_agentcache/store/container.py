@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    import numpy as np
+
 try:  # zlib's CRC32 computed with carry-less multiply: ten times zlib's speed, the same sums
     from zlib_ng.zlib_ng import crc32 as _crc32
 except ImportError:  # pragma: no cover (a platform without its wheel)
