@@ -292,8 +292,8 @@ class Opened:
     cannot mix two versions.
     """
 
-    def __init__(self, f: BinaryIO, path: Path, header: dict, meta: dict, data_start: int):
-        self.f, self.path, self.header, self.meta, self.data_start = f, path, header, meta, data_start
+    def __init__(self, f: BinaryIO, path: Path, header: dict, meta: dict, data_start: int, crcs: dict):
+        self.f, self.path, self.header, self.meta, self.data_start, self.crcs = f, path, header, meta, data_start, crcs
 
     def entries(self) -> list[tuple[str, dict]]:
         """(tensor name, table entry) in file order."""
@@ -343,10 +343,9 @@ class Opened:
     def verify(self, jobs: list[Future]) -> None:
         """Wait for `scatter`'s reads and compare their checksums with the header's;
         raises on the first fault."""
-        crcs = _crcs(self.path.name, self.header, self.meta)
         for job in jobs:
             for tname, c in job.result():
-                if c.result() != crcs[tname]:
+                if c.result() != self.crcs[tname]:
                     raise CacheFileError(f"{self.path.name}: checksum mismatch in {tname}")
 
 
@@ -378,8 +377,7 @@ def open_checked(path: Path, formats: tuple[str, ...], check: Callable[[dict], N
             _check(header, meta, path.name, size, data_start, formats)
             if check is not None:
                 check(meta)
-            _crcs(path.name, header, meta)
-            yield Opened(f, path, header, meta, data_start)
+            yield Opened(f, path, header, meta, data_start, _crcs(path.name, header, meta))
     except OSError as e:
         raise _cannot_read(path, e) from None
 
