@@ -29,7 +29,7 @@ import numpy as np
 from . import cards, catalog, limits
 from .config import DEFAULT_KV, DEFAULT_MODEL, default_home, warn as _warn
 from .models.runner import ModelRunner
-from .pool import CachePool, PinError
+from .pool import CachePool
 from .scheduler import MAX_BATCH, Handle, Scheduler, Turn, TurnStats
 from .store import container, history
 from .store.container import CacheFileError, CacheWriteError
@@ -565,16 +565,6 @@ class Runtime:
         """Pool counters and state: hits by tier, bytes read and written, hot bytes, budget."""
         return self.pool.summary()
 
-    def turn_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
-        """Most memory an agent's cache can hold after a turn of this size (the
-        pool reserves it when the turn starts); for admission control."""
-        return self.pool.turn_bytes(prompt_tokens, max_tokens)
-
-    def held_bytes(self) -> int:
-        """Cache memory no eviction can free for a new turn (pinned or unsaved idle
-        agents, shared prefixes), apart from turns in flight."""
-        return self.pool.held_bytes()
-
     def pin(self, name: str) -> dict:
         """Keep the agent's cache in memory: it is never evicted (a warm agent is
         kept once its next turn loads it). Pins last for this runtime's life.
@@ -591,16 +581,7 @@ class Runtime:
         """Write an idle hot agent's cache to disk and free its memory (hot -> warm).
         False if it was not hot; raises CacheWriteError if it could not be saved,
         pool.PinError if it is pinned (unpin it first)."""
-        if self.pool.tier(validate_agent_name(name)) != "hot":
-            return False
-        if name in self.pool.pinned:
-            raise PinError(f"agent '{name}' is pinned; unpin it before evicting it")
-        failed = self.pool.flush(name)
-        if failed or name in self.pool.unsaved or not self.pool.path(name).exists():
-            raise CacheWriteError(f"agent '{name}' could not be saved ({failed.get(name, 'not on disk')}); it stays in memory")
-        self.scheduler.discard(name)
-        self.pool.forget(name)
-        return True
+        return self.pool.evict(validate_agent_name(name), before=lambda: self.scheduler.discard(name))
 
     def delete(self, name: str) -> None:
         """Forget an agent: history, cache in memory and on disk. Raises OSError, and

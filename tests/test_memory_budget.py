@@ -96,10 +96,10 @@ def served(smollm2_path, model_home, tmp_path_factory):
 def array_bytes(pool) -> int:
     """What the pool's caches take, counted from their arrays (not from the
     pool's own bookkeeping): every non-shared segment of every cache that is
-    hot or checked out, plus the shared prefixes in memory. Under the pool's lock."""
+    hot or checked out, plus the shared prefixes in memory. Under the ledger's lock."""
     from mlx_agentcache.prefixes import SharedSegment
 
-    caches = {id(c): c for c in [*pool.hot.values(), *pool._out.values()]}.values()
+    caches = pool.ledger.caches()
     own = sum(
         sum(x.nbytes for x in s.keys) + sum(x.nbytes for x in s.values or ())
         for c in caches
@@ -123,7 +123,7 @@ def test_budget_holds_at_every_instant_and_the_accounting_matches_the_arrays(ser
 
     def sample():
         while not stop.is_set():
-            with pool._lock:
+            with pool.ledger.lock:
                 real = array_bytes(pool)
                 samples.append((pool.hot_bytes, real))
             time.sleep(0.002)
@@ -148,7 +148,7 @@ def test_budget_holds_at_every_instant_and_the_accounting_matches_the_arrays(ser
     over = [s for s in samples if s[0] > BUDGET]
     assert not over, f"{len(over)} of {len(samples)} samples over the budget, max {max(over)[0]}"
     assert all(real <= accounted for accounted, real in samples), "arrays held more than the pool accounted for"
-    with pool._lock:
+    with pool.ledger.lock:
         assert pool.hot_bytes == array_bytes(pool) > 0  # idle: the accounting is exactly the arrays
     assert pool.stats.peak_hot_bytes <= BUDGET and pool.stats.over_budget == 0
     assert served.metric("agentcache_hot_bytes_peak") <= BUDGET and served.metric("agentcache_over_budget_total") == 0

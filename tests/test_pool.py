@@ -466,7 +466,7 @@ import mlx_agentcache
 from test_pool import rpool
 from pathlib import Path
 p = rpool(Path({dir!r}))
-with p.agent_lock("x"):
+with p.store.lock("x"):
     print("locked", flush=True)
     time.sleep({hold})
 """
@@ -480,7 +480,7 @@ def test_second_process_waits_for_the_agent_lock_or_fails_clearly(tmp_path):
         with pytest.raises(AgentBusyError, match="agent 'x' is being saved by another process"):
             p.save("x", random_cache(1))
         assert not p.path("x").exists()
-        p.lock_timeout = 20
+        p.store.lock_timeout = 20
         t0 = time.monotonic()
         p.save("x", random_cache(1))  # waits for the other writer, then saves
         assert time.monotonic() - t0 > 0.5

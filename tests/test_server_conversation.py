@@ -103,44 +103,53 @@ def test_union_overlap_counts_each_instant_once():
     assert _union_overlap(0, 10, []) == 0
 
 
-def test_memory_gate_queues_turns_that_would_overrun_the_budget():
+def test_admission_queues_turns_that_would_overrun_the_budget():
+    """The server parks a turn until the residency ledger admits it; the ledger counts the
+    turns in flight and the memory no eviction can free (here: shared prefixes)."""
     import asyncio
 
-    from mlx_agentcache.server.state import MemoryGate
+    from mlx_agentcache.kvcache import AgentCache, LayerCache
+    from mlx_agentcache.ledger import Ledger
+    from mlx_agentcache.server.state import Admission
 
     async def scenario():
-        gate = MemoryGate()
         held = [0]
+        checked = asyncio.Event()
+
+        def shared() -> int:
+            checked.set()
+            return held[0]
+
+        ledger = Ledger(100, AgentCache([LayerCache("q4c")]), fingerprint="f", shared=shared)
+        gate = Admission()
 
         async def parked(need: int):
-            """A turn that must wait: returned once the gate has checked it against the budget."""
-            checked = asyncio.Event()
-
-            def held_bytes():
-                checked.set()
-                return held[0]
-
-            task = asyncio.ensure_future(gate.acquire(need, 100, held_bytes))
+            """A turn that must wait: returned once the ledger has checked it against the budget."""
+            checked.clear()
+            task = asyncio.ensure_future(gate.acquire(ledger, need))
             await asyncio.wait_for(checked.wait(), 1)
             return task
 
-        first = await gate.acquire(60, 100, lambda: held[0])
+        first = await gate.acquire(ledger, 60)
         second = await parked(60)  # 60 more would be 120 > 100
         assert first == 60 and not second.done()
-        gate.release(first)
+        gate.release(ledger, first)
         assert await asyncio.wait_for(second, 1) == 60
-        gate.release(60)
-        held[0] = 50  # pinned agents the pool cannot evict
-        third = await gate.acquire(40, 100, lambda: held[0])  # 40 + 50 fits
-        fourth = await parked(20)  # 40 + 20 + 50 does not
-        assert not fourth.done()
-        gate.release(third)
-        assert await asyncio.wait_for(fourth, 1) == 20
-        gate.release(20)
-        alone = await asyncio.wait_for(gate.acquire(500, 100, lambda: held[0]), 1)  # over the budget: admitted alone
+        gate.release(ledger, 60)
+        held[0] = 50  # memory the pool cannot evict
+        third = await gate.acquire(ledger, 40)  # alone: always admitted
+        fourth = await parked(10)  # 40 + 10 + 50 fits
+        assert await asyncio.wait_for(fourth, 1) == 10
+        fifth = await parked(20)  # 50 + 20 + 50 does not
+        assert not fifth.done()
+        gate.release(ledger, third)
+        assert await asyncio.wait_for(fifth, 1) == 20
+        gate.release(ledger, 10)
+        gate.release(ledger, 20)
+        alone = await asyncio.wait_for(gate.acquire(ledger, 500), 1)  # over the budget: admitted alone
         late = await parked(1)
         assert alone == 500 and not late.done()
-        gate.release(alone)
+        gate.release(ledger, alone)
         assert await asyncio.wait_for(late, 1) == 1
 
     asyncio.run(scenario())

@@ -25,7 +25,6 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..config import DEFAULT_KV, DEFAULT_MODEL
 from ..store.layout import is_agent_name
@@ -137,7 +136,7 @@ class TurnRun:
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
         self.bytes_before = bytes_before
-        self.need = 0  # bytes reserved at the memory gate
+        self.need = 0  # bytes the ledger admitted this turn with
         self.saved: bool | None = None  # the turn's history is on disk (known once `settle` returned)
         self.text = ""
         self.stop_hit: str | None = None
@@ -331,32 +330,22 @@ async def until_disconnect(request, coro):
             task.cancel()
 
 
-class MemoryGate:
-    """Admits turns while their caches fit the cache budget together with what
-    the pool cannot evict.
-
-    The pool makes room for a turn when it starts by evicting idle agents, but
-    it cannot evict a cache in use, a pinned agent or one whose save failed.
-    So each turn reserves the most its cache can hold at its end
-    (`Runtime.turn_bytes`: prompt plus max_tokens in whole blocks, or its file
-    if larger) and is admitted when the turns in flight, the pool's held bytes
-    (`Runtime.held_bytes`) and its own fit the budget; otherwise it waits, in
-    order, until a turn ends. One turn is always admitted, so an agent larger
-    than what is left still answers, alone: the pool then exceeds the budget
-    and warns (counted as `over_budget`)."""
+class Admission:
+    """Waits, in order, until the residency ledger admits a turn (`Ledger.admit`: the turns
+    in flight, the memory no eviction can free and this turn's reservation fit the cache
+    budget). The arithmetic is the ledger's; this only parks requests on the event loop
+    and wakes them when a turn ends."""
 
     def __init__(self):
-        self.in_use = 0
         self._cond = asyncio.Condition()
 
-    async def acquire(self, need: int, budget: int | None, held: Callable[[], int] = lambda: 0) -> int:
+    async def acquire(self, ledger, need: int) -> int:
         async with self._cond:
-            await self._cond.wait_for(lambda: self.in_use == 0 or budget is None or self.in_use + need + held() <= budget)
-            self.in_use += need
+            await self._cond.wait_for(lambda: ledger.admit(need))
         return need
 
-    def release(self, need: int) -> None:
-        self.in_use -= need
+    def release(self, ledger, need: int) -> None:
+        ledger.release(need)
         asyncio.ensure_future(self._wake())
 
     async def _wake(self) -> None:
@@ -371,7 +360,7 @@ class ServerState:
         self.load_error: str | None = None
         self.metrics = Metrics()
         self.resaver = Resaver(self.metrics)
-        self.gate = MemoryGate()
+        self.admission = Admission()
         self.inflight: dict[str, int] = {}
         self.runs: set[TurnRun] = set()
         self.agent_limiter = RateLimiter(config.agent_rpm) if config.agent_rpm else None
@@ -508,7 +497,7 @@ class ServerState:
         return run
 
     async def start_turn(self, request, agent: str, source: str, turn: TurnRequest) -> TurnRun:
-        """Queue the turn on the scheduler once the memory gate admits it; `n` > 1
+        """Queue the turn on the scheduler once the residency ledger admits it; `n` > 1
         reserves room for each further choice's own tokens too."""
         t = turn
         rt = self.rt()
@@ -527,8 +516,9 @@ class ServerState:
 
                 constraint = await asyncio.to_thread(Constraint, rt.runner, t.grammar)
             info = await asyncio.to_thread(rt.describe, agent)
-            want = max(rt.turn_bytes(len(t.prompt), t.max_tokens), info.get("file_bytes") or 0) + (t.n - 1) * rt.turn_bytes(1, t.max_tokens)
-            need = await until_disconnect(request, self.gate.acquire(want, rt.memory()["budget_bytes"], rt.held_bytes))
+            ledger = rt.pool.ledger
+            want = max(ledger.turn_bytes(len(t.prompt), t.max_tokens), info.get("file_bytes") or 0) + (t.n - 1) * ledger.turn_bytes(1, t.max_tokens)
+            need = await until_disconnect(request, self.admission.acquire(ledger, want))
             # In a thread: the turn may wait for another process's turn on the same agent (turnlock).
             h = await asyncio.to_thread(rt.agent(agent).submit_prompt, t.prompt, t.messages, max_tokens=t.max_tokens,
                                         temperature=t.temperature, seed=t.seed, stop=t.stop, tools=t.tools_mode == "template",
@@ -552,7 +542,8 @@ class ServerState:
             self.inflight[agent] = n
         else:
             self.inflight.pop(agent, None)
-        self.gate.release(need)
+        if need:
+            self.admission.release(self.runtime.pool.ledger, need)
 
     def turn_ended(self, run: TurnRun) -> None:
         self.runs.discard(run)

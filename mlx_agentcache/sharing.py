@@ -1,0 +1,148 @@
+"""Shared prefixes at run time: attach before prefill, share at checkin, read blocks.
+
+prefixes.py is the index (chain hashes, what is in memory, who refers to
+what); this module puts it to work between the residency ledger and the
+store:
+
+* before a turn's prefill, `adopt` starts the agent's cache from the longest
+  shared prefix of its prompt, making one on the spot from an idle hot agent
+  that holds the same leading blocks;
+* at checkin, `on_checkin` lets the cache, and idle hot agents that start with
+  the same blocks, point at a prefix instead of their own copy;
+* block files are read through the store (`source`, for a restore that refers
+  to one) and written by the store before the first manifest naming them.
+
+Agents changed in place are handed back as save jobs for the pool to run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .kvcache import AgentCache
+from .ledger import Ledger, SaveJob
+from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, prefix_of, shareable
+from .store.agent_store import AgentStore
+from .store.container import CacheFileError
+
+
+class PrefixSharing:
+    def __init__(self, index: PrefixIndex, ledger: Ledger, store: AgentStore, warn: Callable[[str], None]):
+        self.index = index
+        self.ledger = ledger
+        self.store = store
+        self.warn = warn
+
+    def scan(self) -> None:
+        """Prefix blocks on disk and which agent files use them (reference counts)."""
+        for key, tokens in self.store.blocks(self.index.mode):
+            self.index.add(key, tokens)
+        for name, key in self.store.prefix_refs():
+            self.index.set_ref(name, key)
+
+    # -- reads ---------------------------------------------------------------------
+    def _load_block(self, key: str, tokens: list[int]):
+        """A block file through the store; one refused is forgotten, so the next agent
+        to prefill those tokens writes a good one."""
+        try:
+            layers, n = self.store.read_block(key, self.index.mode, tokens)
+        except CacheFileError:
+            self.index.forget(key)
+            raise
+        with self.ledger.lock:
+            self.ledger.stats.bytes_read += n
+        return layers
+
+    def source(self, key: str, n: int, tokens: list[int]):
+        """For a restore whose file refers to a prefix: per layer (shared segment, sinks)."""
+        try:
+            return [(s, s.sinks) for s in self.index.segments(key, n, tokens, load=self._load_block)]
+        except PrefixMissing as e:  # e.g. its block was refused just before
+            raise CacheFileError(f"{e} (no {self.store.layout.block_file(key).relative_to(self.store.dir)})") from None
+
+    # -- before prefill --------------------------------------------------------------
+    def adopt(self, cache: AgentCache, prompt: list[int]) -> tuple[int, list[SaveJob]]:
+        """Start `cache` from a shared prefix of `prompt` when that reuses more than
+        the cache itself. A hot idle agent that holds the same leading blocks turns
+        them into a new shared prefix on the spot, so even the second agent with a
+        long common prompt does not prefill it. Returns the tokens covered (0: none)
+        and save jobs for agents changed in place."""
+        if not eligible(cache):
+            return 0, []
+        limit = len(prompt) - 1  # at least one token is prefilled
+        jobs: list[SaveJob] = []
+        with self.ledger.lock:
+            hit = self.index.match(prompt, limit) or self._from_peer(prompt, limit, jobs)
+        if hit is None or hit[1] <= cache.reusable_prefix(prompt):
+            return 0, jobs
+        key, n = hit
+        try:  # a prefix on disk only is read here, with no lock held
+            segs = self.index.segments(key, n, prompt[:n], load=self._load_block)
+        except (CacheFileError, PrefixMissing) as e:
+            self.warn(f"warning: shared prefix not used ({e}); prefilling it")
+            return 0, jobs
+        attach(cache, segs, n, prompt[:n])
+        with self.ledger.lock:
+            self.ledger.stats.prefix_hits += 1
+        return n, jobs
+
+    def _from_peer(self, prompt: list[int], limit: int, jobs: list[SaveJob]) -> tuple[str, int] | None:
+        found = self.index.peer(prompt, limit)
+        if found is None:
+            return None
+        peer, n = found
+        c = self.ledger.idle(peer)
+        if c is None or not eligible(c) or c.tokens[:n] != prompt[:n] or shareable(c) < n:
+            return None
+        key = self.index.create(c, n)
+        attach(c, self.index.segments(key, n, c.tokens[:n]), n, c.tokens[:n])
+        job = self.ledger.resave(peer, c)
+        if job is not None:
+            jobs.append(job)
+        return key, n
+
+    # -- at checkin -----------------------------------------------------------------
+    def on_checkin(self, name: str, cache: AgentCache) -> list[SaveJob]:
+        """Point the returning cache at a prefix for its leading blocks; when that made a
+        new one, idle hot agents that start with it use it too (their save jobs)."""
+        jobs: list[SaveJob] = []
+        with self.ledger.lock:
+            if not self.index.share(name, cache):
+                return jobs
+            for other, c in self.ledger.idle_agents():
+                if other != name and self.index.share(other, c):
+                    job = self.ledger.resave(other, c)
+                    if job is not None:
+                        jobs.append(job)
+        return jobs
+
+    # -- writes, memory, gc ------------------------------------------------------------
+    def block(self, key: str | None) -> tuple[str, Callable] | None:
+        """What the store writes before a manifest that starts with prefix `key`."""
+        return None if key is None else (key, lambda: self.index.host(key))
+
+    def written(self, name: str, key: str | None) -> None:
+        """A save of `name` landed, starting with prefix `key` (None: none)."""
+        if key is not None:
+            self.index.mark_on_disk(key)
+        self.index.set_ref(name, key)
+
+    def release_unused(self) -> None:
+        """Drop from memory the prefixes no cache in memory uses (their file is on disk)."""
+        self.index.release_unused(self.ledger.caches())
+
+    def gc(self) -> list[str]:
+        """Delete block files no agent file and no cache in memory uses; the keys removed."""
+        keep = {p[0] for p in map(prefix_of, self.ledger.caches()) if p} | self.index.unwritten()
+        removed = self.store.gc_blocks(keep)
+        for key in removed:
+            self.index.forget(key)
+        return removed
+
+
+def sharing_for(ledger: Ledger, store: AgentStore, probe: AgentCache, warn: Callable[[str], None]) -> PrefixSharing | None:
+    """Shared prefixes for this model's caches, or None where its layers cannot share."""
+    if not eligible(probe):
+        return None
+    return PrefixSharing(PrefixIndex(store.fingerprint, probe.layers[0].mode), ledger, store, warn)
+
