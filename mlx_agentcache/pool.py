@@ -180,7 +180,7 @@ class CachePool:
             cache, _ = self.checkout(name)
         self._make_room(name, self.ledger.turn_bytes(len(prompt), max_tokens))
         if prompt and self.sharing:
-            _, jobs = self.sharing.adopt(cache, prompt)
+            _, jobs = self.sharing.adopt(name, cache, prompt)
             self._run(jobs)
         reused = cache.reusable_prefix(prompt)
         cache.trim_to(reused)

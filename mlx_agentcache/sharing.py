@@ -6,7 +6,8 @@ store:
 
 * before a turn's prefill, `adopt` starts the agent's cache from the longest
   shared prefix of its prompt, making one on the spot from an idle hot agent
-  that holds the same leading blocks;
+  that holds the same leading blocks, or else from an agent on disk that
+  does (the listing index names agents by their first block);
 * at checkin, `on_checkin` lets the cache, and idle hot agents that start with
   the same blocks, point at a prefix instead of their own copy;
 * block files are read through the store (`source`, for a restore that refers
@@ -22,7 +23,9 @@ from typing import Callable
 from .kvcache import AgentCache
 from .ledger import Ledger, SaveJob
 from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, prefix_of, shareable
-from .store.agent_store import AgentStore
+from .q4 import BLOCK_TOKENS
+from .store.agent_store import AgentStore, Refused
+from .store.formats import lead_of
 from .store.container import CacheFileError
 
 
@@ -61,19 +64,23 @@ class PrefixSharing:
             raise CacheFileError(f"{e} (no {self.store.layout.block_file(key).relative_to(self.store.dir)})") from None
 
     # -- before prefill --------------------------------------------------------------
-    def adopt(self, cache: AgentCache, prompt: list[int]) -> tuple[int, list[SaveJob]]:
+    def adopt(self, name: str, cache: AgentCache, prompt: list[int]) -> tuple[int, list[SaveJob]]:
         """Start `cache` from a shared prefix of `prompt` when that reuses more than
-        the cache itself. A hot idle agent that holds the same leading blocks turns
-        them into a new shared prefix on the spot, so even the second agent with a
-        long common prompt does not prefill it. Returns the tokens covered (0: none)
-        and save jobs for agents changed in place."""
+        the cache itself. An agent that holds the same leading blocks turns them into
+        a new shared prefix on the spot: a hot idle one, or else one on disk (found
+        through the listing index and read), so even the second agent with a long
+        common prompt does not prefill it, after a restart too. Returns the tokens
+        covered (0: none) and save jobs for agents changed in place."""
         if not eligible(cache):
             return 0, []
         limit = len(prompt) - 1  # at least one token is prefilled
+        own = cache.reusable_prefix(prompt)
         jobs: list[SaveJob] = []
         with self.ledger.lock:
             hit = self.index.match(prompt, limit) or self._from_peer(prompt, limit, jobs)
-        if hit is None or hit[1] <= cache.reusable_prefix(prompt):
+        if hit is None and own < limit - limit % BLOCK_TOKENS:
+            hit = self._from_disk(name, prompt, limit)
+        if hit is None or hit[1] <= own:
             return 0, jobs
         key, n = hit
         try:  # a prefix on disk only is read here, with no lock held
@@ -100,6 +107,28 @@ class PrefixSharing:
         if job is not None:
             jobs.append(job)
         return key, n
+
+    def _from_disk(self, name: str, prompt: list[int], limit: int) -> tuple[str, int] | None:
+        """A prefix made from the most recently used agent on disk whose first block is the
+        prompt's (read whole, with no lock held; its checked tokens decide how many blocks)."""
+        lead = lead_of(prompt[:limit])
+        peers = [p for p in self.store.starting_with(lead, self.index.mode) if p != name and p not in self.ledger.hot] if lead else []
+        if not peers:
+            return None
+        got = self.store.read(peers[0], self.source)
+        if isinstance(got, Refused):
+            self.warn(f"warning: cache for agent '{peers[0]}' not used ({got.reason}); {got.where}")
+            return None
+        if got is None or not eligible(got.cache):
+            return None
+        c = got.cache
+        same = next((i for i, (a, b) in enumerate(zip(c.tokens, prompt[:limit])) if a != b), min(len(c.tokens), limit))
+        n = min(same, shareable(c)) // BLOCK_TOKENS * BLOCK_TOKENS
+        if n == 0:
+            return None
+        with self.ledger.lock:
+            self.ledger.stats.bytes_read += got.bytes_read
+        return self.index.create(c, n), n
 
     # -- at checkin -----------------------------------------------------------------
     def on_checkin(self, name: str, cache: AgentCache) -> list[SaveJob]:

@@ -346,6 +346,28 @@ def test_shared_prefix_is_stored_once_in_memory_and_on_disk(tmp_path, mode_runne
     assert q.stats.bytes_read == agent_files + blocks[0].stat().st_size  # the block file was read once
 
 
+def test_a_prefix_one_agent_holds_on_disk_is_found_after_a_restart(tmp_path, mode_runner):
+    """No block file yet and no agent in memory: the listing index names the agent on disk
+    by its first block, its file is read and the new agent attaches instead of prefilling."""
+    runner = mode_runner
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    turn(p, runner, "a", SYSTEM + tokens(20, seed=100))
+    p.close()
+    assert not list(tmp_path.glob("blocks/*.safetensors"))
+    q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    tier, reuse, logits = turn(q, runner, "b", SYSTEM + tokens(21, seed=101))
+    assert (tier, reuse, q.stats.prefix_hits) == ("cold", 512, 1)
+    assert q.stats.bytes_read == disk(q, "a")  # a's files, read once
+    ref = runner.prefill(SYSTEM + tokens(21, seed=101), runner.new_cache())
+    assert float(mx.abs(logits - ref).max()) < LOGIT_TOL
+    q.close()
+    blocks = list(tmp_path.glob("blocks/*.safetensors"))
+    assert len(blocks) == 1 and q.describe("b")["shared_prefix"]["tokens"] == 512  # b's save wrote the block
+    other = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    _, reuse, _ = turn(other, runner, "c", tokens(300, seed=7) + SYSTEM)  # another start: nothing to share
+    assert reuse == 0 and other.stats.prefix_hits == 0
+
+
 def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, mode_runner):
     runner = mode_runner
     p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)

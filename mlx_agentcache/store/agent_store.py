@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 
 from .. import catalog
 from ..kvcache import AgentCache, LayerCache
-from . import codec, container, formats, segments
+from . import codec, container, formats, index, segments
 from .container import CacheFileError, CacheWriteError
 from .layout import Layout
 
@@ -179,6 +179,13 @@ class AgentStore:
             if ref and meta.get("fingerprint") == self.fingerprint:
                 out.append((name, str(ref.get("hash"))))
         return out
+
+    def starting_with(self, lead: str, mode: str) -> list[str]:
+        """Agents of this model and KV mode whose files start with the block whose key
+        is `lead` (formats.lead_of), most recently used first: from the listing index,
+        without opening their files."""
+        found = [i for i in index.listing(self.dir) if i.get("lead") == lead and i.get("fingerprint") == self.fingerprint and i.get("kv_mode") == mode]
+        return [i["name"] for i in sorted(found, key=lambda i: i.get("last_used") or "", reverse=True)]
 
     # -- writes ----------------------------------------------------------------
     def write(self, name: str, tensors: dict, meta: dict, owed: Callable[[], tuple[list[int] | None, str | None]],

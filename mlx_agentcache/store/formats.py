@@ -3,7 +3,9 @@ spelled once and importable without MLX (store/index.py lists agents with them).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 
 from . import numbers
 from .container import MAX_DIM
@@ -14,6 +16,20 @@ MANIFEST = "agentcache-kv-3"  # an agent's manifest naming its segments (segment
 SEGMENT = "agentcache-segment"
 BLOCK = "agentcache-prefix"  # a shared prefix block (prefixes.py)
 AGENT_FORMATS = (FORMAT, FORMAT_V1, MANIFEST)  # what `<agent>.safetensors` may hold
+LEAD_TOKENS = 256  # the first shared-prefix block (q4.BLOCK_TOKENS)
+
+
+def lead_of_bytes(raw: bytes) -> str:
+    """The key of an agent's first block from its first LEAD_TOKENS token ids as stored
+    (int32, little-endian): agents with the same key start with the same tokens."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def lead_of(tokens: list[int]) -> str | None:
+    """`lead_of_bytes` of a token list; None when it is shorter than one block."""
+    if len(tokens) < LEAD_TOKENS:
+        return None
+    return lead_of_bytes(struct.pack(f"<{LEAD_TOKENS}i", *tokens[:LEAD_TOKENS]))
 
 
 def block_tokens(meta: dict) -> list[int]:

@@ -24,7 +24,7 @@ from . import formats, history
 from .container import CacheFileError, atomic_write, read_header
 from .layout import Layout
 
-VERSION = 1
+VERSION = 2  # 2: entries name the agent's KV mode and first block (`lead`)
 SETTLE_S = 2.0  # file times are coarser than nanoseconds: a change this close to a scan may share its timestamp
 
 
@@ -56,10 +56,11 @@ def describe(layout: Layout, name: str) -> tuple[dict, dict | None]:
         return info, None
     info.update(bytes=st.st_size, file_bytes=st.st_size, last_used=when(st.st_mtime))
     try:
-        _, meta, _ = read_header(path, formats.AGENT_FORMATS)
+        header, meta, start = read_header(path, formats.AGENT_FORMATS)
         ref = formats.prefix_ref(meta)
         info.update(tier="warm", tokens=int(meta["n_tokens"]), model=meta.get("model") or None, fingerprint=meta.get("fingerprint"),
-                    kv_bits=int(meta["kv_bits"]), bytes=st.st_size + formats.stored_bytes(meta))
+                    kv_bits=int(meta["kv_bits"]), kv_mode=meta.get("kv_mode"), lead=_lead(path, header, start),
+                    bytes=st.st_size + formats.stored_bytes(meta))
         if ref:
             block = layout.block_file(ref["hash"])
             info["shared_prefix"] = {"hash": ref["hash"], "tokens": ref["tokens"], "present": block.exists()}
@@ -70,6 +71,20 @@ def describe(layout: Layout, name: str) -> tuple[dict, dict | None]:
         info.update(tier="invalid", error=str(e))
         return info, None
     return info, meta
+
+
+def _lead(path: Path, header: dict, start: int) -> str | None:
+    """The key of the agent's first block (formats.lead_of), read from the first token ids of
+    its `tokens` tensor; a hint for finding agents that share a prompt start (sharing.py
+    compares the checked tokens themselves before using one)."""
+    t = header.get("tokens")
+    n = 4 * formats.LEAD_TOKENS
+    if not isinstance(t, dict) or t.get("dtype") != "I32" or t["data_offsets"][1] - t["data_offsets"][0] < n:
+        return None
+    with open(path, "rb") as f:
+        f.seek(start + t["data_offsets"][0])
+        raw = f.read(n)
+    return formats.lead_of_bytes(raw) if len(raw) == n else None
 
 
 def _keys(layout: Layout, name: str, cache: os.stat_result | None, hist: os.stat_result | None, info: dict | None) -> list:
@@ -133,5 +148,5 @@ def listing(cache_dir: Path | str, warn: Callable[[str], None] | None = None) ->
         except OSError:
             pass  # a read-only directory: listed from the files every time
     if lost and existed and found:  # the first listing of a directory builds it silently
-        (warn or default_warn)(f"note: agent index {path.relative_to(layout.dir)} was missing or unreadable; rebuilt from the files of {len(found)} agents")
+        (warn or default_warn)(f"note: agent index {path.relative_to(layout.dir)} was missing, unreadable or of an older version; rebuilt from the files of {len(found)} agents")
     return out
