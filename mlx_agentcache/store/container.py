@@ -416,7 +416,43 @@ class Arrays:
             self.next += 1
         mx.eval(list(batch.values()))
         self.arrays.update(batch)
-        self.views.update({n: np.array(x, copy=False).reshape(-1).view(np.uint8) for n, x in batch.items()})
+        views = {n: np.array(x, copy=False).reshape(-1).view(np.uint8) for n, x in batch.items()}
+        for v in views.values():
+            huge_pages(v.ctypes.data, v.nbytes)
+        self.views.update(views)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def _madvise():
+    """libc's madvise where the kernel takes MADV_HUGEPAGE (Linux), else None."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return f
+
+
+_MADVISE = _madvise()
+MADV_HUGEPAGE = 14
+
+
+def huge_pages(addr: int, n: int) -> None:
+    """Ask for transparent huge pages over the whole 2 MiB pages inside fresh memory that
+    is about to be filled from a file: one page fault per 2 MiB instead of per 4 KiB, which
+    on a CPU otherwise costs about as much as the read itself. A hint: refused, it changes
+    nothing."""
+    a = -(-addr // HUGE_PAGE) * HUGE_PAGE
+    b = (addr + n) // HUGE_PAGE * HUGE_PAGE
+    if _MADVISE is not None and b > a:
+        _MADVISE(a, b - a, MADV_HUGEPAGE)
 
 
 def dtype_name(entry: dict) -> str:
