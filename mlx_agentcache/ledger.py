@@ -175,13 +175,16 @@ class Ledger:
             self.out[name] = cache
             self.hot_bytes()
 
-    def load_failed(self, name: str, refused: bool = False) -> None:
+    def load_failed(self, name: str) -> None:
+        """A load raised: the agent's reservation is released."""
         with self.lock:
-            if refused:
-                self.stats.refused_files += 1
-            else:
-                self.busy.discard(name)
-                self._reserved.pop(name, None)
+            self.busy.discard(name)
+            self._reserved.pop(name, None)
+
+    def refused(self) -> None:
+        """A file failed a check and was set aside (the load goes on cold)."""
+        with self.lock:
+            self.stats.refused_files += 1
 
     # -- room ------------------------------------------------------------------------
     def victim(self, name: str | None = None, need: int = 0) -> tuple[str, int] | None:
@@ -307,11 +310,14 @@ class Ledger:
             self.stats.bytes_collected += collected
             self.stats.writes += 1
 
-    def save_failed(self, name: str, mark_unsaved: bool) -> None:
+    def save_failed(self) -> None:
         with self.lock:
             self.stats.write_errors += 1
-            if mark_unsaved:
-                self.unsaved.add(name)
+
+    def mark_unsaved(self, name: str) -> None:
+        """The agent's newest state is not on disk: it is never evicted until a save lands."""
+        with self.lock:
+            self.unsaved.add(name)
 
     def unsaved_among(self, failed: dict[str, str]) -> dict[str, str]:
         """{agent: error} of hot agents whose memory is newer than their file."""

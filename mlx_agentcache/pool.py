@@ -107,7 +107,7 @@ class CachePool:
 
     # -- the ledger's state, read-only views for callers and tests ----------------------
     budget = property(lambda self: self.ledger.budget, lambda self, b: setattr(self.ledger, "budget", b))
-    stats: PoolStats = property(lambda self: self.ledger.stats)
+    stats = property(lambda self: self.ledger.stats)
     hot = property(lambda self: self.ledger.hot)
     busy = property(lambda self: self.ledger.busy)
     unsaved = property(lambda self: self.ledger.unsaved)
@@ -162,7 +162,7 @@ class CachePool:
         self._make_room(name, size)  # the files' tensors are about what the arrays take
         got = self.store.read(name, self.sharing.source if self.sharing else None)
         if isinstance(got, Refused):
-            self.ledger.load_failed(name, refused=True)
+            self.ledger.refused()
             self.warn(f"warning: cache for agent '{name}' not used ({got.reason}); {got.where}; re-prefilling")
             return None
         return got
@@ -215,7 +215,7 @@ class CachePool:
             try:
                 written += self._write(job)
             except CacheWriteError:
-                self.ledger.unsaved.add(job.name)
+                self.ledger.mark_unsaved(job.name)
                 if job.name == raise_for:
                     raise
         return written
@@ -225,10 +225,10 @@ class CachePool:
         try:
             saved = self.store.write(job.name, job.tensors, job.meta, lambda: self.ledger.owed(job), block)
         except Exception:
-            self.ledger.save_failed(job.name, mark_unsaved=False)
+            self.ledger.save_failed()
             raise
         if self.sharing:
-            self.sharing.written(job.name, job.prefix)
+            self.sharing.written(job)
         self.ledger.saved(job, saved.bytes_written, saved.bytes_collected, saved.gen)
         return saved.bytes_written
 
@@ -304,7 +304,7 @@ class CachePool:
         removed = self.store.remove(name)
         if self.sharing:
             self.sharing.release_unused()
-            self.sharing.index.set_ref(name, None)
+            self.sharing.removed(name)
         return removed
 
     # -- pins ------------------------------------------------------------------

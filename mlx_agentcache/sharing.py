@@ -7,7 +7,8 @@ store:
 * before a turn's prefill, `adopt` starts the agent's cache from the longest
   shared prefix of its prompt, making one on the spot from an idle hot agent
   that holds the same leading blocks, or else from an agent on disk that
-  does (the listing index names agents by their first block);
+  does (found by its first block: from the listing index at start, then from
+  each save);
 * at checkin, `on_checkin` lets the cache, and idle hot agents that start with
   the same blocks, point at a prefix instead of their own copy;
 * block files are read through the store (`source`, for a restore that refers
@@ -25,8 +26,17 @@ from .ledger import Ledger, SaveJob
 from .prefixes import PrefixIndex, PrefixMissing, attach, eligible, prefix_of, shareable
 from .q4 import BLOCK_TOKENS
 from .store.agent_store import AgentStore, Refused
-from .store.formats import lead_of
+from .store.formats import LEAD_TOKENS, lead_of
 from .store.container import CacheFileError
+
+
+DISK_PEERS = 8  # agents on disk whose token ids a new agent's prompt is compared with
+
+
+def common_blocks(a: list[int], b: list[int]) -> int:
+    """Tokens in the whole blocks two token lists start with in common."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n - n % BLOCK_TOKENS
 
 
 class PrefixSharing:
@@ -35,13 +45,27 @@ class PrefixSharing:
         self.ledger = ledger
         self.store = store
         self.warn = warn
+        self.leads: dict[str, dict[str, None]] = {}  # first-block key -> agents on disk starting with it, oldest first
 
     def scan(self) -> None:
-        """Prefix blocks on disk and which agent files use them (reference counts)."""
+        """Prefix blocks on disk, which agent files use them (reference counts) and which
+        agents start with which first block: block headers and the listing index."""
         for key, tokens in self.store.blocks(self.index.mode):
             self.index.add(key, tokens)
-        for name, key in self.store.prefix_refs():
-            self.index.set_ref(name, key)
+        for info in sorted(self.store.listing(), key=lambda i: i.get("last_used") or ""):
+            if info.get("fingerprint") != self.store.fingerprint:
+                continue
+            if ref := info.get("shared_prefix"):
+                self.index.set_ref(info["name"], ref["hash"])
+            if info.get("kv_mode") == self.index.mode and info.get("lead"):
+                self.leads.setdefault(info["lead"], {})[info["name"]] = None
+
+    def _lead(self, name: str, lead: str | None) -> None:
+        """`name` now starts with the block `lead` (None: with none, or removed)."""
+        for agents in self.leads.values():
+            agents.pop(name, None)
+        if lead:
+            self.leads.setdefault(lead, {})[name] = None
 
     # -- reads ---------------------------------------------------------------------
     def _load_block(self, key: str, tokens: list[int]):
@@ -76,10 +100,13 @@ class PrefixSharing:
         limit = len(prompt) - 1  # at least one token is prefilled
         own = cache.reusable_prefix(prompt)
         jobs: list[SaveJob] = []
+        whole = limit - limit % BLOCK_TOKENS
         with self.ledger.lock:
-            hit = self.index.match(prompt, limit) or self._from_peer(prompt, limit, jobs)
-        if hit is None and own < limit - limit % BLOCK_TOKENS:
-            hit = self._from_disk(name, prompt, limit)
+            hit = self.index.match(prompt, limit)
+            if (hit[1] if hit else 0) < whole:
+                hit = self._from_peer(prompt, limit, jobs, max(hit[1] if hit else 0, own)) or hit
+        if max(hit[1] if hit else 0, own) < whole:
+            hit = self._from_disk(name, prompt, limit, max(hit[1] if hit else 0, own)) or hit
         if hit is None or hit[1] <= own:
             return 0, jobs
         key, n = hit
@@ -93,9 +120,11 @@ class PrefixSharing:
             self.ledger.stats.prefix_hits += 1
         return n, jobs
 
-    def _from_peer(self, prompt: list[int], limit: int, jobs: list[SaveJob]) -> tuple[str, int] | None:
+    def _from_peer(self, prompt: list[int], limit: int, jobs: list[SaveJob], beyond: int) -> tuple[str, int] | None:
+        """A prefix made from the hot idle agent seen holding the most leading blocks, when
+        that covers more than `beyond` tokens."""
         found = self.index.peer(prompt, limit)
-        if found is None:
+        if found is None or found[1] <= beyond:
             return None
         peer, n = found
         c = self.ledger.idle(peer)
@@ -108,23 +137,32 @@ class PrefixSharing:
             jobs.append(job)
         return key, n
 
-    def _from_disk(self, name: str, prompt: list[int], limit: int) -> tuple[str, int] | None:
-        """A prefix made from the most recently used agent on disk whose first block is the
-        prompt's (read whole, with no lock held; its checked tokens decide how many blocks)."""
+    def _from_disk(self, name: str, prompt: list[int], limit: int, beyond: int) -> tuple[str, int] | None:
+        """A prefix made from an agent on disk whose first block is the prompt's, when it
+        covers more than `beyond` tokens. Candidates come from the listing index (most
+        recently used first, at most DISK_PEERS); their token ids alone choose the one
+        with the most common blocks, and only its files are read (no lock held) and
+        checked before the prefix is made from them."""
         lead = lead_of(prompt[:limit])
-        peers = [p for p in self.store.starting_with(lead, self.index.mode) if p != name and p not in self.ledger.hot] if lead else []
-        if not peers:
+        with self.ledger.lock:
+            on_disk = reversed(list(self.leads.get(lead, ()))) if lead else ()
+            peers = [p for p in on_disk if p != name and p not in self.ledger.hot][:DISK_PEERS]
+        best, n = None, beyond
+        for p in peers:
+            m = common_blocks(self.store.tokens(p), prompt[:limit])
+            if m > n:
+                best, n = p, m
+        if best is None:
             return None
-        got = self.store.read(peers[0], self.source)
+        got = self.store.read(best, self.source)
         if isinstance(got, Refused):
-            self.warn(f"warning: cache for agent '{peers[0]}' not used ({got.reason}); {got.where}")
+            self.warn(f"warning: cache for agent '{best}' not used ({got.reason}); {got.where}")
             return None
         if got is None or not eligible(got.cache):
             return None
         c = got.cache
-        same = next((i for i, (a, b) in enumerate(zip(c.tokens, prompt[:limit])) if a != b), min(len(c.tokens), limit))
-        n = min(same, shareable(c)) // BLOCK_TOKENS * BLOCK_TOKENS
-        if n == 0:
+        n = min(common_blocks(c.tokens, prompt[:limit]), shareable(c) // BLOCK_TOKENS * BLOCK_TOKENS)
+        if n <= beyond:
             return None
         with self.ledger.lock:
             self.ledger.stats.bytes_read += got.bytes_read
@@ -150,11 +188,19 @@ class PrefixSharing:
         """What the store writes before a manifest that starts with prefix `key`."""
         return None if key is None else (key, lambda: self.index.host(key))
 
-    def written(self, name: str, key: str | None) -> None:
-        """A save of `name` landed, starting with prefix `key` (None: none)."""
-        if key is not None:
-            self.index.mark_on_disk(key)
-        self.index.set_ref(name, key)
+    def written(self, job: SaveJob) -> None:
+        """A save landed: its prefix block is on disk, and the agent's file starts with it
+        and with its first block."""
+        if job.prefix is not None:
+            self.index.mark_on_disk(job.prefix)
+        self.index.set_ref(job.name, job.prefix)
+        with self.ledger.lock:
+            self._lead(job.name, lead_of(job.tensors["tokens"][:LEAD_TOKENS].tolist()))
+
+    def removed(self, name: str) -> None:
+        self.index.set_ref(name, None)
+        with self.ledger.lock:
+            self._lead(name, None)
 
     def release_unused(self) -> None:
         """Drop from memory the prefixes no cache in memory uses (their file is on disk)."""

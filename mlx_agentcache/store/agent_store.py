@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 from .. import catalog
@@ -167,25 +168,27 @@ class AgentStore:
                 out.append((self.layout.block_key(p), tokens))
         return out
 
-    def prefix_refs(self) -> list[tuple[str, str]]:
-        """(agent, prefix key) for every agent file of this model that starts with a shared block."""
-        out = []
-        for name in self.names():
-            try:
-                _, meta, _ = container.read_header(self.path(name), codec.FORMATS)
-            except CacheFileError:
-                continue
-            ref = codec.prefix_ref(meta)
-            if ref and meta.get("fingerprint") == self.fingerprint:
-                out.append((name, str(ref.get("hash"))))
-        return out
+    def tokens(self, name: str) -> list[int]:
+        """The token ids an agent's file holds, from its header and tokens tensor alone: a
+        hint for choosing whose files to read (a read checks everything); [] if unreadable."""
+        path = self.path(name)
+        try:
+            header, _, start = container.read_header(path, formats.AGENT_FORMATS)
+            t = header["tokens"]
+            a, b = t["data_offsets"]
+            if t.get("dtype") != "I32":
+                return []
+            with open(path, "rb") as f:
+                f.seek(start + a)
+                raw = f.read(b - a)
+        except (CacheFileError, OSError, KeyError, TypeError, ValueError):
+            return []
+        return np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<i4").tolist()
 
-    def starting_with(self, lead: str, mode: str) -> list[str]:
-        """Agents of this model and KV mode whose files start with the block whose key
-        is `lead` (formats.lead_of), most recently used first: from the listing index,
-        without opening their files."""
-        found = [i for i in index.listing(self.dir) if i.get("lead") == lead and i.get("fingerprint") == self.fingerprint and i.get("kv_mode") == mode]
-        return [i["name"] for i in sorted(found, key=lambda i: i.get("last_used") or "", reverse=True)]
+    def listing(self) -> list[dict]:
+        """Every agent as the listing index describes it (store/index.py), without opening
+        the files of agents that did not change since it was written."""
+        return index.listing(self.dir)
 
     # -- writes ----------------------------------------------------------------
     def write(self, name: str, tensors: dict, meta: dict, owed: Callable[[], tuple[list[int] | None, str | None]],
