@@ -1,0 +1,90 @@
+"""The real Claude Code and Codex CLIs, run against a test server exactly as
+the README's recipes run them. scripts/install_test_deps.sh installs both,
+pinned, into .npm-clients/; a missing one fails the test, it never skips."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from server_process import KEY, Server
+
+MODEL = "smollm2-135m"  # the server's default
+
+BIN = Path(__file__).resolve().parent.parent / ".npm-clients" / "node_modules" / ".bin"
+TIMEOUT_S = 300
+
+
+def binary(name: str) -> str:
+    path = BIN / name
+    assert path.exists(), f"{path} is missing: run scripts/install_test_deps.sh"
+    return str(path)
+
+
+def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """A CLI with only the environment given (plus PATH), so nothing of the
+    machine's own configuration or keys leaks in."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(cwd / "home"), **env}
+    Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def claude(server: Server, prompt: str, system_prompt: str, cwd: Path) -> dict:
+    """`claude -p PROMPT --output-format json` with no tools and a short system
+    prompt (its full prompt, 24 tools, is ~18K tokens: minutes of prefill on a
+    small CPU); its JSON result."""
+    env = {"ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_AUTH_TOKEN": KEY,
+           "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
+           "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
+    p = run([binary("claude"), "-p", prompt, "--output-format", "json", "--tools", "",
+             "--system-prompt", system_prompt, "--max-turns", "1"], env, cwd)
+    assert p.stdout.strip(), f"claude printed nothing (exit {p.returncode}): {p.stderr[-2000:]}"
+    return {**json.loads(p.stdout), "exit_code": p.returncode}
+
+
+CODEX_CONFIG = """\
+model = "{model}"
+model_provider = "agentcache"
+model_instructions_file = "{instructions}"
+include_permissions_instructions = false
+include_apps_instructions = false
+include_collaboration_mode_instructions = false
+include_environment_context = false
+check_for_update_on_startup = false
+web_search = "disabled"
+
+[model_providers.agentcache]
+name = "agentcache"
+base_url = "{url}/v1"
+wire_api = "responses"
+env_key = "AGENTCACHE_API_KEY"
+
+[features]
+shell_tool = false
+goals = false
+apps = false
+plugins = false
+image_generation = false
+
+[agents]
+enabled = false
+
+[skills]
+include_instructions = false
+"""
+
+
+def codex(server: Server, prompt: str, instructions: str, cwd: Path) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """`codex exec --json` with a CODEX_HOME whose config.toml points at the
+    server's Responses API, short instructions, and no shell, agents, skills,
+    apps or web search; its events (JSON lines)."""
+    home = cwd / "codex-home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "instructions.md").write_text(instructions + "\n")
+    (home / "config.toml").write_text(CODEX_CONFIG.format(model=MODEL, url=server.url,
+                                                          instructions=home / "instructions.md"))
+    p = run([binary("codex"), "exec", "--json", "--strict-config", "--skip-git-repo-check", "-s", "read-only", prompt],
+            {"CODEX_HOME": str(home), "AGENTCACHE_API_KEY": KEY}, cwd)
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")], p

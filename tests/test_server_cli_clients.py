@@ -1,0 +1,62 @@
+"""The real Claude Code (2.1.197) and Codex CLI (0.171.0) against a real
+`agentcache serve` on SmolLM2-135M, with the README's recipes: each ends
+without an API error, each session is its own agent, and a second Claude
+Code session reads its shared prefix from the first one's cache."""
+
+import pytest
+
+from cli_clients import claude, codex
+from mlx_agentcache.q4_format import BLOCK_TOKENS as BLOCK
+from server_process import serving
+
+# Long enough to span a shared block, and one SmolLM2 answers briefly.
+NOTES = "Notes: " + " ".join(f"Line {i} of the notes." for i in range(1, 31)) + "\nReply with one word."
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, model_home, tmp_path_factory):
+    # Codex sends no output limit: the server's own default (256) applies, not the tests' usual 8
+    with serving(model_home, tmp_path_factory.mktemp("serve-cli-clients"), "--max-tokens", "256") as s:
+        yield s
+
+
+def no_api_error(result: dict) -> None:
+    assert result["exit_code"] == 0 and not result["is_error"], result
+    assert result["stop_reason"] == "end_turn" and result["result"].strip(), result
+
+
+def test_claude_code_says_hi_without_an_api_error(server, tmp_path):
+    result = claude(server, "say hi", "Reply with one word.", tmp_path)
+    no_api_error(result)
+    agent = server.get(f"/v1/agents/{result['session_id']}").json()  # X-Claude-Code-Session-Id names the agent
+    assert agent["messages"][-1] == {"role": "assistant", "content": result["result"]}
+
+
+def test_second_claude_code_session_reads_the_shared_prefix_from_the_cache(server, tmp_path):
+    """Two sessions, two agents, the same system prompt: the second one's prompt
+    comes from the first one's cache in whole blocks, the rest is prefilled."""
+    first = claude(server, "say hi", NOTES, tmp_path / "one")
+    second = claude(server, "say hi", NOTES, tmp_path / "two")
+    for result in (first, second):
+        no_api_error(result)
+    assert first["session_id"] != second["session_id"]
+    prompt = first["usage"]["cache_creation_input_tokens"]
+    assert first["usage"]["cache_read_input_tokens"] == 0 and prompt > BLOCK
+    assert second["usage"]["cache_read_input_tokens"] == prompt // BLOCK * BLOCK
+    assert second["usage"]["cache_creation_input_tokens"] == prompt - prompt // BLOCK * BLOCK
+    agents = {a["name"]: a for a in server.get("/v1/agents").json()["data"]}
+    assert agents[second["session_id"]]["shared_bytes"] > 0
+
+
+def test_codex_exec_answers_without_an_api_error(server, tmp_path):
+    events, p = codex(server, "say hi", "Reply with one word.", tmp_path)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    kinds = [e["type"] for e in events]
+    assert "turn.completed" in kinds and "turn.failed" not in kinds and "error" not in kinds, events
+    # Codex notes, as an error item, that it has no metadata for a model it does not know
+    notes = [e["item"]["message"] for e in events if e.get("item", {}).get("type") == "error"]
+    assert all(n.startswith("Model metadata for `smollm2-135m` not found") for n in notes), notes
+    (answer,) = [e["item"]["text"] for e in events if e.get("item", {}).get("type") == "agent_message"]
+    assert answer.strip()
+    thread = events[0]["thread_id"]  # Codex sends it as prompt_cache_key: it names the agent
+    assert server.get(f"/v1/agents/{thread}").json()["messages"][-1] == {"role": "assistant", "content": answer}
