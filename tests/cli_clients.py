@@ -30,16 +30,19 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT_S)
 
 
+# The README's Claude Code recipe: these variables, then `claude` with these arguments.
+CLAUDE_ENV = {"ANTHROPIC_AUTH_TOKEN": KEY, "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
+              "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
+              "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
+CLAUDE_ARGS = ["--output-format", "json", "--tools", "", "--max-turns", "1"]
+
+
 def claude(server: Server, prompt: str, system_prompt: str, cwd: Path) -> dict:
-    """`claude -p PROMPT --output-format json` with no tools and a short system
-    prompt (its full prompt, 24 tools, is ~18K tokens: minutes of prefill on a
-    small CPU); its JSON result."""
-    env = {"ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_AUTH_TOKEN": KEY,
-           "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
-           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
-           "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
-    p = run([binary("claude"), "-p", prompt, "--output-format", "json", "--tools", "",
-             "--system-prompt", system_prompt, "--max-turns", "1"], env, cwd)
+    """`claude -p PROMPT` with no tools and a short system prompt (its full
+    prompt, 24 tools, is ~18K tokens: minutes of prefill on a small CPU); its
+    JSON result."""
+    env = {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_ENV}
+    p = run([binary("claude"), "-p", prompt, *CLAUDE_ARGS, "--system-prompt", system_prompt], env, cwd)
     assert p.stdout.strip(), f"claude printed nothing (exit {p.returncode}): {p.stderr[-2000:]}"
     return {**json.loads(p.stdout), "exit_code": p.returncode}
 
@@ -75,6 +78,8 @@ enabled = false
 include_instructions = false
 """
 
+CODEX_ARGS = ["--json", "--strict-config", "--skip-git-repo-check", "-s", "read-only"]
+
 
 def codex(server: Server, prompt: str, instructions: str, cwd: Path) -> tuple[list[dict], subprocess.CompletedProcess]:
     """`codex exec --json` with a CODEX_HOME whose config.toml points at the
@@ -85,6 +90,6 @@ def codex(server: Server, prompt: str, instructions: str, cwd: Path) -> tuple[li
     (home / "instructions.md").write_text(instructions + "\n")
     (home / "config.toml").write_text(CODEX_CONFIG.format(model=MODEL, url=server.url,
                                                           instructions=home / "instructions.md"))
-    p = run([binary("codex"), "exec", "--json", "--strict-config", "--skip-git-repo-check", "-s", "read-only", prompt],
+    p = run([binary("codex"), "exec", *CODEX_ARGS, prompt],
             {"CODEX_HOME": str(home), "AGENTCACHE_API_KEY": KEY}, cwd)
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")], p

@@ -3,14 +3,20 @@
 without an API error, each session is its own agent, and a second Claude
 Code session reads its shared prefix from the first one's cache."""
 
+import shlex
+from pathlib import Path
+
 import pytest
 
-from cli_clients import claude, codex
+from cli_clients import CLAUDE_ARGS, CLAUDE_ENV, CODEX_ARGS, CODEX_CONFIG, MODEL, claude, codex
 from mlx_agentcache.q4_format import BLOCK_TOKENS as BLOCK
 from server_process import serving
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+ONE_WORD = "Reply with one word."
 # Long enough to span a shared block, and one SmolLM2 answers briefly.
-NOTES = "Notes: " + " ".join(f"Line {i} of the notes." for i in range(1, 31)) + "\nReply with one word."
+NOTES = "Notes: " + " ".join(f"Line {i} of the notes." for i in range(1, 31)) + "\n" + ONE_WORD
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def no_api_error(result: dict) -> None:
 
 
 def test_claude_code_says_hi_without_an_api_error(server, tmp_path):
-    result = claude(server, "say hi", "Reply with one word.", tmp_path)
+    result = claude(server, "say hi", ONE_WORD, tmp_path)
     no_api_error(result)
     agent = server.get(f"/v1/agents/{result['session_id']}").json()  # X-Claude-Code-Session-Id names the agent
     assert agent["messages"][-1] == {"role": "assistant", "content": result["result"]}
@@ -49,7 +55,7 @@ def test_second_claude_code_session_reads_the_shared_prefix_from_the_cache(serve
 
 
 def test_codex_exec_answers_without_an_api_error(server, tmp_path):
-    events, p = codex(server, "say hi", "Reply with one word.", tmp_path)
+    events, p = codex(server, "say hi", ONE_WORD, tmp_path)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     kinds = [e["type"] for e in events]
     assert "turn.completed" in kinds and "turn.failed" not in kinds and "error" not in kinds, events
@@ -60,3 +66,15 @@ def test_codex_exec_answers_without_an_api_error(server, tmp_path):
     assert answer.strip()
     thread = events[0]["thread_id"]  # Codex sends it as prompt_cache_key: it names the agent
     assert server.get(f"/v1/agents/{thread}").json()["messages"][-1] == {"role": "assistant", "content": answer}
+
+
+def test_readme_recipes_are_the_ones_the_tests_run():
+    """The README's Claude Code and Codex recipes, word for word (its key and port for the test's)."""
+    readme = " ".join(README.read_text().replace("\\\n", " ").split())
+    env = {"ANTHROPIC_BASE_URL": "http://127.0.0.1:8000", **CLAUDE_ENV, "ANTHROPIC_AUTH_TOKEN": "secret"}
+    claude_line = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(
+        ["claude", "-p", "say hi", *CLAUDE_ARGS, "--system-prompt", ONE_WORD])
+    assert claude_line.replace("'", '"') in readme
+    config = CODEX_CONFIG.format(model=MODEL, url="http://127.0.0.1:8000", instructions="$HOME/.codex/instructions.md")
+    assert config in README.read_text()
+    assert shlex.join(["codex", "exec", *CODEX_ARGS, "say hi"]).replace("'", '"') in readme
