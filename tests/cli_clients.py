@@ -31,9 +31,12 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 
 # The README's Claude Code recipe: these variables, then `claude` with these arguments.
+# CLAUDE_CODE_ATTRIBUTION_HEADER=0: else the system prompt opens with a line that
+# changes with the first message, and no two sessions share a prefix.
 CLAUDE_ENV = {"ANTHROPIC_AUTH_TOKEN": KEY, "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
-              "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
+              "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0",
+              "CLAUDE_CODE_ATTRIBUTION_HEADER": "0"}
 CLAUDE_ARGS = ["--output-format", "json", "--tools", "", "--max-turns", "1"]
 
 

@@ -14,9 +14,10 @@ from server_process import serving
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-ONE_WORD = "Reply with one word."
+CLAUDE_SYSTEM = "Reply in one short sentence."
+CODEX_INSTRUCTIONS = "Reply with one word."
 # Long enough to span a shared block, and one SmolLM2 answers briefly.
-NOTES = "Notes: " + " ".join(f"Line {i} of the notes." for i in range(1, 31)) + "\n" + ONE_WORD
+NOTES = "Notes: " + " ".join(f"Line {i} of the notes." for i in range(1, 31)) + "\nReply with one word."
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +33,30 @@ def no_api_error(result: dict) -> None:
 
 
 def test_claude_code_says_hi_without_an_api_error(server, tmp_path):
-    result = claude(server, "say hi", ONE_WORD, tmp_path)
+    result = claude(server, "say hi", CLAUDE_SYSTEM, tmp_path)
     no_api_error(result)
     agent = server.get(f"/v1/agents/{result['session_id']}").json()  # X-Claude-Code-Session-Id names the agent
     assert agent["messages"][-1] == {"role": "assistant", "content": result["result"]}
 
 
 def test_second_claude_code_session_reads_the_shared_prefix_from_the_cache(server, tmp_path):
-    """Two sessions, two agents, the same system prompt: the second one's prompt
-    comes from the first one's cache in whole blocks, the rest is prefilled."""
+    """Two sessions, two agents, one system prompt, different questions: the
+    second one's system prompt comes from the first one's cache in whole
+    blocks, its question is prefilled."""
     first = claude(server, "say hi", NOTES, tmp_path / "one")
-    second = claude(server, "say hi", NOTES, tmp_path / "two")
+    second = claude(server, "Say hi.", NOTES, tmp_path / "two")
     for result in (first, second):
         no_api_error(result)
     assert first["session_id"] != second["session_id"]
-    prompt = first["usage"]["cache_creation_input_tokens"]
-    assert first["usage"]["cache_read_input_tokens"] == 0 and prompt > BLOCK
-    assert second["usage"]["cache_read_input_tokens"] == prompt // BLOCK * BLOCK
-    assert second["usage"]["cache_creation_input_tokens"] == prompt - prompt // BLOCK * BLOCK
+    assert first["usage"]["cache_read_input_tokens"] == 0
+    read, prefilled = second["usage"]["cache_read_input_tokens"], second["usage"]["cache_creation_input_tokens"]
+    assert read >= BLOCK and read % BLOCK == 0 and 0 < prefilled, second["usage"]
     agents = {a["name"]: a for a in server.get("/v1/agents").json()["data"]}
     assert agents[second["session_id"]]["shared_bytes"] > 0
 
 
 def test_codex_exec_answers_without_an_api_error(server, tmp_path):
-    events, p = codex(server, "say hi", ONE_WORD, tmp_path)
+    events, p = codex(server, "say hi", CODEX_INSTRUCTIONS, tmp_path)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     kinds = [e["type"] for e in events]
     assert "turn.completed" in kinds and "turn.failed" not in kinds and "error" not in kinds, events
@@ -73,7 +74,7 @@ def test_readme_recipes_are_the_ones_the_tests_run():
     readme = " ".join(README.read_text().replace("\\\n", " ").split())
     env = {"ANTHROPIC_BASE_URL": "http://127.0.0.1:8000", **CLAUDE_ENV, "ANTHROPIC_AUTH_TOKEN": "secret"}
     claude_line = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(
-        ["claude", "-p", "say hi", *CLAUDE_ARGS, "--system-prompt", ONE_WORD])
+        ["claude", "-p", "say hi", *CLAUDE_ARGS, "--system-prompt", CLAUDE_SYSTEM])
     assert claude_line.replace("'", '"') in readme
     config = CODEX_CONFIG.format(model=MODEL, url="http://127.0.0.1:8000", instructions="$HOME/.codex/instructions.md")
     assert config in README.read_text()
