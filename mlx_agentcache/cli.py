@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import limits, listing
+from .benchreport import BENCHES, METAL_ONLY
 from .config import DEFAULT_KV, DEFAULT_MODEL, default_home
 from .turnlock import TurnBusyError
 
@@ -513,7 +514,8 @@ def doctor(json_out: Json = False):
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="all, or one of: ttft, quality, bits, capacity, decode, interleave, handoff, server, store (comma separated).")] = "all",
+    which: Annotated[str, typer.Argument(help=f"all, or comma separated names: {', '.join(BENCHES)}; {', '.join(METAL_ONLY)} (Apple GPU only, "
+                                         "never in all). docs/bench.md says what each measures and how long a full run takes.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: checks that everything runs (minutes), numbers not comparable.")] = False,
     models: Annotated[Optional[str], typer.Option("--models", help="Comma separated models for the benchmarks that take them.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Where the JSON, plots and REPORT.md go.")] = Path("bench_results"),
@@ -524,9 +526,14 @@ def bench(
     from . import benchreport
 
     names = list(benchreport.BENCHES) if which == "all" else [n.strip() for n in which.split(",") if n.strip()]
-    unknown = [n for n in names if n not in benchreport.BENCHES]
+    unknown = [n for n in names if n not in benchreport.SPECS]
     if unknown or not names:
-        _fail(f"unknown benchmark {', '.join(unknown) or repr(which)}; choose all or from {', '.join(benchreport.BENCHES)}", 2)
+        _fail(f"unknown benchmark {', '.join(unknown) or repr(which)}; choose all or from {', '.join(benchreport.SPECS)}", 2)
+    if not report_only and set(names) & set(benchreport.METAL_ONLY):
+        import mlx.core as mx
+
+        if not mx.metal.is_available():
+            _fail("metal measures the Metal kernels on an Apple GPU; mx.metal.is_available() is False on this machine, so nothing was run", 2)
     failed = []
     if not report_only:
         try:

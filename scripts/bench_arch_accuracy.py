@@ -14,9 +14,9 @@ is recorded but means little: their distributions are flat. For DeepSeek-V2 the
 latent (absorbed) attention is also compared with mlx-lm's full K/V path, both on
 16-bit caches: the largest logit difference.
 
-Writes bench_results/arch_accuracy.json and arch_accuracy.md.
+Writes arch_accuracy.json and arch_accuracy.md into --out (bench_results/).
 
-    python scripts/bench_arch_accuracy.py [--models NAME ...]
+    python scripts/bench_arch_accuracy.py [--models NAME ...] [--tokens N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ def compare(ref: mx.array, got: mx.array) -> dict:
     return {"mean_kl": kl.mean().item(), "max_kl": kl.max().item(), "top1": agree, "positions": kl.shape[0]}
 
 
-def measure(name: str, home: Path) -> dict:
+def measure(name: str, home: Path, tokens: int | None = None) -> dict:
+    n = tokens or N_TOKENS[name]
     runner = ModelRunner.load(name, home)
-    ids = runner.tokenizer.encode(TEXT.read_text()[:20000])[: N_TOKENS[name] + GEN]
-    prompt, cont = ids[: N_TOKENS[name]], ids[N_TOKENS[name] :]
+    ids = runner.tokenizer.encode(TEXT.read_text()[:20000])[: n + GEN]
+    prompt, cont = ids[:n], ids[n:]
     ref = ours(runner, prompt, cont, "fp16")
     out = {"prompt_tokens": len(prompt), "modes": {m: compare(ref, ours(runner, prompt, cont, m)) for m in MODES}}
     if runner.config["model_type"] != "deepseek_v2":
@@ -102,19 +103,22 @@ def table(results: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(N_TOKENS), choices=list(N_TOKENS))
+    ap.add_argument("--tokens", type=int, default=None, help="prompt tokens for every model [the tests' own lengths]")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     t0 = time.time()
-    results = {name: measure(name, default_home()) for name in args.models}
+    results = {name: measure(name, default_home(), args.tokens) for name in args.models}
     data = {
-        "command": "python scripts/bench_arch_accuracy.py" + (f" --models {' '.join(args.models)}" if args.models != list(N_TOKENS) else ""),
+        "command": "python scripts/bench_arch_accuracy.py" + (f" --models {' '.join(args.models)}" if args.models != list(N_TOKENS) else "")
+        + (f" --tokens {args.tokens}" if args.tokens else ""),
         "machine": {"cpu": blas.read_cpuinfo().model, "cores": os.cpu_count(), "os": platform.platform(),
                     "blas": blas.CHOICE.summary(), "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")},
         "text": str(TEXT.relative_to(ROOT)), "gen": GEN, "seconds": round(time.time() - t0, 1),
         "models": results,
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "arch_accuracy.json").write_text(json.dumps(data, indent=1) + "\n")
-    (OUT / "arch_accuracy.md").write_text(
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "arch_accuracy.json").write_text(json.dumps(data, indent=1) + "\n")
+    (args.out / "arch_accuracy.md").write_text(
         "# Next-token KL against a 16-bit cache, per architecture\n\n"
         f"`{data['command']}` on {TEXT.name}. Each cell: mean KL / max KL / top-1 agreement over the "
         "distributions after the prompt and after each of the 16 teacher-forced tokens. mlx-lm 4-bit: its own "

@@ -4,10 +4,10 @@ the cost of one grammar mask, on SmolLM2-135M and Gemma 3 270M.
 Each round decodes a batch of 4 agents together for the same number of
 tokens: once with no grammar, once with every agent held to a JSON schema
 (a list of 40 integers, so the output is long enough to time). The mask
-alone is timed on its own too. Writes one JSON (default
-bench_results/grammar.json).
+alone is timed on its own too. Writes grammar.json and grammar.md into --out
+(bench_results/).
 
-    python scripts/bench_grammar.py [--out bench_results/grammar.json] [--rounds 3]
+    python scripts/bench_grammar.py [--out DIR] [--rounds 3] [--models smollm2-135m,gemma3-270m]
 """
 
 from __future__ import annotations
@@ -67,12 +67,23 @@ def mask_us(rt, grammar: str, n: int = 200) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def markdown(out: dict) -> str:
+    lines = ["# Grammar-constrained decode", "", f"CPU: {out['cpu']} ({out['cores']} cores). A batch of {BATCH} agents decodes {TOKENS} tokens, "
+             "free and held to a JSON schema (40 integers), alternating; medians over the rounds.", "",
+             "| model | rounds | ms/token free | ms/token grammar | ratio | one mask (us) | vocab |", "|---|---|---|---|---|---|---|"]
+    for model, r in out["models"].items():
+        lines.append(f"| {model} | {r['rounds']} | {r['decode_ms_per_token_free']:.1f} | {r['decode_ms_per_token_grammar']:.1f} | "
+                     f"{r['ratio']:.2f}x | {r['mask_us']:.0f} | {r['vocab']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_results/grammar.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "bench_results")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     grammar = gr.json_schema_grammar(SCHEMA, "schema")
     results = {}
     for model in args.models.split(","):
@@ -94,7 +105,8 @@ def main() -> None:
             }
             print(model, json.dumps({k: v for k, v in results[model].items() if not k.endswith("_runs")}))
             out = {"cpu": cpu(), "cores": os.cpu_count(), "models": results, "schema": SCHEMA}
-            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")  # after each model: a partial run still counts
+            (args.out / "grammar.json").write_text(json.dumps(out, indent=2) + "\n")  # after each model: a partial run still counts
+            (args.out / "grammar.md").write_text(markdown(out))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ context (median of --repeats runs of --steps steps each, the two layouts
 alternating so that both see the same load on a shared machine). The ratio for
 DeepSeek-Coder-V2-Lite's real dimensions is computed from the same formula.
 
-Writes bench_results/mla.json and bench_results/mla.md.
+Writes mla.json and mla.md into --out (bench_results/).
+
+    python scripts/bench_mla.py [--contexts 1024 4096] [--steps 32] [--repeats 5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def decode_rates(runners: dict, ids: list[int], steps: int, repeats: int) -> dic
     """
     state = {}
     for mode, runner in runners.items():
-        cache = runner.new_cache()
+        cache = runner.new_cache("q4")  # the layout mla.bytes_per_token counts, whatever the default mode
         logits = runner.prefill(ids, cache)
         state[mode] = (cache, int(mx.argmax(logits)), [])
     for _ in range(repeats):

@@ -17,9 +17,11 @@ dequantized: the CPU default).
   per run on CPU; the layer figures show why).
 
 Forms alternate within each repeat; medians with min-max and every sample are kept.
-Writes bench_results/weight_forms.json and weight_forms.md.
+Writes weight_forms.json and weight_forms.md into --out (bench_results/). --quick
+measures 64 rows and prefills of 64 and 128 tokens instead (a smoke run: its
+numbers are not the figures above).
 
-    python scripts/bench_weight_forms.py [--models NAME ...] [--repeats N]
+    python scripts/bench_weight_forms.py [--models NAME ...] [--repeats N] [--quick] [--out DIR]
 """
 
 import mlx_agentcache  # noqa: F401  (loads OpenBLAS before mlx.core)
@@ -93,9 +95,9 @@ def prefill_tok_s(model, n: int) -> float:
     return n * 1000 / ms
 
 
-def decode_tok_s(model, steps: int = 16) -> float:
+def decode_tok_s(model, steps: int = 16, context: int = 512) -> float:
     cache = make_prompt_cache(model)
-    mx.eval(model.model(mx.random.randint(0, 1000, (1, 512)), cache=cache), [c.state for c in cache])
+    mx.eval(model.model(mx.random.randint(0, 1000, (1, context)), cache=cache), [c.state for c in cache])
     y = mx.array([[5]])
     mx.eval(model(y, cache=cache))
     t = time.perf_counter()
@@ -109,7 +111,7 @@ def spread(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
-def measure(name: str, repeats: int) -> dict:
+def measure(name: str, repeats: int, rows: int = 512, prefills: tuple[int, ...] = (512, 2048)) -> dict:
     path = resolve_model(name)
     models = {}
     for form, prepare in FORMS.items():
@@ -117,15 +119,14 @@ def measure(name: str, repeats: int) -> dict:
         prepare(model)
         mx.eval(model.parameters())
         models[form] = model
-    tests = [(f"layer_ms/{rows}/{form}", lambda m=models[form], r=rows: layer_ms(m, r))
-             for rows, forms in LAYER_FORMS.items() for form in forms]
+    tests = [(f"layer_ms/{r}/{form}", lambda m=models[form], r=r: layer_ms(m, r))
+             for r, forms in ((rows, LAYER_FORMS[512]), (1, LAYER_FORMS[1])) for form in forms]
     tests += [(f"head_ms/{form}", lambda m=models[form]: head_ms(m)) for form in HEAD_FORMS]
     for form in MODEL_FORMS:
         m = models[form]
         prefill_tok_s(m, 64)  # warm up
-        tests += [(f"prefill_tok_s/512/{form}", lambda m=m: prefill_tok_s(m, 512)),
-                  (f"prefill_tok_s/2048/{form}", lambda m=m: prefill_tok_s(m, 2048)),
-                  (f"decode_tok_s/{form}", lambda m=m: decode_tok_s(m))]
+        tests += [(f"prefill_tok_s/{n}/{form}", lambda m=m, n=n: prefill_tok_s(m, n)) for n in prefills]
+        tests += [(f"decode_tok_s/{form}", lambda m=m: decode_tok_s(m, context=prefills[0]))]
     samples = {key: [] for key, _ in tests}
     for _ in range(repeats):  # every measurement once per repeat, forms side by side
         for key, fn in tests:
@@ -164,19 +165,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="64 rows, prefills of 64 and 128 tokens: checks that it runs")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    rows, prefills = (64, (64, 128)) if args.quick else (512, (512, 2048))
     t0 = time.time()
-    data = {"command": f"python scripts/bench_weight_forms.py --models {' '.join(args.models)} --repeats {args.repeats}",
+    data = {"command": f"python scripts/bench_weight_forms.py --models {' '.join(args.models)} --repeats {args.repeats}" + (" --quick" if args.quick else ""),
+            "quick": args.quick,
             "machine": {"cpu": blas.read_cpuinfo().model, "cores": os.cpu_count(), "os": platform.platform(),
                         "blas": blas.CHOICE.summary(), "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")},
             "repeats": args.repeats, "models": {}}
     for name in args.models:
-        data["models"][name] = measure(name, args.repeats)
+        data["models"][name] = measure(name, args.repeats, rows, prefills)
         print(f"{name} done after {time.time() - t0:.0f} s", flush=True)
     data["seconds"] = round(time.time() - t0, 1)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "weight_forms.json").write_text(json.dumps(data, indent=1) + "\n")
-    (OUT / "weight_forms.md").write_text(markdown(data))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "weight_forms.json").write_text(json.dumps(data, indent=1) + "\n")
+    (args.out / "weight_forms.md").write_text(markdown(data))
     print(markdown(data))
 
 

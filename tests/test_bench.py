@@ -47,15 +47,19 @@ def test_quick_run_of_every_benchmark_records_the_machine_and_writes_the_report(
     for name, r in runs.items():
         assert r["rc"] == 0 and r["quick"] is True, name
         assert (tmp_path / r["log"]).read_text().strip(), name
+        assert list(tmp_path.glob(benchreport.SPECS[name].outputs)), name
     plausible_results(tmp_path)
     assert json.loads((tmp_path / "interleave.json").read_text())["quick"] is True
     report = tmp_path / "REPORT.md"
     text = report.read_text()
     for heading in ("## Machine", "## Published figures beside ours", "## Time to first token", "## Quality", "## Capacity",
                     "## Decode: our caches vs mlx-lm's own KVCache", "## Reloads hidden behind decoding, and batched decode",
-                    "## Handoff", "## HTTP server under load"):
+                    "## Handoff", "## HTTP server under load", "## More benchmarks"):
         assert heading in text, heading
     assert not [line for line in text.splitlines() if "in this directory" in line]  # every section found its JSON
+    for name, spec in benchreport.SPECS.items():  # the ones without a section of their own are linked
+        if spec.about and name in benchreport.BENCHES:
+            assert f"[{Path(spec.outputs).stem}.md]" in text and (tmp_path / spec.outputs).with_suffix(".md").is_file(), name
     assert machine["cpu"] in text
     for name in benchreport.BENCHES:
         assert f"| {name} (quick) | ok |" in text, name
@@ -131,6 +135,64 @@ def plausible_results(out: Path) -> None:
         within(x["p95_ms"] / x["p50_ms"], 1, 50, f"store: p95 / p50 TTFT, {x['agents']} agents on disk")
     within(ttft["p95_ratio"], 0.2, 5, "store: p95 TTFT with many agents on disk / with 10")  # the disk, not the agent count
     within(store["restore"]["ratio"], 0.05, 2, "store: restore / sequential read bandwidth")
+    arch = get("arch_accuracy.json")["models"]
+    assert set(arch) == {"smollm2-135m", "gemma3-270m", "llama3-tiny-random", "deepseek-v2-tiny-random"}
+    for model, r in arch.items():
+        within(r["modes"]["q8"]["mean_kl"], 0, 0.005, f"arch {model}: q8 mean KL")
+        within(r["modes"]["q4c"]["mean_kl"], 1e-6, 0.05, f"arch {model}: q4c mean KL")
+        if not model.endswith("-random"):  # random models' flat distributions keep every mode close
+            within(r["modes"]["q4"]["mean_kl"] / r["modes"]["q4c"]["mean_kl"], 2, 1000, f"arch {model}: q4 / q4c mean KL")
+            within(r["mlx_lm_4bit"]["mean_kl"], 1e-3, 1, f"arch {model}: mlx-lm 4-bit mean KL")
+    latent = arch["deepseek-v2-tiny-random"]["mla_latent_vs_full_fp16"]
+    within(latent["max_abs_logit_diff"] / latent["logit_std"], 0, 0.01, "arch: DeepSeek latent vs full logits / their spread")
+    for model, r in get("weight_forms.json")["models"].items():
+        rows = max(r["layer_ms"], key=int)
+        within(r["layer_ms"][rows]["quantized"]["median"] / r["layer_ms"][rows]["float32"]["median"], 3, 500,
+               f"weights {model}: quantized / float32 layer time at {rows} rows")
+        within(r["layer_ms"]["1"]["quantized"]["median"] / r["layer_ms"]["1"]["float32"]["median"], 0.5, 50,
+               f"weights {model}: quantized / float32 layer time at 1 row")
+        for form, rate in r["decode_tok_s"].items():
+            for n, prefill in r["prefill_tok_s"].items():
+                within(prefill[form]["median"] / rate["median"], 2, 1000, f"weights {model}: prefill {n} / decode tokens/s, {form}")
+    prefix = get("prefix_quality.json")["models"]
+    for model, r in prefix.items():
+        if not r["shares_prefixes"]:
+            assert model.startswith("gemma3") and "sliding-window" in r["why"], model
+            continue
+        assert r["fp16"]["kl_vs_fp16"] == 0 and r["q4c_own"]["kl_vs_q4c_own"] == 0
+        for mode in ("q4c_own", "q4c_attached_one_go", "q4c_attached_turns"):
+            within(r[mode]["kl_vs_fp16"], 1e-4, 0.05, f"prefix_quality {model}: {mode} KL vs fp16")
+            within(r[mode]["ppl_change_vs_fp16_pct"], -3, 8, f"prefix_quality {model}: {mode} ppl change %")
+            within(r[mode]["top1_agree"], 0.8, 1, f"prefix_quality {model}: {mode} top-1 agreement with fp16")
+        for mode in ("q4c_attached_one_go", "q4c_attached_turns"):
+            within(r[mode]["kl_vs_q4c_own"], 0, 0.05, f"prefix_quality {model}: {mode} KL vs its own q4c")
+    mla = get("mla.json")
+    assert mla["tiny_ratio"] == 8 and mla["coder_v2_lite_ratio"] == 8.89  # arithmetic from the configs
+    for ctx in {r["context"] for r in mla["decode"]}:
+        rate = {r["mode"]: r["decode_tokens_per_s"] for r in mla["decode"] if r["context"] == ctx}
+        within(rate["latent"] / rate["full"], 0.3, 3, f"mla {ctx}: latent / full decode tokens/s")
+    blas_ = get("blas.json")
+    over = blas_["headline"]["openblas_over"]
+    within(over["mlx + reference BLAS (wheel default)"], 3, 100, "blas: OpenBLAS / reference BLAS GFLOP/s")
+    for engine in ("numpy", "llama.cpp ggml f32"):
+        within(over[engine], 0.2, 5, f"blas: OpenBLAS / {engine} GFLOP/s")
+    for engine, d in blas_["engine_details"].items():
+        within(d["max_rel_err_vs_float64"], 0, 1e-4, f"blas {engine}: max relative error against float64")
+    if (out / "grammar.json").exists():  # no full run committed yet
+        for model, r in get("grammar.json")["models"].items():
+            within(r["ratio"], 0.8, 5, f"grammar {model}: decode time per token held / free")
+            within(r["mask_us"], 1, 100_000, f"grammar {model}: microseconds per mask")
+    ablation = get("kv_layout_ablation.json")
+    for m in ablation["models"]:
+        for text, rows in m["texts"].items():
+            q4 = rows["q4 (today: K, V asym g64)"]
+            assert q4["bits"] == 4.5, (m["model"], text)
+            within(q4["ppl_change"], -0.05, 1, f"ablation {m['model']} {text}: q4 ppl change")
+            for name, r in rows.items():
+                if name != "fp32 cache":
+                    within(r["kl"], 1e-4, 0.5, f"ablation {m['model']} {text}: {name} KL")
+                    within(r["bits"], 4.3, 4.8, f"ablation {m['model']} {text}: {name} bits per value")
+            within(rows["K chan g64, V asym g64, 4 sinks"]["kl"] / q4["kl"], 0.01, 0.7, f"ablation {m['model']} {text}: keys per channel + sinks / q4 KL")
 
 
 def test_the_plausibility_check_holds_for_the_committed_results():
@@ -178,9 +240,39 @@ def test_unknown_benchmark_is_a_usage_error(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
+def test_metal_runs_only_on_an_apple_gpu(tmp_path):
+    """`bench metal` measures the Metal kernels and is never in `all`; without Metal it says why and runs nothing."""
+    import mlx.core as mx
+
+    assert "metal" not in benchreport.BENCHES
+    p = bench("metal", "--quick", "--out", str(tmp_path / "out"))
+    if mx.metal.is_available():
+        assert p.returncode == 0 and (tmp_path / "out" / "metal.json").is_file(), p.stderr[-2000:]
+    else:
+        assert p.returncode == 2 and "mx.metal.is_available() is False" in p.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_full_ablation_reruns_the_committed_layouts():
+    """The layouts `bench ablation` passes are the committed file's rows, each one the script knows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablate_kv_layout", ROOT / "scripts" / "ablate_kv_layout.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    committed = json.loads((ROOT / "bench_results" / "kv_layout_ablation.json").read_text())
+    for m in committed["models"]:
+        for rows in m["texts"].values():
+            assert tuple(rows)[1:] == benchreport.ABLATION_LAYOUTS
+    assert set(benchreport.ABLATION_LAYOUTS) <= set(script.LAYOUTS)
+    full = benchreport.command("ablation", ROOT, Path("/out"), False, None)
+    assert full[full.index("--layouts") + 1].split("|") == list(benchreport.ABLATION_LAYOUTS)
+    assert full[full.index("--windows") + 1] == str(committed["windows"])
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_every_benchmark_maps_to_a_script_and_its_options(quick):
-    for name in benchreport.BENCHES:
+    for name in benchreport.SPECS:
         cmd = benchreport.command(name, ROOT, Path("/out"), quick, ["gemma3-270m"])
         assert cmd[1].endswith(benchreport.SPECS[name].script) and cmd[-2] == "--out"
         if benchreport.SPECS[name].models:
