@@ -70,7 +70,6 @@ class Bench:
     quick: list[str] = field(default_factory=list)
     full: list[str] = field(default_factory=list)
     models: Callable[[list[str]], list[str]] | None = None  # --models -> its own options
-    out_is_file: bool = False
     about: str = ""  # for the benchmarks REPORT.md links to (their .md) rather than tabulates
 
 
@@ -97,8 +96,7 @@ SPECS = {
     "interleave": Bench("bench_interleave.py", "interleave.json", ["--quick"], []),
     "batch": Bench("probe_batch.py", "batch_probe.json", ["--quick"], []),
     "handoff": Bench("bench_handoff.py", "handoff.json", ["--quick"], []),
-    "server": Bench("bench_server.py", "server.json", ["--clients", "4", "--agents", "2", "--requests", "8", "--budget", "4194304"], [],
-                    out_is_file=True),
+    "server": Bench("bench_server.py", "server.json", ["--clients", "4", "--agents", "2", "--requests", "8", "--budget", "4194304"], []),
     "store": Bench("bench_store.py", "store.json", ["--quick"], []),
     "arch": Bench("bench_arch_accuracy.py", "arch_accuracy.json", ["--tokens", "128"], [],
                   about="next-token KL and top-1 of each KV mode against a 16-bit cache, per architecture (and mlx-lm's 4-bit cache)"),
@@ -130,7 +128,7 @@ def command(name: str, root: Path, out: Path, quick: bool, models: list[str] | N
             i = args.index("--models")
             del args[i : i + 2]
         args += spec.models(models)
-    args += ["--out", str(out / "server.json" if spec.out_is_file else out)]
+    args += ["--out", str(out)]
     return args
 
 

@@ -21,7 +21,7 @@ Checked, not just timed:
 
 Measured: throughput (requests/s, generated tokens/s) and TTFT p50/p95 as the
 client sees it, by the tier that served the turn (hot: cache in memory; warm:
-restored from disk). Writes bench_results/server.json and server.md.
+restored from disk). Writes server.json and server.md into --out (bench_results/).
 
     python scripts/bench_server.py --clients 16 --agents 8 --requests 64
 """
@@ -269,7 +269,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--budget", type=int, nargs="+", default=[4 << 20, 16 << 20],
                     help="hot cache budgets in bytes, one run each (default 4 MiB: far less than the agents' caches, 16 MiB: most of them)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench_results" / "server.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_results", help="folder for server.json and server.md")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     runs, failed = [], False
@@ -280,10 +280,10 @@ def main() -> None:
         failed |= bool(checks["lost"] or checks["cross_agent_leaks"] or not checks["stored_history_matches"]
                        or not checks["later_turns_all_cached"] or not checks["usage_adds_up"]
                        or mem["hot_bytes_over_budget_samples"] or (mem["hot_bytes_peak"] or 0) > budget)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "server", "runs": runs}, indent=1) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "server.json").write_text(json.dumps({"benchmark": "server", "runs": runs}, indent=1) + "\n")
     md = "\n".join(markdown(s) for s in runs)
-    args.out.with_suffix(".md").write_text(md)
+    (args.out / "server.md").write_text(md)
     print(md)
     sys.exit(1 if failed else 0)
 
