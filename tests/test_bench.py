@@ -221,7 +221,7 @@ def test_report_over_the_committed_results(tmp_path):
     report = out / "REPORT.md"
     text = report.read_text()
     for heading in ("## Machine", "## Published figures beside ours", "## Time to first token", "## Quality", "## Capacity",
-                    "## Reloads hidden behind decoding, and batched decode", "## Handoff"):
+                    "## Reloads hidden behind decoding, and batched decode", "## Handoff", "## More benchmarks"):
         assert heading in text, heading
     assert "arXiv:2603.04428" in text and "arXiv:2605.03884" in text  # their figures carry their source
     assert "(published" in text or "published (theirs)" in text
@@ -232,6 +232,15 @@ def test_report_over_the_committed_results(tmp_path):
     new = readme.read_text()
     assert new.startswith(before) and new.endswith(after) and "stale text" not in new
     assert new.count(benchreport.README_BEGIN) == 1 and "arXiv:2603.04428" in new
+
+
+def test_the_committed_report_is_what_its_files_give(tmp_path):
+    """REPORT.md is generated: `--report-only` over a copy of bench_results/ writes it again, byte for byte."""
+    out = tmp_path / "results"
+    shutil.copytree(ROOT / "bench_results", out)
+    p = bench("--report-only", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "REPORT.md").read_text() == (ROOT / "bench_results" / "REPORT.md").read_text()
 
 
 def test_unknown_benchmark_is_a_usage_error(tmp_path):
