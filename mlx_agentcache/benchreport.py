@@ -80,6 +80,7 @@ def _many(models: list[str]) -> list[str]:
 def _one(models: list[str]) -> list[str]:
     return ["--model", models[0]]
 
+
 # The layouts of the committed kv_layout_ablation.json, in its order (scripts/ablate_kv_layout.py's LAYOUTS has more).
 ABLATION_LAYOUTS = ("q4 (today: K, V asym g64)", "q4k (today: K rot asym g64, V asym g64)", "K, V sym g32 (q4_0 layout)",
                     "K chan g64, V asym g64", "K chan g64, V asym g64, 4 sinks", "K chan g64, V sym g32, 4 sinks",

@@ -36,7 +36,7 @@ def linked_images(report: Path) -> list[Path]:
 def test_quick_run_of_every_benchmark_records_the_machine_and_writes_the_report(tmp_path, smollm2_path, gemma3_path, model_home):
     """`agentcache bench all --quick`, the smoke run: every script runs on the real models and
     every section of the report is filled from what it wrote (structure, not speed)."""
-    p = bench("all", "--quick", "--out", str(tmp_path), home=model_home, timeout=1500)
+    p = bench("all", "--quick", "--out", str(tmp_path), home=model_home, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     machine = json.loads((tmp_path / "machine.json").read_text())
     assert {"cpu", "cores", "memory_GiB", "os", "mlx", "device", "blas", "blas_threads", "peers", "disk"} <= set(machine)
