@@ -518,13 +518,15 @@ def bench(
                                          "never in all). docs/bench.md says what each measures and how long a full run takes.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: checks that everything runs (minutes), numbers not comparable.")] = False,
     models: Annotated[Optional[str], typer.Option("--models", help="Comma separated models for the benchmarks that take them.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Where the JSON, plots and REPORT.md go.")] = Path("bench_results"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where the JSON, plots and REPORT.md go [bench_results; with --quick, "
+                                                 "bench_quick, so that a smoke run never replaces the results].")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rewrite REPORT.md and the plots from the JSON in --out.")] = False,
     readme: Annotated[Optional[Path], typer.Option("--readme", help="Also regenerate this README's performance section from --out.")] = None,
 ):
     """Run the benchmarks (scripts/ of a source checkout), record the machine, write REPORT.md with plots."""
     from . import benchreport
 
+    out = (out or Path("bench_quick" if quick and not report_only else "bench_results")).resolve()  # the scripts run in the checkout
     names = list(benchreport.BENCHES) if which == "all" else [n.strip() for n in which.split(",") if n.strip()]
     unknown = [n for n in names if n not in benchreport.SPECS]
     if unknown or not names:

@@ -243,6 +243,16 @@ def test_the_committed_report_is_what_its_files_give(tmp_path):
     assert (out / "REPORT.md").read_text() == (ROOT / "bench_results" / "REPORT.md").read_text()
 
 
+def test_a_quick_run_without_out_leaves_the_results_alone(tmp_path, model_home):
+    """A smoke run writes into bench_quick/ of the working directory, never over bench_results/."""
+    env = dict(os.environ, AGENTCACHE_HOME=str(model_home))
+    p = subprocess.run([sys.executable, "-m", "mlx_agentcache", "bench", "mla", "--quick"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (tmp_path / "bench_quick" / "mla.json").is_file() and (tmp_path / "bench_quick" / "mla.md").is_file()
+    assert not (tmp_path / "bench_results").exists()
+
+
 def test_unknown_benchmark_is_a_usage_error(tmp_path):
     p = bench("warp-speed", "--out", str(tmp_path))
     assert p.returncode == 2 and "unknown benchmark warp-speed" in p.stderr
