@@ -59,7 +59,7 @@ from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.scheduler import Scheduler
-from mlx_agentcache.store import codec
+from mlx_agentcache.store import codec, segments
 
 ROOT = Path(__file__).resolve().parent.parent
 GEOMETRY_8B = "llama3-8b-geometry-random"
@@ -117,7 +117,7 @@ def make_agents(runner: ModelRunner, root: Path, n_agents: int, context: int) ->
         a._save_history()
         rt.pool.save(a.name, cache)
     rt.close()
-    return src, (src / "agent0.safetensors").stat().st_size
+    return src, segments.disk_bytes(src / "agent0.safetensors")  # the manifest and its segments
 
 
 def release() -> None:

@@ -10,9 +10,10 @@
 * Restore bandwidth: a fresh pool restores that agent (manifest and every
   segment) with the page cache dropped for its files (posix_fadvise), against
   a plain sequential read of the same files and a restore of the same cache
-  saved as one version 2 file, alternating, after a warm-up. Again in a child
-  process with glibc's malloc asking for huge pages (GLIBC_TUNABLES): on a
-  CPU, page faults of the fresh arrays cost about as much as the read.
+  saved as one version 2 file, alternating, after a warm-up; and the same
+  restore without its memory hints (huge pages, pages faulted in on the
+  allocating thread: container.huge_pages), alternating too: on a CPU, page
+  faults of the fresh arrays cost about as much as the read.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -62,7 +63,7 @@ from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
-from mlx_agentcache.store import codec, history, segments
+from mlx_agentcache.store import codec, container, history, segments
 from mlx_agentcache.store.container import peek_meta
 from mlx_agentcache.store.layout import Layout
 
@@ -170,13 +171,18 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
                     pass
         return time.perf_counter() - t
 
-    def restore() -> float:
+    def restore(hints: bool = True) -> float:
         pool = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
-        t = time.perf_counter()
-        cache, tier = pool.checkout("a")
-        mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
+        madvise, container._MADVISE = container._MADVISE, (container._MADVISE if hints else None)
+        try:
+            t = time.perf_counter()
+            cache, tier = pool.checkout("a")
+            mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
+            took = time.perf_counter() - t
+        finally:
+            container._MADVISE = madvise
         assert tier == "warm"
-        return time.perf_counter() - t
+        return took
 
     whole = d / "whole.safetensors"  # the same cache as one version 2 file (bytes_per_turn's last save)
 
@@ -187,17 +193,20 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         return time.perf_counter() - t
 
     cold = drop(files + [whole])
-    restore(), read_all(), restore_whole()  # warm-up
-    r, s, w = [], [], []
+    restore(), restore(False), read_all(), restore_whole()  # warm-up
+    r, s, w, plain = [], [], [], []
     for _ in range(repeats):  # alternating
         cold = drop(files) and cold
         r.append(total / restore() / 1e6)
+        drop(files)
+        plain.append(total / restore(False) / 1e6)
         drop(files)
         s.append(total / read_all() / 1e6)
         drop([whole])
         w.append(whole.stat().st_size / restore_whole() / 1e6)
     return {"bytes": total, "files": len(files), "page_cache": "dropped" if cold else "not dropped",
             "restore_MBps": spread(r, 1), "sequential_read_MBps": spread(s, 1), "ratio": round(statistics.median(r) / statistics.median(s), 3),
+            "no_memory_hints_MBps": spread(plain, 1), "hints_gain": round(statistics.median(r) / statistics.median(plain), 3),
             "one_file_restore_MBps": spread(w, 1)}
 
 
@@ -215,16 +224,6 @@ def populate(src: Layout, name: str, d: Path, n: int) -> None:
             os.link(seg, dst.segment_file(other, seg.stem))
     old = time.time_ns() - 10**10  # as a directory last changed a while ago
     os.utime(dst.dir, ns=(old, old))
-
-
-def hugepage_restore(d: Path, layers: int, repeats: int) -> dict:
-    """restore_bandwidth in a child process whose malloc asks for transparent huge pages
-    (glibc's `glibc.malloc.hugetlb=1`): fresh MLX memory then costs one page fault per
-    2 MiB, not per 4 KiB."""
-    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    p = subprocess.run([sys.executable, __file__, "--restore-only", str(d), "--layers", str(layers), "--repeats", str(repeats)],
-                       capture_output=True, text=True, env=env, check=True)
-    return {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"], **json.loads(p.stdout.splitlines()[-1])}
 
 
 def ls_times(counts: list[int], repeats: int, work: Path) -> list[dict]:
@@ -415,9 +414,8 @@ def report(r: dict) -> str:
               f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}."
               + (f" The same cache as one version 2 file restores at {rb['one_file_restore_MBps']['median']} MB/s "
                  f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else "")
-              + (f" With `GLIBC_TUNABLES={hp['GLIBC_TUNABLES']}` (huge pages for fresh memory, a child process, same files): restore "
-                 f"{hp['restore_MBps']['median']} MB/s ({hp['restore_MBps']['min']}-{hp['restore_MBps']['max']}), sequential read "
-                 f"{hp['sequential_read_MBps']['median']} MB/s: ratio {hp['ratio']}." if (hp := r.get("restore_hugepages")) else ""), "",
+              + (f" Without the memory hints (huge pages, pages faulted in on the allocating thread), alternating in the same run: "
+                 f"{nh['median']} MB/s ({nh['min']}-{nh['max']}); the hints give {rb['hints_gain']}x." if (nh := rb.get("no_memory_hints_MBps")) else ""), "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")
@@ -441,12 +439,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, help="Of the geometry's layers, this many (bytes scale with it; shares do not).")
     ap.add_argument("--parts", default=",".join(PARTS), help="what to measure; the others are kept from --out's store.json")
-    ap.add_argument("--restore-only", type=Path, help=argparse.SUPPRESS)  # a child: restore_bandwidth of this directory, as JSON
     a = ap.parse_args()
-    if a.restore_only:
-        layers, heads, dim = geometry(default_home())
-        print(json.dumps(restore_bandwidth(Agent(a.layers or layers, heads, dim), a.restore_only, a.repeats)))
-        return
     parts = a.parts.split(",")
     if not set(parts) <= set(PARTS) or ("restore" in parts and "turns" not in parts):
         raise SystemExit(f"--parts takes {', '.join(PARTS)} (restore reads what turns wrote)")
@@ -470,7 +463,7 @@ def main() -> None:
             r["bytes_per_turn"] = bytes_per_turn(agent, contexts, 3 if a.quick else 5, work)
         if "restore" in parts:
             r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else a.repeats)
-            r["restore_hugepages"] = hugepage_restore(work / f"turns-{contexts[-1]}", layers, 3 if a.quick else a.repeats)
+            r.pop("restore_hugepages", None)  # measured by earlier runs in a child with glibc's huge pages; the hints replace it
         if "ls" in parts:
             r["ls"] = ls_times(counts, 3 if a.quick else a.repeats, work)
         if "sharing" in parts:
