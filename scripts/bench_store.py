@@ -10,10 +10,7 @@
 * Restore bandwidth: a fresh pool restores that agent (manifest and every
   segment) with the page cache dropped for its files (posix_fadvise), against
   a plain sequential read of the same files and a restore of the same cache
-  saved as one version 2 file, alternating, after a warm-up; and the same
-  restore without its memory hints (huge pages, pages faulted in on the
-  allocating thread: container.huge_pages), alternating too: on a CPU, page
-  faults of the fresh arrays cost about as much as the read.
+  saved as one version 2 file, alternating, after a warm-up.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -63,7 +60,7 @@ from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.models.runner import ModelRunner
 from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
-from mlx_agentcache.store import codec, container, history, segments
+from mlx_agentcache.store import codec, history, segments
 from mlx_agentcache.store.container import peek_meta
 from mlx_agentcache.store.layout import Layout
 
@@ -171,18 +168,13 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
                     pass
         return time.perf_counter() - t
 
-    def restore(hints: bool = True) -> float:
+    def restore() -> float:
         pool = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
-        madvise, container._MADVISE = container._MADVISE, (container._MADVISE if hints else None)
-        try:
-            t = time.perf_counter()
-            cache, tier = pool.checkout("a")
-            mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
-            took = time.perf_counter() - t
-        finally:
-            container._MADVISE = madvise
+        t = time.perf_counter()
+        cache, tier = pool.checkout("a")
+        mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
         assert tier == "warm"
-        return took
+        return time.perf_counter() - t
 
     whole = d / "whole.safetensors"  # the same cache as one version 2 file (bytes_per_turn's last save)
 
@@ -193,20 +185,17 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         return time.perf_counter() - t
 
     cold = drop(files + [whole])
-    restore(), restore(False), read_all(), restore_whole()  # warm-up
-    r, s, w, plain = [], [], [], []
+    restore(), read_all(), restore_whole()  # warm-up
+    r, s, w = [], [], []
     for _ in range(repeats):  # alternating
         cold = drop(files) and cold
         r.append(total / restore() / 1e6)
-        drop(files)
-        plain.append(total / restore(False) / 1e6)
         drop(files)
         s.append(total / read_all() / 1e6)
         drop([whole])
         w.append(whole.stat().st_size / restore_whole() / 1e6)
     return {"bytes": total, "files": len(files), "page_cache": "dropped" if cold else "not dropped",
             "restore_MBps": spread(r, 1), "sequential_read_MBps": spread(s, 1), "ratio": round(statistics.median(r) / statistics.median(s), 3),
-            "no_memory_hints_MBps": spread(plain, 1), "hints_gain": round(statistics.median(r) / statistics.median(plain), 3),
             "one_file_restore_MBps": spread(w, 1)}
 
 
@@ -413,9 +402,7 @@ def report(r: dict) -> str:
               f"({rb['restore_MBps']['min']}-{rb['restore_MBps']['max']}), sequential read {rb['sequential_read_MBps']['median']} MB/s "
               f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}."
               + (f" The same cache as one version 2 file restores at {rb['one_file_restore_MBps']['median']} MB/s "
-                 f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else "")
-              + (f" Without the memory hints (huge pages, pages faulted in on the allocating thread), alternating in the same run: "
-                 f"{nh['median']} MB/s ({nh['min']}-{nh['max']}); the hints give {rb['hints_gain']}x." if (nh := rb.get("no_memory_hints_MBps")) else ""), "",
+                 f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else ""), "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")
@@ -463,7 +450,7 @@ def main() -> None:
             r["bytes_per_turn"] = bytes_per_turn(agent, contexts, 3 if a.quick else 5, work)
         if "restore" in parts:
             r["restore"] = restore_bandwidth(agent, work / f"turns-{contexts[-1]}", 3 if a.quick else a.repeats)
-            r.pop("restore_hugepages", None)  # measured by earlier runs in a child with glibc's huge pages; the hints replace it
+            r.pop("restore_hugepages", None)  # earlier runs measured glibc's huge pages in a child; no gain stood up
         if "ls" in parts:
             r["ls"] = ls_times(counts, 3 if a.quick else a.repeats, work)
         if "sharing" in parts:

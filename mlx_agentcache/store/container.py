@@ -416,52 +416,8 @@ class Arrays:
             self.next += 1
         mx.eval(list(batch.values()))
         self.arrays.update(batch)
-        views = {n: np.array(x, copy=False).reshape(-1).view(np.uint8) for n, x in batch.items()}
-        for v in views.values():
-            huge_pages(v.ctypes.data, v.nbytes)
-        self.views.update(views)
+        self.views.update({n: np.array(x, copy=False).reshape(-1).view(np.uint8) for n, x in batch.items()})
 
-
-HUGE_PAGE = 2 << 20
-
-
-def _madvise():
-    """libc's madvise where the kernel takes MADV_HUGEPAGE (Linux), else None."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        f = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return f
-
-
-_MADVISE = _madvise()
-MADV_HUGEPAGE = 14
-MADV_POPULATE_WRITE = 23  # Linux 5.14 on; older kernels refuse it (EINVAL) and the reads fault the pages in
-PAGE = 4096
-
-
-def huge_pages(addr: int, n: int) -> None:
-    """Ready fresh memory that is about to be filled from a file: transparent huge pages
-    over the whole 2 MiB pages inside it (one page fault per 2 MiB instead of per 4 KiB,
-    which on a CPU otherwise costs about as much as the read itself), and its pages
-    faulted in now, on the allocating thread, while the reading thread fills the batch
-    before. Hints only: refused, they change nothing."""
-    if _MADVISE is None:
-        return
-    a = -(-addr // HUGE_PAGE) * HUGE_PAGE
-    b = (addr + n) // HUGE_PAGE * HUGE_PAGE
-    if b > a:
-        _MADVISE(a, b - a, MADV_HUGEPAGE)
-    a = -(-addr // PAGE) * PAGE
-    b = (addr + n) // PAGE * PAGE
-    if b > a:
-        _MADVISE(a, b - a, MADV_POPULATE_WRITE)
 
 
 def dtype_name(entry: dict) -> str:
