@@ -105,7 +105,7 @@ class CachePool:
         if self.sharing:
             self.sharing.scan()
 
-    # -- the ledger's state, read-only views for callers and tests ----------------------
+    # -- the ledger's state, for callers and tests --------------------------------------
     budget = property(lambda self: self.ledger.budget, lambda self, b: setattr(self.ledger, "budget", b))
     stats = property(lambda self: self.ledger.stats)
     hot = property(lambda self: self.ledger.hot)

@@ -39,6 +39,11 @@ def common_blocks(a: list[int], b: list[int]) -> int:
     return n - n % BLOCK_TOKENS
 
 
+def covered(hit: tuple[str, int] | None) -> int:
+    """Tokens a prefix hit (key, tokens) covers; 0 for none."""
+    return hit[1] if hit else 0
+
+
 class PrefixSharing:
     def __init__(self, index: PrefixIndex, ledger: Ledger, store: AgentStore, warn: Callable[[str], None]):
         self.index = index
@@ -92,7 +97,7 @@ class PrefixSharing:
         """Start `cache` from a shared prefix of `prompt` when that reuses more than
         the cache itself. An agent that holds the same leading blocks turns them into
         a new shared prefix on the spot: a hot idle one, or else one on disk (found
-        through the listing index and read), so even the second agent with a long
+        by its first block, then read), so even the second agent with a long
         common prompt does not prefill it, after a restart too. Returns the tokens
         covered (0: none) and save jobs for agents changed in place."""
         if not eligible(cache):
@@ -103,11 +108,11 @@ class PrefixSharing:
         whole = limit - limit % BLOCK_TOKENS
         with self.ledger.lock:
             hit = self.index.match(prompt, limit)
-            if (hit[1] if hit else 0) < whole:
-                hit = self._from_peer(prompt, limit, jobs, max(hit[1] if hit else 0, own)) or hit
-        if max(hit[1] if hit else 0, own) < whole:
-            hit = self._from_disk(name, prompt, limit, max(hit[1] if hit else 0, own)) or hit
-        if hit is None or hit[1] <= own:
+            if covered(hit) < whole:
+                hit = self._from_peer(prompt, limit, jobs, max(covered(hit), own)) or hit
+        if max(covered(hit), own) < whole:
+            hit = self._from_disk(name, prompt, limit, max(covered(hit), own)) or hit
+        if covered(hit) <= own:
             return 0, jobs
         key, n = hit
         try:  # a prefix on disk only is read here, with no lock held
