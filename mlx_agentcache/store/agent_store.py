@@ -174,14 +174,8 @@ class AgentStore:
         path = self.path(name)
         try:
             header, _, start = container.read_header(path, formats.AGENT_FORMATS)
-            t = header["tokens"]
-            a, b = t["data_offsets"]
-            if t.get("dtype") != "I32":
-                return []
-            with open(path, "rb") as f:
-                f.seek(start + a)
-                raw = f.read(b - a)
-        except (CacheFileError, OSError, KeyError, TypeError, ValueError):
+            raw = formats.token_bytes(path, header, start)
+        except (CacheFileError, OSError):
             return []
         return np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<i4").tolist()
 

@@ -25,6 +25,19 @@ def lead_of_bytes(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def token_bytes(path, header: dict, start: int, limit: int | None = None) -> bytes:
+    """Up to `limit` bytes (all without one) of an agent file's `tokens` tensor (int32,
+    little-endian), from its parsed header alone; b"" when it holds no such tensor. A hint:
+    only a full read checks them."""
+    t = header.get("tokens")
+    if not isinstance(t, dict) or t.get("dtype") != "I32":
+        return b""
+    a, b = t["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(start + a)
+        return f.read(b - a if limit is None else min(limit, b - a))
+
+
 def lead_of(tokens: list[int]) -> str | None:
     """`lead_of_bytes` of a token list; None when it is shorter than one block."""
     if len(tokens) < LEAD_TOKENS:

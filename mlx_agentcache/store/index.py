@@ -77,13 +77,8 @@ def _lead(path: Path, header: dict, start: int) -> str | None:
     """The key of the agent's first block (formats.lead_of), read from the first token ids of
     its `tokens` tensor; a hint for finding agents that share a prompt start (sharing.py
     compares the checked tokens themselves before using one)."""
-    t = header.get("tokens")
     n = 4 * formats.LEAD_TOKENS
-    if not isinstance(t, dict) or t.get("dtype") != "I32" or t["data_offsets"][1] - t["data_offsets"][0] < n:
-        return None
-    with open(path, "rb") as f:
-        f.seek(start + t["data_offsets"][0])
-        raw = f.read(n)
+    raw = formats.token_bytes(path, header, start, n)
     return formats.lead_of_bytes(raw) if len(raw) == n else None
 
 
