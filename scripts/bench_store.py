@@ -7,10 +7,11 @@
   template's end of turn does, 18 prefilled, 4 decoded one by one), saved
   through the pool as segments; beside it, the bytes a whole-file save (the
   version 2 store) writes for the same cache after the same turn.
-* Restore bandwidth: a fresh pool restores that agent (manifest and every
-  segment) with the page cache dropped for its files (posix_fadvise), against
-  a plain sequential read of the same files and a restore of the same cache
-  saved as one version 2 file, alternating, after a warm-up.
+* Restore bandwidth: a fresh pool (as after a restart) restores that agent
+  (manifest and every segment) with the page cache dropped for its files
+  (posix_fadvise), against a plain sequential read of the same files, a
+  running pool restoring the agent it evicted before, and a restore of the
+  same cache saved as one version 2 file, alternating, after a warm-up.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -168,13 +169,29 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
                     pass
         return time.perf_counter() - t
 
-    def restore() -> float:
-        pool = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
+    def timed_checkout(pool: CachePool) -> tuple[float, AgentCache]:
         t = time.perf_counter()
         cache, tier = pool.checkout("a")
         mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
         assert tier == "warm"
-        return time.perf_counter() - t
+        return time.perf_counter() - t, cache
+
+    def restore() -> float:
+        """A fresh pool, as after a restart."""
+        pool = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
+        try:
+            return timed_checkout(pool)[0]
+        finally:
+            pool.close()
+
+    running = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
+
+    def restore_running() -> float:
+        """A pool that evicted the agent before (its buffers freed, as a busy pool frees them)."""
+        dt, cache = timed_checkout(running)
+        running.checkin("a", cache)
+        running.evict("a")
+        return dt
 
     whole = d / "whole.safetensors"  # the same cache as one version 2 file (bytes_per_turn's last save)
 
@@ -185,17 +202,21 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         return time.perf_counter() - t
 
     cold = drop(files + [whole])
-    restore(), read_all(), restore_whole()  # warm-up
-    r, s, w = [], [], []
+    restore(), restore_running(), read_all(), restore_whole()  # warm-up
+    r, p, s, w = [], [], [], []
     for _ in range(repeats):  # alternating
         cold = drop(files) and cold
         r.append(total / restore() / 1e6)
         drop(files)
+        p.append(total / restore_running() / 1e6)
+        drop(files)
         s.append(total / read_all() / 1e6)
         drop([whole])
         w.append(whole.stat().st_size / restore_whole() / 1e6)
+    running.close()
     return {"bytes": total, "files": len(files), "page_cache": "dropped" if cold else "not dropped",
             "restore_MBps": spread(r, 1), "sequential_read_MBps": spread(s, 1), "ratio": round(statistics.median(r) / statistics.median(s), 3),
+            "running_pool_restore_MBps": spread(p, 1), "running_pool_ratio": round(statistics.median(p) / statistics.median(s), 3),
             "one_file_restore_MBps": spread(w, 1)}
 
 
@@ -401,6 +422,9 @@ def report(r: dict) -> str:
               f"{rb['bytes'] / 1e6:.1f} MB in {rb['files']} files, page cache {rb['page_cache']}: restore {rb['restore_MBps']['median']} MB/s "
               f"({rb['restore_MBps']['min']}-{rb['restore_MBps']['max']}), sequential read {rb['sequential_read_MBps']['median']} MB/s "
               f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}."
+              + (f" A running pool restoring the agent it evicted: {rb['running_pool_restore_MBps']['median']} MB/s "
+                 f"({rb['running_pool_restore_MBps']['min']}-{rb['running_pool_restore_MBps']['max']}), ratio {rb['running_pool_ratio']}."
+                 if "running_pool_ratio" in rb else "")
               + (f" The same cache as one version 2 file restores at {rb['one_file_restore_MBps']['median']} MB/s "
                  f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else ""), "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]

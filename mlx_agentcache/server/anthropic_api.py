@@ -96,7 +96,6 @@ async def messages(request: Request):
     turn = TurnRequest(prompt, msgs, max_tokens, clamped, temperature, stop=stop, tools_mode=tools_mode, grammar=grammar)
     run = await state.begin(request, body, turn, msgs, ignored=ignored(body, FIELDS) + [f"?{k}" for k in request.query_params]
                             + (["anthropic-beta"] if "anthropic-beta" in request.headers else []))
-    agent = run.agent
     mid = "msg_" + uuid.uuid4().hex[:24]
 
     def usage(final: bool = True) -> dict:
@@ -110,27 +109,21 @@ async def messages(request: Request):
         }
 
     def blocks(text: str) -> tuple[list[dict], str]:
-        calls = []
-        if tools_mode:
-            text, calls = tl.parse_calls(text)
+        text, calls = run.split(text)
         out = [{"type": "text", "text": text}] if text or not calls else []
         out += [{"type": "tool_use", "id": "toolu_" + c["id"][5:], "name": c["name"], "input": c["arguments"]} for c in calls]
         return out, ("tool_use" if calls else STOP_REASONS[run.finish])
 
-    def remember(text: str) -> None:
-        state.remember_anonymous(agent, msgs + [{"role": "assistant", "content": text}])
-
     if not stream:
-        text = await run.collect(request)
-        if run.error is not None:
-            raise APIError(500, f"the turn failed: {run.error}")
-        remember(text)
-        content, reason = blocks(text)
+        content, reason = blocks(await run.reply(request))
         return JSONResponse(
             {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": reason,
              "stop_sequence": run.stop_hit, "usage": usage(), "x_agentcache": run.info()},
             headers=run.headers(),
         )
+
+    def error() -> str:
+        return _event("error", {"type": "error", "error": {"type": "api_error", "message": run.failure}})
 
     async def events():
         # The stream opens at once and pings while the prompt is read: a long
@@ -148,12 +141,10 @@ async def messages(request: Request):
                 run.cancel()
         first = waiting.result()
         if run.error is not None and first is None:
-            yield _event("error", {"type": "error", "error": {"type": "api_error", "message": f"the turn failed: {run.error}"}})
+            yield error()
             return
         if tools_mode:  # tool calls are known only once the reply is complete
-            text = first or ""
-            async for piece in run.rest():
-                text += piece
+            text = "".join([piece async for piece in run.stream(first)])
             content, reason = blocks(text)
             for i, b in enumerate(content):
                 if b["type"] == "text":
@@ -167,16 +158,13 @@ async def messages(request: Request):
         else:
             yield _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
             yield _event("ping", {"type": "ping"})
-            if first:
-                yield _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": first}})
-            async for piece in run.rest():
+            async for piece in run.stream(first):
                 yield _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
             yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
             reason = STOP_REASONS[run.finish]
         if run.error is not None:
-            yield _event("error", {"type": "error", "error": {"type": "api_error", "message": f"the turn failed: {run.error}"}})
+            yield error()
             return
-        remember(run.text)
         yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": run.stop_hit},
                                        "usage": usage(), "x_agentcache": run.info()})
         yield _event("message_stop", {"type": "message_stop"})

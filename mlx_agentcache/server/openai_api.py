@@ -30,6 +30,11 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _error(run) -> str:
+    """A stream's last event when the turn failed after its first token."""
+    return _sse({"error": {"message": run.failure, "type": "server_error", "param": None, "code": None}})
+
+
 def _usage(prompt: list[int], run) -> dict:
     generated = sum(r.stats.generated_tokens for r in run.choices)  # every choice's tokens, as OpenAI counts them
     return {
@@ -110,7 +115,6 @@ async def chat_completions(request: Request):
     max_tokens, clamped = _max_tokens(rt, body, len(prompt), state.config.default_max_tokens)
     turn = TurnRequest(prompt, rendered, max_tokens, clamped, opts["temperature"], opts["seed"], stop, tools_mode, grammar, n, top_logprobs)
     run = await state.begin(request, body, turn, rendered, ignored=ignored(body, CHAT_FIELDS))
-    agent = run.agent
     rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     tokenizer = rt.runner.tokenizer
 
@@ -121,20 +125,14 @@ async def chat_completions(request: Request):
         """The choice's token log-probabilities from token `start` on (None unless asked for)."""
         return None if top_logprobs is None else {"content": _logprobs(tokenizer, r.handle.logprobs[start:]), "refusal": None}
 
-    def remember(text: str) -> None:
-        state.remember_anonymous(agent, rendered + [{"role": "assistant", "content": text}])
-
     if not opts["stream"]:
         texts = await asyncio.gather(*(r.collect(request) for r in run.choices))
-        failed = next((r.error for r in run.choices if r.error is not None), None)
+        failed = next((r for r in run.choices if r.error is not None), None)
         if failed is not None:
-            raise APIError(500, f"the turn failed: {failed}")
-        remember(texts[0])
+            raise APIError(500, failed.failure)
         out = []
         for i, (r, text) in enumerate(zip(run.choices, texts)):
-            calls = []
-            if tools_mode:
-                text, calls = tl.parse_calls(text)
+            text, calls = run.split(text)
             message = {"role": "assistant", "content": text if (text or not calls) else None, "refusal": None}
             if calls:
                 message["tool_calls"] = [_call(c) for c in calls]
@@ -145,9 +143,7 @@ async def chat_completions(request: Request):
             headers=run.headers(),
         )
 
-    first = await run.watching(request, run.first())
-    if run.error is not None and first is None:
-        raise APIError(500, f"the turn failed: {run.error}")
+    first = await run.opening(request)
 
     def chunk(i: int, delta: dict, finish=None, lp=None) -> str:
         return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
@@ -160,7 +156,7 @@ async def chat_completions(request: Request):
         if tools_mode:  # a tool call is known only once the reply is complete
             async for piece in pieces:
                 text += piece
-            text, calls = tl.parse_calls(text)
+            text, calls = run.split(text)
             if text:
                 yield chunk(i, {"content": text}, lp=logprobs(r))
                 sent = len(r.handle.logprobs)
@@ -174,12 +170,6 @@ async def chat_completions(request: Request):
             rest = logprobs(r, sent) if sent < len(r.handle.logprobs) else None
             yield chunk(i, {}, finish_reason(r, calls), lp=rest)
 
-    async def main_pieces():
-        if first:
-            yield first
-        async for piece in run.rest():
-            yield piece
-
     async def branch_pieces(r):
         async for piece in r.pieces():
             yield piece
@@ -188,13 +178,11 @@ async def chat_completions(request: Request):
     async def events():
         try:
             for i, r in enumerate(run.choices):
-                async for event in choice_events(i, r, main_pieces() if i == 0 else branch_pieces(r)):
+                async for event in choice_events(i, r, run.stream(first) if i == 0 else branch_pieces(r)):
                     yield event
                 if r.error is not None:
-                    yield _sse({"error": {"message": f"the turn failed: {r.error}", "type": "server_error", "param": None, "code": None}})
+                    yield _error(r)
                     return
-                if i == 0:
-                    remember(run.text)
             if opts["include_usage"]:
                 yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
                             "choices": [], "usage": _usage(prompt, run), "x_agentcache": run.info()})
@@ -228,7 +216,6 @@ async def completions(request: Request):
     prompt = await asyncio.to_thread(rt.encode, prompt_text)
     max_tokens, clamped = _max_tokens(rt, body, len(prompt), 16)
     run = await state.begin(request, body, TurnRequest(prompt, None, max_tokens, clamped, opts["temperature"], opts["seed"], stop), prompt_text)
-    agent = run.agent
     rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
     def finish_reason() -> str:
@@ -239,29 +226,21 @@ async def completions(request: Request):
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
     if not opts["stream"]:
-        text = await run.collect(request)
-        if run.error is not None:
-            raise APIError(500, f"the turn failed: {run.error}")
-        state.remember_anonymous(agent, prompt_text + text)
+        text = await run.reply(request)
         out = body_of((prompt_text if echo else "") + text, finish_reason())
         out.update(usage=_usage(prompt, run), x_agentcache=run.info())
         return JSONResponse(out, headers=run.headers())
 
-    first = await run.watching(request, run.first())
-    if run.error is not None and first is None:
-        raise APIError(500, f"the turn failed: {run.error}")
+    first = await run.opening(request)
 
     async def events():
         if echo:
             yield _sse(body_of(prompt_text, None))
-        if first:
-            yield _sse(body_of(first, None))
-        async for piece in run.rest():
+        async for piece in run.stream(first):
             yield _sse(body_of(piece, None))
         if run.error is not None:
-            yield _sse({"error": {"message": f"the turn failed: {run.error}", "type": "server_error", "param": None, "code": None}})
+            yield _error(run)
             return
-        state.remember_anonymous(agent, prompt_text + run.text)
         yield _sse(body_of("", finish_reason()))
         if opts["include_usage"]:
             yield _sse({**body_of("", None), "choices": [], "usage": _usage(prompt, run), "x_agentcache": run.info()})

@@ -183,28 +183,20 @@ async def responses(request: Request):
 
     def finished(text: str) -> tuple[str, list[dict], str]:
         """The reply's text and calls, and the response status; the conversation is stored under the response id."""
-        calls = []
-        if tools_mode:
-            text, calls = tl.parse_calls(text)
+        text, calls = run.split(text)
         reply = {"role": "assistant", "content": text}
         if calls:
             reply["tool_calls"] = [{"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-        state.remember_anonymous(agent, rendered + [{"role": "assistant", "content": run.text}])
         if keep:
             store.put(rid, agent, messages + [reply])
         return text, calls, "incomplete" if run.finish == "length" and not calls else "completed"
 
     if not stream:
-        text = await run.collect(request)
-        if run.error is not None:
-            raise APIError(500, f"the turn failed: {run.error}")
-        text, calls, status = finished(text)
+        text, calls, status = finished(await run.reply(request))
         output = ([_message(text)] if text or not calls else []) + [_function_call(c) for c in calls]
         return JSONResponse(response(status, output, _usage(prompt, run)), headers=run.headers())
 
-    first = await run.watching(request, run.first())
-    if run.error is not None and first is None:
-        raise APIError(500, f"the turn failed: {run.error}")
+    first = await run.opening(request)
     seq = iter(range(1 << 62))
 
     def event(kind: str, **fields) -> str:
@@ -226,21 +218,18 @@ async def responses(request: Request):
     async def events():
         yield event("response.created", response=response("in_progress", []))
         yield event("response.in_progress", response=response("in_progress", []))
-        text, output = first or "", []
+        text, output = "", []
         if tools_mode:  # a call is known only once the reply is complete
-            async for piece in run.rest():
-                text += piece
+            text = "".join([piece async for piece in run.stream(first)])
         else:
             item = _message("")
             for e in text_start(0, item):
                 yield e
-            if first:
-                yield delta(0, item, first)
-            async for piece in run.rest():
+            async for piece in run.stream(first):
                 text += piece
                 yield delta(0, item, piece)
         if run.error is not None:
-            failed = response("failed", [], error={"code": "server_error", "message": f"the turn failed: {run.error}"})
+            failed = response("failed", [], error={"code": "server_error", "message": run.failure})
             yield event("response.failed", response=failed)
             return
         text, calls, status = finished(text)

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..config import DEFAULT_KV, DEFAULT_MODEL
 from ..store.layout import is_agent_name
 from ..turnlock import TurnBusyError
+from . import tools as tl
 from .errors import APIError
 from .metrics import Metrics, now
 from .saves import Resaver
@@ -142,6 +143,8 @@ class TurnRun:
         self.stop_hit: str | None = None
         self.error: BaseException | None = None
         self.notes: dict = {}  # reported in x_agentcache: tools, max_tokens_clamped, ignored
+        self.conversation = None  # what the prompt renders; remembered with the reply for anonymous agents
+        self.tools_mode: str | None = None  # tools were offered: the reply may hold calls
         self.branches: list[TurnRun] = []  # the other choices of an `n` > 1 request
         self._sent = 0
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -227,6 +230,39 @@ class TurnRun:
         await self.settle()
         return text
 
+    # -- what every API does with a reply: collect it, or stream it ------------------
+    @property
+    def failure(self) -> str:
+        return f"the turn failed: {self.error}"
+
+    async def reply(self, request) -> str:
+        """The whole reply once saved (the answer to a request that does not stream);
+        a 500 if the turn failed."""
+        text = await self.collect(request)
+        if self.error is not None:
+            raise APIError(500, self.failure)
+        return text
+
+    async def opening(self, request) -> str | None:
+        """The first piece of a streamed reply, awaited before the response starts so
+        that a turn that fails before any text is still a plain 500."""
+        first = await self.watching(request, self.first())
+        if self.error is not None and first is None:
+            raise APIError(500, self.failure)
+        return first
+
+    async def stream(self, first: str | None):
+        """A streamed reply's text: `first`, then the rest as it comes; ends once saved."""
+        if first:
+            yield first
+        async for piece in self.rest():
+            yield piece
+
+    def split(self, text: str) -> tuple[str, list[dict]]:
+        """The reply's text and its tool calls ({id, name, arguments}); calls are
+        parsed only when tools were offered."""
+        return tl.parse_calls(text) if self.tools_mode else (text, [])
+
     async def settle(self) -> bool:
         """Wait until the turn's history is written (or failed to be): `saved`."""
         if not self.main:  # a fork: nothing of it is saved
@@ -237,6 +273,9 @@ class TurnRun:
             self.saved = await asyncio.to_thread(self.state.runtime.saved, self.agent)
             if not self.saved:
                 self.state.save_failed(self.agent)
+            if self.error is None and self.conversation is not None:
+                c = self.conversation
+                self.state.remember_anonymous(self.agent, c + self.text if isinstance(c, str) else c + [{"role": "assistant", "content": self.text}])
         return self.saved
 
     async def watching(self, request, coro):
@@ -493,6 +532,7 @@ class ServerState:
         name, source = agent or self.pick_agent(request, body, conversation)
         self.limit(name)
         run = await self.start_turn(request, name, source, turn)
+        run.conversation, run.tools_mode = conversation, turn.tools_mode
         run.note(tools=turn.tools_mode, max_tokens_clamped=turn.clamped and {"requested": turn.clamped, "granted": turn.max_tokens}, **notes)
         return run
 
