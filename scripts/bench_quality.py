@@ -26,7 +26,8 @@ Engines, all on the same token ids of the same GGUF weights:
             are quantized: it is favoured there.
   llama.cpp llama-cpp-python with f16 (its own reference), q4_0 and q8_0
             K and V, flash attention on (quantized V needs it; every
-            llama.cpp peer of the benchmarks runs with it)
+            llama.cpp peer of the benchmarks runs with it), on every core:
+            only its outputs are compared here, never its speed
 The peers (--peers) run on every window of every context. Each quantized
 engine is compared with the fp16 of its own family. Bits per value are
 measured: the stored bytes of each cache over its fp16 bytes. Greedy
@@ -217,7 +218,7 @@ class LlamaCpp:
 
         types = {"f16": llama_cpp.GGML_TYPE_F16, "q4_0": llama_cpp.GGML_TYPE_Q4_0, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_batch=PREFILL_CHUNK, n_ubatch=PREFILL_CHUNK,
-                                   n_threads=blas.CHOICE.threads or 1, n_threads_batch=blas.CHOICE.threads or 1,
+                                   n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
                                    type_k=types[kv], type_v=types[kv], flash_attn=True, verbose=False)
         self.n = 0
 
