@@ -295,6 +295,8 @@ def serve(
     anon_agents: Annotated[int, typer.Option("--anon-agents", help="Anonymous conversations (no agent id) kept at most.")] = 64,
     max_connections: Annotated[int, typer.Option("--max-connections", help="Connections open at once; beyond: 503 and closed.")] = 512,
     header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client has to send a request's headers.")] = 10.0,
+    compact_tools: Annotated[bool, typer.Option("--compact-tools", help="Models without a tool template: each tool as one signature line, not its "
+                                                "whole JSON Schema (Claude Code's 24 tools fit SmolLM2's context).")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ):
     """OpenAI- and Anthropic-compatible HTTP server; each agent keeps its cache (see docs/server.md)."""
@@ -318,7 +320,8 @@ def serve(
         config = ServerConfig(model=model, cache_dir=cache_dir, budget_bytes=parse_size(cache_budget), kv=kv, mla=mla, api_key=[k for k in api_key if k] or None,
                               temperature=temperature, seed=seed, default_max_tokens=max_tokens, max_body_bytes=parse_size(max_body, "--max-body"),
                               agent_rpm=agent_rate_limit, global_rpm=rate_limit, aliases=list(alias), anon_agents=anon_agents,
-                              host=host, max_connections=max_connections, header_timeout=header_timeout)
+                              host=host, max_connections=max_connections, header_timeout=header_timeout,
+                              compact_tools=compact_tools)
     except ValueError as e:
         _fail(str(e), 2)
     run_server(config, host, port, log_level)

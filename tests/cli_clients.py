@@ -50,6 +50,20 @@ def claude(server: Server, prompt: str, system_prompt: str, cwd: Path) -> dict:
     return {**json.loads(p.stdout), "exit_code": p.returncode}
 
 
+# Claude Code's own system prompt and 24 tools, as it sends them, against `serve --compact-tools`.
+# A small model rarely ends its reply on that prompt: the output limit bounds the run (Claude Code
+# asks for its continuation a few times, then reports the limit as an error that is not the server's).
+CLAUDE_FULL_ENV = {**CLAUDE_ENV, "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "64"}
+CLAUDE_FULL_ARGS = ["--output-format", "json", "--max-turns", "1"]
+
+
+def claude_full(server: Server, prompt: str, cwd: Path) -> dict:
+    """`claude -p PROMPT` with its whole prompt (system prompt and tools); its JSON result."""
+    p = run([binary("claude"), "-p", prompt, *CLAUDE_FULL_ARGS], {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_FULL_ENV}, cwd)
+    assert p.stdout.strip(), f"claude printed nothing (exit {p.returncode}): {p.stderr[-2000:]}"
+    return {**json.loads(p.stdout), "exit_code": p.returncode}
+
+
 CODEX_CONFIG = """\
 model = "{model}"
 model_provider = "agentcache"

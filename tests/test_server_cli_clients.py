@@ -1,14 +1,16 @@
 """The real Claude Code (2.1.197) and Codex CLI (0.171.0) against a real
-`agentcache serve` on SmolLM2-135M, with the README's recipes: each ends
-without an API error, each session is its own agent, and a second Claude
-Code session reads its shared prefix from the first one's cache."""
+`agentcache serve --compact-tools` on SmolLM2-135M, with the README's
+recipes: each ends without an API error, each session is its own agent,
+Claude Code's whole prompt (its system prompt and 24 tools) fits the
+model's context as signatures, and a second Claude Code session reads that
+prefix from the first one's cache."""
 
 import shlex
 from pathlib import Path
 
 import pytest
 
-from cli_clients import CLAUDE_ARGS, CLAUDE_ENV, CODEX_ARGS, CODEX_CONFIG, MODEL, claude, codex
+from cli_clients import CLAUDE_ARGS, CLAUDE_ENV, CLAUDE_FULL_ARGS, CLAUDE_FULL_ENV, CODEX_ARGS, CODEX_CONFIG, MODEL, claude, claude_full, codex
 from mlx_agentcache.q4_format import BLOCK_TOKENS as BLOCK
 from server_process import serving
 
@@ -23,7 +25,7 @@ NOTES = "Notes: " + " ".join(f"Line {i} of the notes." for i in range(1, 31)) + 
 @pytest.fixture(scope="module")
 def server(smollm2_path, model_home, tmp_path_factory):
     # Codex sends no output limit: the server's own default (256) applies, not the tests' usual 8
-    with serving(model_home, tmp_path_factory.mktemp("serve-cli-clients"), "--max-tokens", "256") as s:
+    with serving(model_home, tmp_path_factory.mktemp("serve-cli-clients"), "--max-tokens", "256", "--compact-tools") as s:
         yield s
 
 
@@ -55,6 +57,25 @@ def test_second_claude_code_session_reads_the_shared_prefix_from_the_cache(serve
     assert agents[second["session_id"]]["shared_bytes"] > 0
 
 
+def test_claude_code_whole_prompt_fits_as_signatures_and_a_second_session_reads_it_from_the_cache(server, tmp_path):
+    """Claude Code's tools as JSON are twice SmolLM2's context; as signatures the
+    whole request is served. A second session reads the first one's system
+    prompt and tools from the cache in whole blocks instead of prefilling them."""
+    first = claude_full(server, "Say hi in one word.", tmp_path)  # one directory: Claude Code's prompt names it
+    second = claude_full(server, "Say hi in one word.", tmp_path)
+    for result in (first, second):
+        assert result["api_error_status"] is None, result  # every request was served
+        assert not result["is_error"] or "output token maximum" in result["result"], result  # the model's length, not the server
+    agents = {a["name"]: a for a in server.get("/v1/agents").json()["data"]}
+    one = server.get(f"/v1/agents/{first['session_id']}").json()
+    assert all(f"\n{tool}(" in one["system"] for tool in ("Agent", "Bash", "Edit", "Read", "Write", "WebFetch")), one["system"][-3000:]
+    assert '"input_schema"' not in one["system"] and '"properties"' not in one["system"]
+    assert agents[first["session_id"]]["tokens"] < 8192
+    read = second["usage"]["cache_read_input_tokens"]
+    assert read >= 8 * BLOCK, second["usage"]  # the system prompt and tools, not prefilled again
+    assert agents[second["session_id"]]["shared_bytes"] > 0
+
+
 def test_codex_exec_answers_without_an_api_error(server, tmp_path):
     events, p = codex(server, "say hi", CODEX_INSTRUCTIONS, tmp_path)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -76,6 +97,10 @@ def test_readme_recipes_are_the_ones_the_tests_run():
     claude_line = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(
         ["claude", "-p", "say hi", *CLAUDE_ARGS, "--system-prompt", CLAUDE_SYSTEM])
     assert claude_line.replace("'", '"') in readme
+    full_env = {"ANTHROPIC_BASE_URL": "http://127.0.0.1:8000", **CLAUDE_FULL_ENV, "ANTHROPIC_AUTH_TOKEN": "secret"}
+    full_line = " ".join(f"{k}={v}" for k, v in full_env.items()) + " " + shlex.join(["claude", "-p", "Say hi in one word.", *CLAUDE_FULL_ARGS])
+    assert full_line.replace("'", '"') in readme
+    assert "agentcache serve --api-key secret --compact-tools" in readme
     config = CODEX_CONFIG.format(model=MODEL, url="http://127.0.0.1:8000", instructions="$HOME/.codex/instructions.md")
     assert config in README.read_text()
     assert shlex.join(["codex", "exec", *CODEX_ARGS, "say hi"]).replace("'", '"') in readme

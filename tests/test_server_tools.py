@@ -162,3 +162,17 @@ def test_claude_code_request_shape_is_accepted(server):
 def test_prompt_that_cannot_fit_is_a_400_naming_the_counts(server):
     with pytest.raises(anthropic.BadRequestError, match=r"maximum context length is 8192 tokens; the prompt is \d+ tokens"):
         server.anthropic().messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "word " * 9000}])
+
+
+def test_compact_tools_are_one_signature_line_each():
+    """`serve --compact-tools`: each tool as name(arguments): first sentence."""
+    from mlx_agentcache.server import tools as tl
+
+    bash = {"name": "Bash", "description": "Executes a bash command and returns its output.\n\nUsage notes: ...",
+            "parameters": {"type": "object", "required": ["command"], "properties": {
+                "command": {"type": "string"}, "timeout": {"type": "number"}, "mode": {"enum": ["a", "b"]},
+                "paths": {"type": "array", "items": {"type": "string"}}}}}
+    text = tl.tools_text([{"type": "function", "function": bash}, {"type": "function", "function": {"name": "TaskList"}}], short=True)
+    assert text.splitlines()[-2:] == ['Bash(command: string, timeout?: number, mode?: "a"|"b", paths?: string[]): Executes a bash command and returns its output.',
+                                      "TaskList()"]
+    assert "Usage notes" not in text and tl.tools_text([{"type": "function", "function": bash}]).count("Usage notes") == 1

@@ -54,7 +54,7 @@ async def _parse(state, body: dict):
     required = tl.required_tools(tools, choice, "anthropic")
     if choice.get("type") == "none":
         tools = []
-    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools)
+    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools, state.config.compact_tools)
     return rt, model, rendered, prompt, tools_mode, required
 
 

@@ -127,14 +127,15 @@ def tools_supported(rt) -> bool:
     return "tools" in rt.chat_template
 
 
-def render(rt, messages: list[dict], tools: list[dict]) -> tuple[list[int], list[dict], str | None]:
+def render(rt, messages: list[dict], tools: list[dict], short_tools: bool = False) -> tuple[list[int], list[dict], str | None]:
     """Prompt tokens, the conversation as rendered (what the agent's history
-    keeps), and how tools were rendered: None (none offered), "template" or "generic"."""
-    mode = ("template" if tools_supported(rt) else "generic") if tools else None
+    keeps), and how tools were rendered: None (none offered), "template",
+    "generic" or "compact" (the generic format with signatures: `short_tools`)."""
+    mode = ("template" if tools_supported(rt) else "compact" if short_tools else "generic") if tools else None
     if mode == "template":
         conversation = tl.fold_system(messages)
     else:
-        conversation = tl.plain_conversation(messages, tools)
+        conversation = tl.plain_conversation(messages, tools, short_tools)
     try:
         return rt.render(conversation, tools if mode == "template" else None), conversation, mode
     except Exception as e:  # the template rejects the conversation (e.g. roles out of order)

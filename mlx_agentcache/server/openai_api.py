@@ -111,7 +111,7 @@ async def chat_completions(request: Request):
     opts = _common(state, request, body, rt)
     n, top_logprobs = _sampling(body)
     stop = stops(body, "stop", 4)
-    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools)
+    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, messages, tools, state.config.compact_tools)
     max_tokens, clamped = _max_tokens(rt, body, len(prompt), state.config.default_max_tokens)
     turn = TurnRequest(prompt, rendered, max_tokens, clamped, opts["temperature"], opts["seed"], stop, tools_mode, grammar, n, top_logprobs)
     run = await state.begin(request, body, turn, rendered, ignored=ignored(body, CHAT_FIELDS))

@@ -164,7 +164,7 @@ async def responses(request: Request):
     temperature = number(body, "temperature", None, 0.0, 2.0)
     seed = number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
     system = [{"role": "system", "content": instructions}] if instructions else []
-    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, system + messages, tools)
+    prompt, rendered, tools_mode = await asyncio.to_thread(conv.render, rt, system + messages, tools, state.config.compact_tools)
     requested = number(body, "max_output_tokens", None, 1, MAX_TOKENS, integer=True)
     max_tokens, clamped = conv.fit_max_tokens(rt, len(prompt), requested, state.config.default_max_tokens)
     turn = TurnRequest(prompt, rendered, max_tokens, clamped, temperature, None if seed is None else seed % (2**32), tools_mode=tools_mode, grammar=grammar)

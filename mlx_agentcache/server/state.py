@@ -59,6 +59,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # the bound address: requests without a key must name it (or loopback) in Host
     max_connections: int = 512  # open at once; beyond: 503 and closed (connections.py)
     header_timeout: float = 10.0  # seconds to send a complete request head
+    compact_tools: bool = False  # tools as signatures in the generic format (tools.py)
 
 
 def parse_keys(api_key: str | list[str] | None) -> list[tuple[bytes, str | None]]:
@@ -107,7 +108,7 @@ class TurnRequest:
     temperature: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    tools_mode: str | None = None  # how tools were rendered: "template", "generic", or None (no tools)
+    tools_mode: str | None = None  # how tools were rendered: "template", "generic", "compact", or None (no tools)
     grammar: str | None = None  # a Lark grammar the reply must follow (server/grammar.py)
     n: int = 1
     top_logprobs: int | None = None

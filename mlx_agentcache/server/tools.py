@@ -7,6 +7,11 @@ it (`plain_conversation`):
 
 * the tools join the system message as one JSON line each, after a short
   instruction to answer with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;
+  with `serve --compact-tools`, as one signature line each instead
+  (`name(arg: type, optional?: type): first sentence of the description`):
+  Claude Code's 24 tools are 16.5K tokens as JSON, more than SmolLM2's
+  context, and about a tenth of that as signatures. A required call is still
+  held to the tool's full JSON Schema (grammar.py);
 * an earlier assistant call is rendered in that same form inside the
   assistant's turn (never dropped), a tool result as a user turn holding
   `<tool_response>...</tool_response>`;
@@ -44,9 +49,41 @@ def compact(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def tools_text(tools: list[dict]) -> str:
-    lines = [compact({"name": f["name"], "description": f.get("description", ""), "parameters": f.get("parameters", {})})
-             for f in (t["function"] for t in tools)]
+COMPACT_INSTRUCTION = INSTRUCTION.split("\nAvailable tools")[0] + (
+    "\nAvailable tools, one per line: name(argument: type, ...): what it does; '?' marks an optional argument:")
+SENTENCE_RE = re.compile(r"(.+?[.!?])(\s|$)", re.S)
+SUMMARY_CHARS = 200
+
+
+def _type(schema) -> str:
+    if not isinstance(schema, dict):
+        return "any"
+    if "enum" in schema and isinstance(schema["enum"], list):
+        return "|".join(compact(v) for v in schema["enum"])
+    t = schema.get("type", "any")
+    if t == "array":
+        return _type(schema.get("items")) + "[]"
+    return t if isinstance(t, str) else "|".join(map(str, t))
+
+
+def signature(f: dict) -> str:
+    """One tool as `name(arg: type, optional?: type): first sentence of its description`."""
+    params = f.get("parameters") or {}
+    props = params.get("properties") if isinstance(params, dict) else None
+    required = set(params.get("required") or []) if isinstance(params, dict) else set()
+    args = ", ".join(f"{k}{'' if k in required else '?'}: {_type(v)}" for k, v in (props or {}).items())
+    text = " ".join(str(f.get("description") or "").split())
+    m = SENTENCE_RE.match(text)
+    summary = (m.group(1) if m else text)[:SUMMARY_CHARS]
+    return f"{f['name']}({args})" + (f": {summary}" if summary else "")
+
+
+def tools_text(tools: list[dict], short: bool = False) -> str:
+    """The tools for the system message: full JSON lines, or signatures (`short`)."""
+    functions = [t["function"] for t in tools]
+    if short:
+        return COMPACT_INSTRUCTION + "\n" + "\n".join(signature(f) for f in functions)
+    lines = [compact({"name": f["name"], "description": f.get("description", ""), "parameters": f.get("parameters", {})}) for f in functions]
     return INSTRUCTION + "\n" + "\n".join(lines)
 
 
@@ -71,8 +108,9 @@ def fold_system(messages: list[dict]) -> list[dict]:
     return _join_roles(out)
 
 
-def plain_conversation(messages: list[dict], tools: list[dict]) -> list[dict]:
-    """The conversation in the generic tool format (module doc), as plain text turns."""
+def plain_conversation(messages: list[dict], tools: list[dict], short: bool = False) -> list[dict]:
+    """The conversation in the generic tool format (module doc), as plain text turns;
+    `short`: tools as signatures."""
     out = []
     for m in messages:
         role, text = m["role"], m.get("content") or ""
@@ -84,10 +122,11 @@ def plain_conversation(messages: list[dict], tools: list[dict]) -> list[dict]:
         else:
             out.append({"role": role, "content": text})
     if tools:
+        text = tools_text(tools, short)
         if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + tools_text(tools)}
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
         else:
-            out.insert(0, {"role": "system", "content": tools_text(tools)})
+            out.insert(0, {"role": "system", "content": text})
     return fold_system(out)
 
 
