@@ -476,8 +476,9 @@ def markdown(data: dict) -> str:
 
 
 def merge(paths: list[Path]) -> dict:
-    """One result from runs of this script over different texts or models (each run's command and
-    settings kept in `runs`); the headline is computed again over everything."""
+    """One result from runs of this script over different texts, contexts or models (each run's
+    command and settings kept in `runs`); a context of a text run in a later file replaces the
+    same context of an earlier one. The headline is computed again over everything."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     data = {**parts[-1], "models": {}, "runs": []}
     for part in parts:
@@ -492,12 +493,20 @@ def merge(paths: list[Path]) -> dict:
                                          "llama.cpp q4_0 where --peers-first-only was not given (see each context's engines)"})
         for name, res in part["models"].items():
             have = data["models"].setdefault(name, {**res, "texts": {}, "seconds": 0.0})
-            if set(have["texts"]) & set(res["texts"]):
-                raise SystemExit(f"{name}: text {sorted(set(have['texts']) & set(res['texts']))} is in two of the files")
             for t, tr in res["texts"].items():  # files from before texts carried their role
                 if t in TEXTS:
                     tr.setdefault("role", TEXTS[t].role), tr.setdefault("source", TEXTS[t].source), tr.setdefault("licence", TEXTS[t].licence)
-            have["texts"] |= res["texts"]
+                old = have["texts"].get(t)
+                if old is None:
+                    have["texts"][t] = tr
+                    continue
+                for c, cr in tr["contexts"].items():  # a later file's run of a context replaces an earlier one's
+                    if c in old["contexts"]:
+                        print(f"{name} {t} {c}: {cr['windows']} windows replace {old['contexts'][c]['windows']}", flush=True)
+                    old["contexts"][c] = cr
+                old["contexts"] = dict(sorted(old["contexts"].items(), key=lambda kv: int(kv[0])))
+                if tr.get("greedy"):
+                    old["greedy"] = tr["greedy"]
             have["seconds"] += res.get("seconds") or 0.0
             have["partial"] = have.get("partial", False) or res.get("partial", False)
     data["command"] = " ; ".join(r["command"] for r in data["runs"])
