@@ -10,9 +10,10 @@ Texts (`TEXTS`), each labelled by its role:
             man-pages of section 7 (manpages, roff markup stripped)
 Each text is cut into windows that do not overlap, by default 8 of 2K,
 4 of 4K and 2 of 8K (16,376 to 16,382 scored tokens per text and context),
-the contexts continuing where the previous one stopped (a text too short
-for all of them starts over from its beginning; the start of every window
-is in the JSON). Each window starts as a real prompt does (Gemma's BOS;
+in one run the contexts continuing where the previous one stopped (a text
+too short for all of them starts over from its beginning; a run of one
+context starts at the beginning; the start of every window is in the
+JSON). Each window starts as a real prompt does (Gemma's BOS;
 SmolLM2 has none) and is fed in 512-token chunks through a fresh cache, so
 later tokens attend to the quantized keys and values of earlier ones,
 exactly as the product runs.
