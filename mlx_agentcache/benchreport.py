@@ -394,7 +394,8 @@ def quality_line(model: str, h: dict) -> str:
     (nothing was tuned on them) where the file has them, else on every text."""
     p = "held_out_" if "held_out_ppl_change_pct" in h else ""
     peer = h.get(f"{p}llama_cpp_q4_0_ppl_change_pct")
-    contexts = " and ".join(f"{c:,}" for c in h.get("held_out_contexts", []))
+    cs = [f"{c:,}" for c in h.get("held_out_contexts", [])]
+    contexts = ", ".join(cs[:-1]) + (" and " if len(cs) > 1 else "") + (cs[-1] if cs else "")
     texts = (f" on held-out text ({', '.join(h['held_out_texts'])}, {contexts + '-token windows, ' if contexts else ''}"
              f"at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
              if p else " on the tuning texts (no held-out run)" if "held_out_texts" not in h and "scored_tokens_min" in h else "")
