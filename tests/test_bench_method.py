@@ -104,7 +104,7 @@ def test_headline_keeps_held_out_texts_apart_and_compares_on_the_same_windows():
     assert "on the tuning texts (no held-out run): ppl +1.00%" in benchreport.quality_line("m", tuning_only)
 
 
-def test_merge_keeps_every_run_and_refuses_a_text_twice(tmp_path):
+def test_merge_keeps_every_run_and_merges_a_texts_contexts(tmp_path):
     def part(name, texts, settings):
         return {"command": f"python scripts/bench_quality.py --texts {name}", "settings": settings, "machine": {"cpu": "x", "date": "d"},
                 "models": {"m": {**result(texts), "seconds": 10.0, "partial": False}}}
@@ -123,8 +123,10 @@ def test_merge_keeps_every_run_and_refuses_a_text_twice(tmp_path):
     assert data["models"]["m"]["seconds"] == 20.0 and data["headline"]["m"]["held_out_texts"] == ["gnu-standards"]
     md = bq.markdown(data)
     assert "| gnu-standards | held-out |" in md and "| code | tuning |" in md and "earlier method" in md
-    with pytest.raises(SystemExit, match="two of the files"):
-        bq.merge([tmp_path / "a.json", tmp_path / "a.json"])
+    # A text's contexts merge across files; a later file's run of a context replaces an earlier one's
+    (tmp_path / "c.json").write_text(json.dumps(part("gnu-standards", {"gnu-standards": ("held-out", {"2048": engines(3.0, 5.0), "4096": engines(4.0, 8.0)})}, new)))
+    merged = bq.merge([tmp_path / "a.json", tmp_path / "c.json"])["models"]["m"]["texts"]["gnu-standards"]["contexts"]
+    assert list(merged) == ["2048", "4096"] and merged["2048"] == json.loads((tmp_path / "c.json").read_text())["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]
 
 
 def test_alternation_rotates_the_order_and_keeps_every_sample():
