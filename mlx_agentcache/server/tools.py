@@ -10,7 +10,7 @@ it (`plain_conversation`):
   with `serve --compact-tools`, as one signature line each instead
   (`name(arg: type, optional?: type): first sentence of the description`):
   Claude Code's 24 tools are 16.5K tokens as JSON, more than SmolLM2's
-  context, and about a tenth of that as signatures. A required call is still
+  context, and about a fifteenth of that as signatures. A required call is still
   held to the tool's full JSON Schema (grammar.py);
 * an earlier assistant call is rendered in that same form inside the
   assistant's turn (never dropped), a tool result as a user turn holding
