@@ -38,6 +38,8 @@ engine of the family is forced along the same tokens.
     python scripts/bench_quality.py              # every text, model, context and peer (hours on a CPU)
     python scripts/bench_quality.py --texts gnu-standards,man-pages --contexts 2048 --windows 8
     python scripts/bench_quality.py --quick      # checks the script: one 512-token window of one tuning and one held-out text
+    python scripts/bench_quality.py --texts man-pages --contexts 2048 --windows 8 --peers "llama.cpp q8_0" --peers-only --prompts 0
+                                                 # a peer alone, to --merge into an earlier run of the same windows
 
 Writes quality.json (with a `headline` per model) and quality.md to --out.
 """
@@ -339,7 +341,7 @@ def bench_model(name: str, args, progress=None) -> dict:
         offset = 0  # contexts continue where the previous one stopped
         for i, (ctx, count) in enumerate(zip(args.contexts, args.windows)):
             wins, starts, offset = windows(ids, ctx, count, bos, offset)
-            ours = {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (args.extra_modes if i == 0 else [])}
+            ours = {} if args.peers_only else {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (args.extra_modes if i == 0 else [])}
             peers, peer_refs = peer_engines(runner, gguf, ctx, args.peers)
             engines = {**ours, **peers}
             reference_of = {**{n: "fp16" for n in ours}, **peer_refs}
@@ -353,7 +355,7 @@ def bench_model(name: str, args, progress=None) -> dict:
             for e in peers.values():
                 if isinstance(e, LlamaCpp):
                     e.close()
-            print(f"{name} {text_name} ctx {ctx}: {r['fp16']['tokens']} tokens | "
+            print(f"{name} {text_name} ctx {ctx}: {next(iter(r.values()))['tokens']} tokens | "
                   + " | ".join(f"{n} {v['ppl_change_pct']:+.2f}% KL {v['kl']:.4f}" for n, v in r.items() if reference_of[n] != n)
                   + f" | {time.perf_counter() - t0:.0f} s", flush=True)
         if not args.prompts:
@@ -402,7 +404,7 @@ def headline(models: dict) -> dict:
     (`tuning_*`) and over the held-out texts alone (`held_out_*`), the texts nothing was tuned on."""
     out = {}
     for name, res in models.items():
-        rows = [(t, c, r["engines"]) for t, tr in res["texts"].items() for c, r in tr["contexts"].items()]
+        rows = [(t, c, r["engines"]) for t, tr in res["texts"].items() for c, r in tr["contexts"].items() if DEFAULT_KV in r["engines"]]
         if not rows:
             continue
         h = {"mode": DEFAULT_KV, "bits_per_value": round(max(e[DEFAULT_KV]["bits"] for _, _, e in rows), 3),
@@ -428,7 +430,8 @@ def markdown(data: dict) -> str:
         rs = r["settings"]
         lines.append(f"- {r.get('date', m['date'])}, `{r['command']}`: texts {', '.join(rs.get('texts', []))}; contexts {', '.join(map(str, rs['contexts']))} with "
                      f"{', '.join(map(str, rs['windows']))} windows per text; "
-                     + (r["note"] if "note" in r else f"peers on every window: {', '.join(rs.get('peers', [])) or 'none'}; "
+                     + (r["note"] if "note" in r else f"peers alone on the windows of an earlier run: {', '.join(rs['peers'])}" if rs.get("peers_only")
+                        else f"peers on every window: {', '.join(rs.get('peers', [])) or 'none'}; "
                         f"our extra modes at the first context: {', '.join(rs.get('extra_modes', [])) or 'none'}"))
     lines += ["", "Windows do not overlap and start as prompts do (BOS where the model's tokenizer adds one), fed in "
              f"{PREFILL_CHUNK}-token chunks; ppl change and KL (nats, mean over scored tokens) against the fp16 cache of "
@@ -479,7 +482,9 @@ def markdown(data: dict) -> str:
 def merge(paths: list[Path]) -> dict:
     """One result from runs of this script over different texts, contexts or models (each run's
     command and settings kept in `runs`); a context of a text run in a later file replaces the
-    same context of an earlier one. The headline is computed again over everything."""
+    same context of an earlier one, unless both ran the same windows: then the later file's
+    engines join the earlier ones (a `--peers-only` run adds its peers), replacing those of the
+    same name. The headline is computed again over everything."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     data = {**parts[-1], "models": {}, "runs": []}
     for part in parts:
@@ -502,8 +507,18 @@ def merge(paths: list[Path]) -> dict:
                     have["texts"][t] = tr
                     continue
                 for c, cr in tr["contexts"].items():  # a later file's run of a context replaces an earlier one's
-                    if c in old["contexts"]:
-                        print(f"{name} {t} {c}: {cr['windows']} windows replace {old['contexts'][c]['windows']}", flush=True)
+                    was = old["contexts"].get(c)
+                    if was is not None and was.get("window_starts") is not None and was.get("window_starts") == cr.get("window_starts"):
+                        for n, v in cr["engines"].items():
+                            if n in was["engines"] and was["engines"][n]["ppl"] != v["ppl"]:
+                                print(f"{name} {t} {c}: {n} ppl {was['engines'][n]['ppl']:.4f} -> {v['ppl']:.4f}", flush=True)
+                        print(f"{name} {t} {c}: {', '.join(cr['engines'])} join the same {cr['windows']} windows", flush=True)
+                        was["engines"] = {**was["engines"], **cr["engines"]}
+                        continue
+                    if DEFAULT_KV not in cr["engines"]:
+                        raise SystemExit(f"{name} {t} {c}: a run of peers alone must have the same windows as the run it joins")
+                    if was is not None:
+                        print(f"{name} {t} {c}: {cr['windows']} windows replace {was['windows']}", flush=True)
                     old["contexts"][c] = cr
                 old["contexts"] = dict(sorted(old["contexts"].items(), key=lambda kv: int(kv[0])))
                 if tr.get("greedy"):
@@ -523,6 +538,8 @@ def main() -> None:
     ap.add_argument("--texts", default=None, help=f"comma separated, from {', '.join(TEXTS)} (default: all; --quick: {','.join(QUICK_TEXTS)})")
     ap.add_argument("--peers", default=",".join(PEERS), help="engines of other projects on every window, comma separated (empty: none)")
     ap.add_argument("--extra-modes", default="q4,q4k,q8", help="our other KV modes, at the first context only (empty: none)")
+    ap.add_argument("--peers-only", action="store_true",
+                    help="run only llama.cpp peers (they bring their own f16 reference), to join an earlier run's windows with --merge")
     ap.add_argument("--prompts", type=int, default=1, help="greedy-continuation prompts per text (0: none)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
@@ -552,12 +569,14 @@ def main() -> None:
         ap.error(f"unknown text {', '.join(unknown)}; choose from {', '.join(TEXTS)}")
     if unknown := [p for p in args.peers if p not in PEERS]:
         ap.error(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    if args.peers_only and (not args.peers or any(not p.startswith("llama.cpp") for p in args.peers) or args.prompts):
+        ap.error("--peers-only runs llama.cpp peers alone: give --peers of llama.cpp only and --prompts 0")
     args.home = args.home or default_home()
     data = {"command": " ".join(["python", "scripts/bench_quality.py", *sys.argv[1:]]),
             "machine": {"cpu": blas.read_cpuinfo().model, "cores": os.cpu_count(), "os": platform.platform(),
                         "blas": blas.CHOICE.summary(), "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")},
             "settings": {"contexts": args.contexts, "windows": args.windows, "texts": args.texts, "peers": args.peers,
-                         "extra_modes": args.extra_modes, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+                         "extra_modes": args.extra_modes, "peers_only": args.peers_only, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
                          "gen": args.gen, "chunk": PREFILL_CHUNK, "llama_cpp_flash_attn": True},
             "published_q4_ppl_change_pct": PUBLISHED, "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -124,9 +124,26 @@ def test_merge_keeps_every_run_and_merges_a_texts_contexts(tmp_path):
     md = bq.markdown(data)
     assert "| gnu-standards | held-out |" in md and "| code | tuning |" in md and "earlier method" in md
     # A text's contexts merge across files; a later file's run of a context replaces an earlier one's
-    (tmp_path / "c.json").write_text(json.dumps(part("gnu-standards", {"gnu-standards": ("held-out", {"2048": engines(3.0, 5.0), "4096": engines(4.0, 8.0)})}, new)))
+    c = part("gnu-standards", {"gnu-standards": ("held-out", {"2048": engines(3.0, 5.0), "4096": engines(4.0, 8.0)})}, new)
+    c["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]["window_starts"] = [2047]  # other windows
+    (tmp_path / "c.json").write_text(json.dumps(c))
     merged = bq.merge([tmp_path / "a.json", tmp_path / "c.json"])["models"]["m"]["texts"]["gnu-standards"]["contexts"]
-    assert list(merged) == ["2048", "4096"] and merged["2048"] == json.loads((tmp_path / "c.json").read_text())["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]
+    assert list(merged) == ["2048", "4096"] and merged["2048"] == c["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]
+    # ... unless both ran the same windows: a run of peers alone joins its engines to the earlier run's
+    peers = {n: v for n, v in engines(3.0, 5.0).items() if n.startswith("llama.cpp")}
+    peers["llama.cpp q8_0"] = {**peers["llama.cpp f16"], "ppl": 9.01, "ppl_change_pct": 0.1}
+    d = part("gnu-standards", {"gnu-standards": ("held-out", {"2048": peers})}, {**new, "peers_only": True})
+    (tmp_path / "d.json").write_text(json.dumps(d))
+    joined = bq.merge([tmp_path / "a.json", tmp_path / "d.json"])
+    ctx = joined["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]
+    assert list(ctx["engines"]) == ["fp16", "q4c", "llama.cpp f16", "llama.cpp q4_0", "llama.cpp q8_0"]
+    assert ctx["engines"]["q4c"]["ppl_change_pct"] == 2.0 and ctx["engines"]["llama.cpp q4_0"]["ppl_change_pct"] == 5.0
+    assert joined["headline"]["m"]["held_out_llama_cpp_q4_0_ppl_change_pct"] == 5.0
+    assert "peers alone on the windows of an earlier run: llama.cpp q4_0" in bq.markdown(joined)
+    d["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]["window_starts"] = [2047]
+    (tmp_path / "d.json").write_text(json.dumps(d))
+    with pytest.raises(SystemExit, match="same windows"):  # peers alone never stand in for a context's own run
+        bq.merge([tmp_path / "a.json", tmp_path / "d.json"])
 
 
 def test_alternation_rotates_the_order_and_keeps_every_sample():
