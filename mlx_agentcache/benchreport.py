@@ -394,10 +394,17 @@ def quality_line(model: str, h: dict) -> str:
     (nothing was tuned on them) where the file has them, else on every text."""
     p = "held_out_" if "held_out_ppl_change_pct" in h else ""
     peer = h.get(f"{p}llama_cpp_q4_0_ppl_change_pct")
-    cs = [f"{c:,}" for c in h.get("held_out_contexts", [])]
-    contexts = ", ".join(cs[:-1]) + (" and " if len(cs) > 1 else "") + (cs[-1] if cs else "")
-    texts = (f" on held-out text ({', '.join(h['held_out_texts'])}, {contexts + '-token windows, ' if contexts else ''}"
-             f"at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
+    def listed(cs: list[int]) -> str:
+        cs = [f"{c:,}" for c in cs]
+        return ", ".join(cs[:-1]) + (" and " if len(cs) > 1 else "") + (cs[-1] if cs else "")
+
+    by_text = h.get("held_out_contexts_by_text") or {t: h.get("held_out_contexts", []) for t in h.get("held_out_texts", [])}
+    if len({tuple(cs) for cs in by_text.values()}) > 1:  # texts run at different contexts: each with its own
+        where = "; ".join(f"{t} at {listed(cs)} tokens" for t, cs in by_text.items()) + "; "
+    else:
+        contexts = listed(h.get("held_out_contexts", []))
+        where = f"{', '.join(h.get('held_out_texts', []))}, {contexts + '-token windows, ' if contexts else ''}"
+    texts = (f" on held-out text ({where}at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
              if p else " on the tuning texts (no held-out run)" if "held_out_texts" not in h and "scored_tokens_min" in h else "")
     return (f"{model} {h['mode']} ({h['bits_per_value']:.2f} bits){texts}: ppl {h[p + 'ppl_change_pct']:+.2f}% (worst {h[p + 'ppl_change_worst_pct']:+.2f}%), "
             f"KL {h[p + 'kl']:.4f} (worst {h[p + 'kl_worst']:.4f})"

@@ -415,6 +415,7 @@ def headline(models: dict) -> dict:
                 key = role.replace("-", "_")
                 h |= {f"{key}_{k}": v for k, v in _summary(part).items()}
                 h[f"{key}_texts"] = sorted({t for t, _, _ in part})
+                h[f"{key}_contexts_by_text"] = {t: sorted(int(c) for t2, c, _ in part if t2 == t) for t in h[f"{key}_texts"]}
                 h[f"{key}_scored_tokens_per_text"] = min(sum(e[DEFAULT_KV]["tokens"] for t2, _, e in part if t2 == t) for t in h[f"{key}_texts"])
         h["goal_met"] = h["ppl_change_worst_pct"] < 3.0 and h["kl_worst"] < 0.02 and h["bits_per_value"] <= 4.5
         out[name] = h

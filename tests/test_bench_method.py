@@ -99,6 +99,10 @@ def test_headline_keeps_held_out_texts_apart_and_compares_on_the_same_windows():
     assert h["held_out_beats_llama_cpp_q4_0_wherever_both_ran"] is True
     line = benchreport.quality_line("m", h)
     assert "held-out text (gnu-standards" in line and "+3.00%" in line and "llama.cpp q4_0 +6.00%" in line
+    both = bq.headline({"m": result({"gnu-standards": ("held-out", {"2048": engines(2.0, 6.0), "4096": engines(4.0, None)}),
+                                     "man-pages": ("held-out", {"2048": engines(1.0, 5.0)})})})["m"]
+    assert both["held_out_contexts_by_text"] == {"gnu-standards": [2048, 4096], "man-pages": [2048]}
+    assert "(gnu-standards at 2,048 and 4,096 tokens; man-pages at 2,048 tokens; at least" in benchreport.quality_line("m", both)
     tuning_only = bq.headline({"m": result({"code": ("tuning", {"2048": engines(1.0, 7.0)})})})["m"]
     assert "held_out_ppl_change_pct" not in tuning_only
     assert "on the tuning texts (no held-out run): ppl +1.00%" in benchreport.quality_line("m", tuning_only)
