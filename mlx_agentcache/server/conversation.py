@@ -80,9 +80,8 @@ def anthropic_messages(system, raw) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "messages: must be a non-empty list")
     out = []
-    if system:  # separate blocks are separate paragraphs, as Claude Code's identity line and its prompt are
-        blocks = system if isinstance(system, list) else [system]
-        out.append({"role": "system", "content": "\n\n".join(t for t in (content_text([b], "system") for b in blocks) if t)})
+    if system:
+        out.append({"role": "system", "content": content_text(system, "system")})
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
             raise APIError(400, f"messages.{i}: 'role' must be 'user', 'assistant' or 'system'")
@@ -99,7 +98,7 @@ def anthropic_messages(system, raw) -> list[dict]:
                     text.append(content_text([part], f"messages.{i}"))
             out.extend(results)
             if text or calls or not results:
-                msg = {"role": m["role"], "content": "\n\n".join(t for t in text if t)}
+                msg = {"role": m["role"], "content": "".join(text)}
                 if calls:
                     msg["tool_calls"] = calls
                 out.append(msg)
