@@ -860,7 +860,7 @@ def summary_rows(out: Path) -> list[tuple[str, str, str]]:
         ls = st["ls"][-1]
         rows.append(("Agent store: bytes a short turn writes, share of the agent's stored bytes (goal <= 5% at 3.5K)",
                      f"{near['context']} tokens {near['share_of_stored']['median']:.2%}, {big['context']} tokens {big['share_of_stored']['median']:.2%} (median); "
-                     f"restore {st['restore']['ratio']}x sequential read; `agents ls` over {ls['agents']:,} agents {ls['wall_s']['median']} s"
+                     f"restore {st['restore']['running_pool_ratio']}x sequential read in a running pool, {st['restore']['restart_ratio']}x after a restart; `agents ls` over {ls['agents']:,} agents {ls['wall_s']['median']} s"
                      + (f"; returning agent's p95 TTFT with {rt['agents'][-1]['agents']:,} agents on disk {rt['p95_ratio']}x that with {rt['agents'][0]['agents']}"
                         if (rt := st.get("returning_ttft")) else ""), "store.json"))
         sh = st.get("sharing")

@@ -349,9 +349,6 @@ def _build(h: dict, arrays: dict) -> CacheCard:
                 for x, (hh, c, d, dt) in zip(t, want):
                     if tuple(x.shape) != (hh, c, d) or x.dtype != dt:
                         raise ValueError(f"layer {i} {part} at {b} bits has shape {tuple(x.shape)}, expected {(hh, c, d)}")
-                scales = t if b == 16 else t[1:]
-                if not all(bool(mx.all(mx.isfinite(x)).item()) for x in scales):
-                    raise ValueError(f"layer {i} holds values or scales that are not finite")
                 layer[part][b] = t
         layers.append(layer)
     if arrays:

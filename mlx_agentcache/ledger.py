@@ -120,6 +120,11 @@ class Ledger:
         live = own_bytes(c) if c is not None else (self._sizes.get(name, 0) if name in self.hot else 0)
         return max(live, self._reserved.get(name, 0))
 
+    def bytes_of(self, name: str) -> int:
+        """What one agent's cache counts against the budget now."""
+        with self.lock:
+            return self._counted(name)
+
     def turn_bytes(self, prompt_tokens: int, max_tokens: int = 0) -> int:
         """Upper bound of an agent's own cache at the end of a turn: prompt, reply
         and the template's closing tokens, in whole blocks. 0 when the caches do

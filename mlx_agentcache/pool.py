@@ -57,6 +57,49 @@ def available_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+class FreedMemory:
+    """How much memory MLX keeps after caches are freed, on the CPU backend.
+
+    MLX's CPU allocator keeps at most 32 MB of freed buffers and returns the rest
+    to the system, so a restore after an eviction faults every page of its new
+    arrays in again; on a small virtual machine that costs as much as reading the
+    file. Metal's allocator keeps freed buffers up to its memory limit by itself.
+    Here the pool lets MLX keep what the budget has room for (its headroom, plus
+    the bytes an eviction is about to free): an evicted cache's buffers are then
+    handed to the next restore of the same shapes, and the agent caches and what
+    MLX keeps stay within the budget (a restore of other shapes may overshoot it
+    by its own bytes until it completes). An unlimited budget changes nothing.
+    The limit is the process's: the last pool to fit it sets it, `reset` puts
+    MLX's own back."""
+
+    default: int | None = None  # MLX's own limit in this process, before any pool changed it
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    @staticmethod
+    def _mx():
+        import mlx.core as mx
+
+        return None if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()) else mx
+
+    def fit(self, freeing: int = 0) -> None:
+        mx = self._mx()
+        if mx is None or self.ledger.budget == float("inf"):
+            return
+        room = int(self.ledger.budget - self.ledger.hot_bytes() + freeing)
+        was = mx.set_cache_limit(max(room, FreedMemory.default or 0))
+        if FreedMemory.default is None:
+            FreedMemory.default = was
+            mx.set_cache_limit(max(room, was))
+
+    @classmethod
+    def reset(cls) -> None:
+        mx = cls._mx()
+        if mx is not None and cls.default is not None:
+            mx.set_cache_limit(cls.default)
+
+
 def default_budget() -> int:
     """Hot-cache budget when none is given: a fraction of available memory,
     leaving the rest to model weights, activations and everything else."""
@@ -101,6 +144,7 @@ class CachePool:
         if share_prefixes:
             self.sharing = sharing_for(self.ledger, self.store, probe, self.warn)
         self.ledger.share_prefixes = self.sharing is not None
+        self.freed = FreedMemory(self.ledger)
         self._writer = Writer(warn=self.warn, describe=lambda name, e: f"warning: agent '{name}' was not saved ({getattr(e, 'strerror', None) or e}); it stays in memory") if write_behind else None
         if self.sharing:
             self.sharing.scan()
@@ -153,6 +197,7 @@ class CachePool:
             self.ledger.loaded(name, cache, "cold")
             return cache, "cold"
         self.ledger.loaded(name, got.cache, "warm", got.bytes_read, got.gen)
+        self.freed.fit()
         return got.cache, "warm"
 
     def _read(self, name: str):
@@ -179,6 +224,7 @@ class CachePool:
         if cache is None:
             cache, _ = self.checkout(name)
         self._make_room(name, self.ledger.turn_bytes(len(prompt), max_tokens))
+        self.freed.fit()  # the turn's reservation counts: what MLX keeps shrinks to the room left
         if prompt and self.sharing:
             _, jobs = self.sharing.adopt(name, cache, prompt)
             self._run(jobs)
@@ -201,6 +247,7 @@ class CachePool:
         finally:
             self.ledger.unpin_overflow()
             self._make_room()
+            self.freed.fit()
         return written
 
     # -- saving ----------------------------------------------------------------
@@ -269,6 +316,7 @@ class CachePool:
             if self.pending(victim):
                 continue
             on_disk = not (self._writer and self._writer.errors(victim)) and (not self.persist or self.store.exists(victim))
+            self.freed.fit(self.ledger.bytes_of(victim))
             if self.ledger.evict(victim, version, on_disk) and self.sharing:
                 self.sharing.release_unused()
 
@@ -292,6 +340,7 @@ class CachePool:
         A pin stays: the agent is kept hot again from its next turn."""
         if self._writer is not None:
             self._writer.cancel(name)
+        self.freed.fit(self.ledger.bytes_of(name))
         self.ledger.forget(name)
         if self.sharing:
             self.sharing.release_unused()
@@ -321,8 +370,19 @@ class CachePool:
         return was
 
     def close(self) -> None:
-        """Finish pending saves (call before exit; also runs at interpreter exit)."""
+        """Finish pending saves (call before exit; also runs at interpreter exit) and
+        let go of every cache whose file is current, so that its memory is free now:
+        the pool and its callbacks reference each other, and without this a closed
+        pool's caches would live on until Python's cycle collector ran. Unsaved caches,
+        caches in a turn and a memory-only pool's caches stay."""
         self.flush()
+        self.freed.reset()
+        if not self.persist:
+            return
+        failed = self.save_errors()
+        for name, _ in self.ledger.idle_agents():
+            if name not in failed and name not in self.ledger.unsaved and not self.pending(name):
+                self.ledger.forget(name)
 
     def gc_prefixes(self) -> list[Path]:
         """Delete prefix block files that no agent file (of any process) and no

@@ -39,7 +39,7 @@ engine of the family is forced along the same tokens.
     python scripts/bench_quality.py --texts gnu-standards,man-pages --contexts 2048 --windows 8
     python scripts/bench_quality.py --quick      # checks the script: one 512-token window of one tuning and one held-out text
     python scripts/bench_quality.py --texts man-pages --contexts 2048 --windows 8 --peers "llama.cpp q8_0" --peers-only --prompts 0
-                                                 # a peer alone, to --merge into an earlier run of the same windows
+                                                 # a peer alone (mlx-lm's with our fp16), to --merge into an earlier run of the same windows
 
 Writes quality.json (with a `headline` per model) and quality.md to --out.
 """
@@ -341,7 +341,10 @@ def bench_model(name: str, args, progress=None) -> dict:
         offset = 0  # contexts continue where the previous one stopped
         for i, (ctx, count) in enumerate(zip(args.contexts, args.windows)):
             wins, starts, offset = windows(ids, ctx, count, bos, offset)
-            ours = {} if args.peers_only else {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (args.extra_modes if i == 0 else [])}
+            if args.peers_only:  # mlx-lm's caches are compared with our fp16, which then runs too
+                ours = {"fp16": Ours(runner, "fp16")} if any(p.startswith("mlx-lm") for p in args.peers) else {}
+            else:
+                ours = {m: Ours(runner, m) for m in ["fp16", DEFAULT_KV] + (args.extra_modes if i == 0 else [])}
             peers, peer_refs = peer_engines(runner, gguf, ctx, args.peers)
             engines = {**ours, **peers}
             reference_of = {**{n: "fp16" for n in ours}, **peer_refs}
@@ -540,7 +543,8 @@ def main() -> None:
     ap.add_argument("--peers", default=",".join(PEERS), help="engines of other projects on every window, comma separated (empty: none)")
     ap.add_argument("--extra-modes", default="q4,q4k,q8", help="our other KV modes, at the first context only (empty: none)")
     ap.add_argument("--peers-only", action="store_true",
-                    help="run only llama.cpp peers (they bring their own f16 reference), to join an earlier run's windows with --merge")
+                    help="run only the peers (llama.cpp brings its own f16 reference; mlx-lm's is our fp16, which runs too), "
+                         "to join an earlier run's windows with --merge")
     ap.add_argument("--prompts", type=int, default=1, help="greedy-continuation prompts per text (0: none)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
@@ -570,8 +574,8 @@ def main() -> None:
         ap.error(f"unknown text {', '.join(unknown)}; choose from {', '.join(TEXTS)}")
     if unknown := [p for p in args.peers if p not in PEERS]:
         ap.error(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)}")
-    if args.peers_only and (not args.peers or any(not p.startswith("llama.cpp") for p in args.peers) or args.prompts):
-        ap.error("--peers-only runs llama.cpp peers alone: give --peers of llama.cpp only and --prompts 0")
+    if args.peers_only and (not args.peers or args.prompts):
+        ap.error("--peers-only runs the peers alone: give --peers and --prompts 0")
     args.home = args.home or default_home()
     data = {"command": " ".join(["python", "scripts/bench_quality.py", *sys.argv[1:]]),
             "machine": {"cpu": blas.read_cpuinfo().model, "cores": os.cpu_count(), "os": platform.platform(),

@@ -7,11 +7,12 @@
   template's end of turn does, 18 prefilled, 4 decoded one by one), saved
   through the pool as segments; beside it, the bytes a whole-file save (the
   version 2 store) writes for the same cache after the same turn.
-* Restore bandwidth: a fresh pool (as after a restart) restores that agent
-  (manifest and every segment) with the page cache dropped for its files
-  (posix_fadvise), against a plain sequential read of the same files, a
-  running pool restoring the agent it evicted before, and a restore of the
-  same cache saved as one version 2 file, alternating, after a warm-up.
+* Restore bandwidth: a running pool restores that agent (manifest and every
+  segment) after evicting it, with the page cache dropped for its files
+  (posix_fadvise), against a plain sequential read of the same files, the
+  first restore after a restart (a new process: its memory is faulted in for
+  the first time), and a restore of the same cache saved as one version 2
+  file, alternating (each repeat starts with the next one), after a warm-up.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -155,6 +156,24 @@ def drop(paths: list[Path]) -> bool:
     return ok
 
 
+RESTART = """
+import sys, time
+from pathlib import Path
+import mlx_agentcache
+import mlx.core as mx
+from mlx_agentcache.kvcache import AgentCache, LayerCache
+from mlx_agentcache.pool import CachePool
+d, layers = Path(sys.argv[1]), int(sys.argv[2])
+mx.eval(mx.zeros(1))  # a restarted runtime has run MLX (its model) before it restores an agent
+pool = CachePool(d, "f" * 32, lambda: AgentCache([LayerCache("q4c") for _ in range(layers)]), float("inf"), share_prefixes=False)
+t = time.perf_counter()
+cache, tier = pool.checkout("a")
+mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
+assert tier == "warm"
+print(time.perf_counter() - t)
+"""
+
+
 def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
     layout = Layout(d)
     files = [layout.agent_file("a")] + layout.segment_files("a")
@@ -176,18 +195,15 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         assert tier == "warm"
         return time.perf_counter() - t, cache
 
-    def restore() -> float:
-        """A fresh pool, as after a restart."""
-        pool = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
-        try:
-            return timed_checkout(pool)[0]
-        finally:
-            pool.close()
+    def restart() -> float:
+        """The first restore after a restart: a new process, whose memory has never been touched."""
+        out = subprocess.run([sys.executable, "-c", RESTART, str(d), str(agent.shape[0])], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
 
-    running = CachePool(d, "f" * 32, agent.new_cache, float("inf"), share_prefixes=False)
+    running = CachePool(d, "f" * 32, agent.new_cache, None, share_prefixes=False)  # the default budget, as the product runs
 
     def restore_running() -> float:
-        """A pool that evicted the agent before (its buffers freed, as a busy pool frees them)."""
+        """A running pool restoring the agent it evicted before (its buffers freed, as a busy pool frees them)."""
         dt, cache = timed_checkout(running)
         running.checkin("a", cache)
         running.evict("a")
@@ -201,23 +217,25 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         mx.eval([x for layer in cache.layers for s in layer.segments for x in s.keys + (s.values or ())])
         return time.perf_counter() - t
 
+    load = [round(x, 2) for x in os.getloadavg()]
     cold = drop(files + [whole])
-    restore(), restore_running(), read_all(), restore_whole()  # warm-up
+    restart(), restore_running(), read_all(), restore_whole()  # warm-up
     r, p, s, w = [], [], [], []
-    for _ in range(repeats):  # alternating
-        cold = drop(files) and cold
-        r.append(total / restore() / 1e6)
-        drop(files)
-        p.append(total / restore_running() / 1e6)
-        drop(files)
-        s.append(total / read_all() / 1e6)
-        drop([whole])
-        w.append(whole.stat().st_size / restore_whole() / 1e6)
+    engines = [(r, restart, files, total), (p, restore_running, files, total), (s, read_all, files, total),
+               (w, restore_whole, [whole], whole.stat().st_size)]
+    for i in range(repeats):  # alternating, each repeat starting one engine later: none always follows the same one
+        for out, run, paths, size in engines[i % 4:] + engines[: i % 4]:
+            cold = drop(paths) and cold
+            out.append(size / run() / 1e6)
     running.close()
-    return {"bytes": total, "files": len(files), "page_cache": "dropped" if cold else "not dropped",
-            "restore_MBps": spread(r, 1), "sequential_read_MBps": spread(s, 1), "ratio": round(statistics.median(r) / statistics.median(s), 3),
-            "running_pool_restore_MBps": spread(p, 1), "running_pool_ratio": round(statistics.median(p) / statistics.median(s), 3),
-            "one_file_restore_MBps": spread(w, 1)}
+    p_ratio, r_ratio = [a / b for a, b in zip(p, s)], [a / b for a, b in zip(r, s)]  # each against the read of its own repeat
+    return {"bytes": total, "files": len(files), "page_cache": "dropped" if cold else "not dropped", "repeats": repeats, "load_average": load,
+            "sequential_read_MBps": spread(s, 1),
+            "running_pool_restore_MBps": spread(p, 1), "running_pool_ratio": round(statistics.median(p_ratio), 3), "running_pool_ratios": spread(p_ratio, 3),
+            "restart_restore_MBps": spread(r, 1), "restart_ratio": round(statistics.median(r_ratio), 3), "restart_ratios": spread(r_ratio, 3),
+            "one_file_restore_MBps": spread(w, 1),
+            "samples_MBps": {"sequential_read": [round(x, 1) for x in s], "running_pool": [round(x, 1) for x in p],
+                             "restart": [round(x, 1) for x in r], "one_file": [round(x, 1) for x in w]}}
 
 
 def populate(src: Layout, name: str, d: Path, n: int) -> None:
@@ -418,15 +436,20 @@ def report(r: dict) -> str:
         lines.append(f"| {x['context']} | {b['median'] / 1e6:.3f} ({b['min'] / 1e6:.3f}-{b['max'] / 1e6:.3f}) | {w['median'] / 1e6:.1f} | "
                      f"{s['median'] / 1e6:.1f} | {f['median']:.2%} ({f['min']:.2%}-{f['max']:.2%}) | {x['segments']} |")
     rb = r["restore"]
+
+    def mbps(key: str) -> str:
+        x = rb[key]
+        return f"{x['median']} MB/s ({x['min']}-{x['max']})"
+
     lines += ["", "## Restore bandwidth", "",
-              f"{rb['bytes'] / 1e6:.1f} MB in {rb['files']} files, page cache {rb['page_cache']}: restore {rb['restore_MBps']['median']} MB/s "
-              f"({rb['restore_MBps']['min']}-{rb['restore_MBps']['max']}), sequential read {rb['sequential_read_MBps']['median']} MB/s "
-              f"({rb['sequential_read_MBps']['min']}-{rb['sequential_read_MBps']['max']}): ratio {rb['ratio']}."
-              + (f" A running pool restoring the agent it evicted: {rb['running_pool_restore_MBps']['median']} MB/s "
-                 f"({rb['running_pool_restore_MBps']['min']}-{rb['running_pool_restore_MBps']['max']}), ratio {rb['running_pool_ratio']}."
-                 if "running_pool_ratio" in rb else "")
-              + (f" The same cache as one version 2 file restores at {rb['one_file_restore_MBps']['median']} MB/s "
-                 f"({rb['one_file_restore_MBps']['min']}-{rb['one_file_restore_MBps']['max']})." if "one_file_restore_MBps" in rb else ""), "",
+              f"{rb['bytes'] / 1e6:.1f} MB in {rb['files']} files, page cache {rb['page_cache']}, {rb['repeats']} alternating repeats, "
+              f"load average {rb['load_average']} at the start. "
+              f"Sequential read of the files: {mbps('sequential_read_MBps')}. A running pool restoring the agent it evicted: "
+              f"{mbps('running_pool_restore_MBps')}, ratio {rb['running_pool_ratio']} ({rb['running_pool_ratios']['min']}-{rb['running_pool_ratios']['max']}). "
+              f"The first restore after a restart (a new process): {mbps('restart_restore_MBps')}, ratio {rb['restart_ratio']} "
+              f"({rb['restart_ratios']['min']}-{rb['restart_ratios']['max']}). Ratios are each repeat's restore over the same repeat's read, median "
+              f"(min-max). The same cache as one version 2 file, in the running process: "
+              f"{mbps('one_file_restore_MBps')}.", "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")

@@ -13,6 +13,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def mlx_cache_limit():
+    """A budgeted pool raises MLX's (process-wide) CPU cache limit to its headroom;
+    a test that leaves its pool open must not pass that on to the next test."""
+    yield
+    from mlx_agentcache.pool import FreedMemory
+
+    FreedMemory.reset()
+
+
 @pytest.fixture(scope="session")
 def model_home(tmp_path_factory) -> Path:
     env = os.environ.get("AGENTCACHE_TEST_HOME") or os.environ.get("AGENTCACHE_HOME")

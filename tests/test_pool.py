@@ -169,6 +169,68 @@ def test_save_failure_keeps_agent_hot_and_tells_the_user(tmp_path, monkeypatch):
     assert same_tensors(cache, random_cache(1))  # the previous file is intact
 
 
+def test_close_frees_saved_caches_at_once_and_keeps_unsaved_ones(tmp_path, monkeypatch):
+    """The pool and its callbacks form reference cycles: without close letting go,
+    a closed pool's caches would hold their memory until the cycle collector ran."""
+    import gc
+    import weakref
+
+    p = rpool(tmp_path)
+    for seed, name in enumerate("ab"):
+        p.checkout(name)
+        p.checkin(name, random_cache(seed))
+    p.flush()
+    monkeypatch.setattr(container.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    p.checkout("b")
+    p.checkin("b", random_cache(5))  # its save fails: memory is newer than its file
+    saved = weakref.ref(p.hot["a"])
+    gc.disable()
+    try:
+        p.close()
+        assert saved() is None and "a" not in p.hot
+    finally:
+        gc.enable()
+    assert same_tensors(p.hot["b"], random_cache(5)) and "No space left" in p.save_errors()["b"]
+    monkeypatch.undo()
+    cache, tier = p.checkout("a")  # a closed pool still answers, from disk
+    assert tier == "warm" and same_tensors(cache, random_cache(0))
+
+
+def test_a_budgeted_pool_hands_an_evicted_cache_s_memory_to_its_next_restore(tmp_path):
+    """On a CPU, MLX keeps 32 MB of freed buffers; the pool lets it keep what the budget
+    has room for, so a restore reuses the memory an eviction freed instead of faulting
+    new pages in. An unlimited budget leaves MLX's limit alone; close puts it back."""
+    def big(seed: int) -> AgentCache:
+        return random_cache(seed, layers=10, heads=8, n=4096, dim=128)  # 47 MB of q4 arrays, over MLX's 32 MB
+
+    size = own_bytes(big(0))
+    assert size > 40 << 20
+    def pool(d: Path, budget: float) -> CachePool:
+        return CachePool(d, "f" * 32, lambda: AgentCache([LayerCache(4) for _ in range(10)]), budget, lambda m: None, share_prefixes=False)
+
+    p = pool(tmp_path / "budget", 4 * size)
+    p.checkout("a")
+    p.checkin("a", big(0))
+    for _ in range(2):  # the second eviction frees arrays of the restore's own shapes
+        p.evict("a")
+        held = mx.get_cache_memory()
+        cache, tier = p.checkout("a")
+        assert tier == "warm" and same_tensors(cache, big(0))
+        p.checkin("a", cache)
+        del cache
+    if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return  # their allocators keep freed buffers up to the memory limit by themselves
+    assert held >= size  # the evicted cache's buffers were kept...
+    assert mx.get_cache_memory() <= held - size // 2  # ...and the restore took them back
+    p.close()
+    assert mx.get_cache_memory() <= 32 << 20
+    q = pool(tmp_path / "unlimited", float("inf"))
+    q.checkout("a")
+    q.checkin("a", big(1))
+    q.evict("a")
+    assert mx.get_cache_memory() <= 32 << 20
+
+
 def test_stale_temporary_files_are_removed(tmp_path):
     dead = tmp_path / ".a.safetensors.tmp999999999"
     mine = tmp_path / f".b.safetensors.tmp{os.getpid()}"

@@ -216,7 +216,7 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
             shared = prefix_source(h, n, tokens[:n])
     if expect_layers is not None and expect_layers and expect_layers[0].mode != mode:
         raise CacheFileError(f"{path.name}: stored with {mode} KV, runtime uses {expect_layers[0].mode}")
-    layers, finite = [], []
+    layers = []
     try:
         for i, s in enumerate(spans):
             window = expect_layers[i].window if expect_layers is not None else s["window"]
@@ -231,17 +231,16 @@ def load(path: Path, fingerprint: str, expect_layers: list[LayerCache] | None = 
                 k = tuple(arrays.pop(tensor_name(i, "k", j, r)) for j in range(3) if tensor_name(i, "k", j, r) in arrays)
                 v = tuple(arrays.pop(tensor_name(i, "v", j, r)) for j in range(3) if tensor_name(i, "v", j, r) in arrays)
                 v = v if s["values"] else None
-                _check_run(path, i, encoding, k, v, n, expect if encoding in (body, "q4") else None, finite)
+                _check_run(path, i, encoding, k, v, n, expect if encoding in (body, "q4") else None)
                 if expect is not None:
                     _check_heads(path, i, encoding, k, v, expect, body)
                 runs.append((encoding, k, v))
-            sinks = _sinks(path, i, s, arrays, runs, mode, finite)
+            sinks = _sinks(path, i, s, arrays, runs, mode)
             layers.append(_restore_layer(path, i, mode, window, s, runs, None if shared is None else shared[i], sinks))
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CacheFileError(f"{path.name}: layer data inconsistent ({e})") from None
     if arrays:
         raise CacheFileError(f"{path.name}: unexpected tensors {sorted(arrays)[:3]}")
-    _all_finite(finite)
     return AgentCache(layers, tokens, foreign), extra
 
 
@@ -272,7 +271,7 @@ def read_block(path: Path, fingerprint: str, mode: str, tokens: list[int], expec
 
     arrays, meta = read_arrays(path, (BLOCK_FORMAT,), same)
     n = len(block_tokens(meta))
-    out, finite = [], []
+    out = []
     try:
         for i, s in enumerate(json.loads(meta["layers"])):
             s = _span(i, s, n)
@@ -280,8 +279,8 @@ def read_block(path: Path, fingerprint: str, mode: str, tokens: list[int], expec
                 raise ValueError(f"layer {i} is not one {body} run of {n} tokens")
             k = tuple(arrays.pop(tensor_name(i, "k", j)) for j in range(3) if tensor_name(i, "k", j) in arrays)
             v = tuple(arrays.pop(tensor_name(i, "v", j)) for j in range(3) if tensor_name(i, "v", j) in arrays) if s["values"] else None
-            _check_run(path, i, body, k, v, n, expect[i] if expect is not None and i < len(expect) else None, finite)
-            sinks = _sinks(path, i, s, arrays, [(body, k, v)], mode, finite)
+            _check_run(path, i, body, k, v, n, expect[i] if expect is not None and i < len(expect) else None)
+            sinks = _sinks(path, i, s, arrays, [(body, k, v)], mode)
             if (sinks is None) != (body != "q4c"):
                 raise ValueError(f"layer {i} sinks do not fit a {mode} block")
             out.append((k, v, sinks))
@@ -289,7 +288,6 @@ def read_block(path: Path, fingerprint: str, mode: str, tokens: list[int], expec
         raise CacheFileError(f"{path.name}: prefix block layers inconsistent ({e})") from None
     if arrays or (expect is not None and len(out) != len(expect)):
         raise CacheFileError(f"{path.name}: prefix block has {len(out)} layers or unexpected tensors")
-    _all_finite(finite)
     return out
 
 
@@ -347,7 +345,7 @@ def _head(x: np.ndarray, n: int, tokens: int) -> np.ndarray:
     return x[..., : n * x.shape[-2] // tokens, :]
 
 
-def _sinks(path: Path, i: int, span: dict, arrays: dict, runs: list, mode: str, finite: list) -> tuple | None:
+def _sinks(path: Path, i: int, span: dict, arrays: dict, runs: list, mode: str) -> tuple | None:
     """A q4c layer's exact sinks: fp16, the heads and dims of its runs, at the start of the context."""
     n = span.get("sinks")
     if n is None:
@@ -359,7 +357,6 @@ def _sinks(path: Path, i: int, span: dict, arrays: dict, runs: list, mode: str, 
     if (mode != "q4c" or span["start"] != 0 or not 0 < int(n) <= span["offset"] or tuple(k.shape) != want_k
             or tuple(v.shape) != want_v or {k.dtype, v.dtype} != {mx.float16}):
         raise CacheFileError(f"{path.name}: layer {i} sinks do not fit the layer")
-    finite += [(x, f"{path.name}: layer {i} sinks do not fit the layer") for x in (k, v)]
     return k, v
 
 
@@ -382,27 +379,12 @@ def _describe(shape: StoredShape) -> str:
     return f"{shape.heads} heads x keys ({parts(shape.keys)})" + (f", values ({parts(shape.values)})" if shape.values else ", no values")
 
 
-_EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}  # fp16, fp32: all ones is an infinity or a NaN
-
-
-def _all_finite(checks: list[tuple[object, str]]) -> None:
-    """Raise the message of the first tensor that holds a NaN or an infinity. The test
-    reads the exponent bits of the memory itself: MLX's isfinite on fp16 runs at about
-    100 MB/s on a CPU, and each call waits for its own evaluation."""
-    for x, why in checks:
-        a = np.asarray(x)
-        if a.dtype.kind == "f":
-            u, mask = _EXPONENT[a.dtype.itemsize]
-            if np.any((a.view(u) & mask) == mask):
-                raise CacheFileError(why)
-
-
 def _check_run(path: Path, i: int, encoding: str, k: tuple, v: tuple | None, n: int | None,
-               expect: StoredShape | None, finite: list) -> None:
+               expect: StoredShape | None) -> None:
     """One run of a layer: every part (heads, rows, dim) with one row per token (q4c key
     scales: per KEY_GROUP tokens), the dtypes and group sizes of its encoding, `n` tokens
-    when given, what the model stores (`expect`). Scales, biases and fp16 values go to
-    `finite`, to be checked together (`_all_finite`)."""
+    when given, what the model stores (`expect`). Finite values were checked as the
+    file was read (container.py)."""
     parts = list(k) + list(v or ())
     if not k or any(x.ndim != 3 for x in parts) or len({x.shape[0] for x in parts}) != 1:
         raise CacheFileError(f"{path.name}: layer {i} tensors disagree on shape")
@@ -412,7 +394,6 @@ def _check_run(path: Path, i: int, encoding: str, k: tuple, v: tuple | None, n: 
             continue
         if not _layout_ok(encoding, part, t, tokens):
             raise CacheFileError(f"{path.name}: layer {i} quantization layout mismatch")
-        finite += [(x, f"{path.name}: layer {i} holds scales or values that are not finite") for x in (t if len(t) == 1 else t[1:])]
     if n is not None and tokens != n:
         raise CacheFileError(f"{path.name}: layer {i} holds {tokens} tokens, its span says {n}")
     if expect is not None:
