@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_agentcache.store import codec, container
+import forge
 from tiny import random_cache, same_tensors
 
 FP = "f" * 32
@@ -71,14 +72,8 @@ def test_file_is_plain_safetensors(tmp_path):
 
 def _rewrite_meta(data: bytes, **changes) -> bytes:
     """Change metadata fields and fix every checksum, so only the change itself can be refused."""
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__")
-    meta.update(changes)
-    meta["table_crc32"] = str(container._table_crc(header))
-    meta["meta_crc32"] = str(container._meta_crc(meta))
-    raw = json.dumps({**header, "__metadata__": meta}).encode()
-    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    header, meta, body = forge.split(data)
+    return forge.join(header, {**meta, **changes}, body)
 
 
 DAMAGE = {

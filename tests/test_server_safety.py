@@ -7,7 +7,6 @@ import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 
 import json
 import os
-import struct
 import sys
 import resource
 import subprocess
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+import forge
 from test_server import KEY, MODEL, Server, home, server  # noqa: F401  (module fixtures: the model home, one server)
 
 DEADLINE_S = 60
@@ -117,21 +117,7 @@ def test_unsaved_turn_is_reported_retried_and_survives_a_restart(home, tmp_path)
 
 
 # -- crafted files: every checksum recomputed, so only the checks of meaning stand in the way
-def reforge_header(path: Path, edit) -> None:
-    """Edit a container's JSON header (tensor table and metadata); the table and metadata
-    checksums are recomputed, the tensor bytes stay. `Infinity` is written as JSON allows."""
-    from mlx_agentcache.store import container
-
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__")
-    edit(header, meta)
-    meta["table_crc32"] = str(container._table_crc(header))
-    meta["meta_crc32"] = str(container._meta_crc(meta))
-    raw = json.dumps({**header, "__metadata__": meta}).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+reforge_header = forge.reforge
 
 
 def reforge_tensors(path: Path, formats: tuple, edit) -> None:

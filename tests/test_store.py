@@ -3,7 +3,6 @@ live agent, damaged histories set aside, caches and archives checked against
 the model's structure (not only their checksums)."""
 
 import json
-import struct
 from pathlib import Path
 
 import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
@@ -17,6 +16,7 @@ from mlx_agentcache.pool import CachePool
 from mlx_agentcache.runtime import Runtime
 from mlx_agentcache.store import codec, container, history, segments
 from mlx_agentcache.store.layout import Layout, validate_agent_name
+import forge
 from tiny import tiny_runner, tokens
 
 
@@ -173,17 +173,11 @@ def test_checksum_valid_but_malformed_cache_is_refused_and_moved_aside(kind, tmp
 
 def test_huge_empty_tensor_is_refused(tmp_path, runner):
     path = saved_agent(tmp_path, runner)
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__")
+    header, meta, body = forge.split(path.read_bytes())
     header["junk"] = {"dtype": "F16", "shape": [1 << 40, 0], "data_offsets": [0, 0]}
     header = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]))
-    meta["table_crc32"] = str(container._table_crc(header))
     meta["crc32"] = json.dumps({**json.loads(meta["crc32"]), "junk": 0})
-    meta["meta_crc32"] = str(container._meta_crc(meta))
-    raw = json.dumps({**header, "__metadata__": meta}).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    path.write_bytes(forge.join(header, meta, body))
     with pytest.raises(container.CacheFileError, match=r"shape\[0\] is 1099511627776, outside"):
         codec.load(path, runner.fingerprint, runner.new_cache().layers)
 
