@@ -142,7 +142,7 @@ class CachePool:
         self.ledger = Ledger(default_budget() if budget_bytes is None else budget_bytes, probe, fingerprint=fingerprint, model=model,
                              shared=lambda: self.sharing.index.memory_bytes() if self.sharing else 0, persist=persist, warn=self.warn)
         if share_prefixes:
-            self.sharing = sharing_for(self.ledger, self.store, probe, self.warn)
+            self.sharing = sharing_for(self.ledger, self.store, probe, self.warn, self._make_room)
         self.ledger.share_prefixes = self.sharing is not None
         self.freed = FreedMemory(self.ledger)
         self._writer = Writer(warn=self.warn, describe=lambda name, e: f"warning: agent '{name}' was not saved ({getattr(e, 'strerror', None) or e}); it stays in memory") if write_behind else None

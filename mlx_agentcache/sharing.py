@@ -45,11 +45,13 @@ def covered(hit: tuple[str, int] | None) -> int:
 
 
 class PrefixSharing:
-    def __init__(self, index: PrefixIndex, ledger: Ledger, store: AgentStore, warn: Callable[[str], None]):
+    def __init__(self, index: PrefixIndex, ledger: Ledger, store: AgentStore, warn: Callable[[str], None],
+                 make_room: Callable[[str, int], None]):
         self.index = index
         self.ledger = ledger
         self.store = store
         self.warn = warn
+        self.make_room = make_room  # the pool's: evict until `name` counted at `need` bytes fits the budget
         self.leads: dict[str, dict[str, None]] = {}  # first-block key -> agents on disk starting with it, oldest first
 
     def scan(self) -> None:
@@ -157,8 +159,10 @@ class PrefixSharing:
             m = common_blocks(self.store.tokens(p), prompt[:limit])
             if m > n:
                 best, n = p, m
-        if best is None:
+        size = None if best is None else self.store.disk_bytes(best)
+        if size is None:
             return None
+        self.make_room(name, self.ledger.bytes_of(name) + size)  # the peer's arrays are held until the prefix is cut from them
         got = self.store.read(best, self.source)
         if isinstance(got, Refused):
             self.warn(f"warning: cache for agent '{best}' not used ({got.reason}); {got.where}")
@@ -220,9 +224,10 @@ class PrefixSharing:
         return removed
 
 
-def sharing_for(ledger: Ledger, store: AgentStore, probe: AgentCache, warn: Callable[[str], None]) -> PrefixSharing | None:
+def sharing_for(ledger: Ledger, store: AgentStore, probe: AgentCache, warn: Callable[[str], None],
+                make_room: Callable[[str, int], None]) -> PrefixSharing | None:
     """Shared prefixes for this model's caches, or None where its layers cannot share."""
     if not eligible(probe):
         return None
-    return PrefixSharing(PrefixIndex(store.fingerprint, probe.layers[0].mode), ledger, store, warn)
+    return PrefixSharing(PrefixIndex(store.fingerprint, probe.layers[0].mode), ledger, store, warn, make_room)
 

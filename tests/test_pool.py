@@ -430,6 +430,24 @@ def test_a_prefix_one_agent_holds_on_disk_is_found_after_a_restart(tmp_path, mod
     assert reuse == 0 and other.stats.prefix_hits == 0
 
 
+def test_room_is_made_before_an_agent_on_disk_is_read_for_its_prefix(tmp_path, runner):
+    """Its whole cache is read before the prefix is cut from it: that memory counts, so
+    idle agents are evicted first, as before a restore."""
+    p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    turn(p, runner, "a", SYSTEM + tokens(20, seed=100))
+    p.close()
+    q = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
+    turn(q, runner, "keep", tokens(300, seed=5))
+    q.flush()
+    prompt = SYSTEM + tokens(21, seed=101)
+    q.budget = q.hot_bytes + q.ledger.turn_bytes(len(prompt)) + disk(q, "a") // 2  # the new turn fits; a's file beside it does not
+    seen, read = [], q.store.read
+    q.store.read = lambda name, source: (seen.append((name, q.tier("keep"))), read(name, source))[1]
+    _, reuse, _ = turn(q, runner, "b", prompt)
+    assert reuse == 512 and q.stats.prefix_hits == 1
+    assert seen == [("a", "warm")]  # keep was evicted (and on disk) before a was read
+
+
 def test_trimming_into_a_shared_prefix_copies_and_leaves_others_alone(tmp_path, mode_runner):
     runner = mode_runner
     p = CachePool(tmp_path, runner.fingerprint, runner.new_cache, warn=lambda m: None)
