@@ -64,13 +64,14 @@ class FreedMemory:
     to the system, so a restore after an eviction faults every page of its new
     arrays in again; on a small virtual machine that costs as much as reading the
     file. Metal's allocator keeps freed buffers up to its memory limit by itself.
-    Here the pool lets MLX keep what the budget has room for (its headroom, plus
-    the bytes an eviction is about to free): an evicted cache's buffers are then
-    handed to the next restore of the same shapes, and the agent caches and what
-    MLX keeps stay within the budget (a restore of other shapes may overshoot it
-    by its own bytes until it completes). An unlimited budget changes nothing.
-    The limit is the process's: the last pool to fit it sets it, `reset` puts
-    MLX's own back."""
+    Here the pool lets MLX keep the buffers an eviction frees, as far as the budget
+    has room for them: they are handed to the next restore of the same shapes, and
+    the agent caches and what MLX keeps stay within the budget (a restore of other
+    shapes may overshoot it by its own bytes until it completes). Other freed
+    memory (a prefill's activations) goes back as before: the limit never grows
+    past what MLX holds plus what an eviction frees. An unlimited budget changes
+    nothing. The limit is the process's: the last pool to fit it sets it, `reset`
+    puts MLX's own back."""
 
     default: int | None = None  # MLX's own limit in this process, before any pool changed it
 
@@ -87,11 +88,11 @@ class FreedMemory:
         mx = self._mx()
         if mx is None or self.ledger.budget == float("inf"):
             return
-        room = int(self.ledger.budget - self.ledger.hot_bytes() + freeing)
-        was = mx.set_cache_limit(max(room, FreedMemory.default or 0))
+        keep = min(int(self.ledger.budget - self.ledger.hot_bytes()), mx.get_cache_memory()) + freeing
+        was = mx.set_cache_limit(max(keep, FreedMemory.default or 0))
         if FreedMemory.default is None:
             FreedMemory.default = was
-            mx.set_cache_limit(max(room, was))
+            mx.set_cache_limit(max(keep, was))
 
     @classmethod
     def reset(cls) -> None:

@@ -221,7 +221,10 @@ def test_a_budgeted_pool_hands_an_evicted_cache_s_memory_to_its_next_restore(tmp
     if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
         return  # their allocators keep freed buffers up to the memory limit by themselves
     assert held >= size  # the evicted cache's buffers were kept...
-    assert mx.get_cache_memory() <= held - size // 2  # ...and the restore took them back
+    after = mx.get_cache_memory()
+    assert after <= held - size // 2  # ...and the restore took them back
+    mx.eval(mx.zeros((size,), mx.uint8))  # other memory freed (a prefill's activations) goes back to the system
+    assert mx.get_cache_memory() <= max(after, 32 << 20)
     p.close()
     assert mx.get_cache_memory() <= 32 << 20
     q = pool(tmp_path / "unlimited", float("inf"))
