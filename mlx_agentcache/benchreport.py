@@ -406,10 +406,15 @@ def quality_line(model: str, h: dict) -> str:
         where = f"{', '.join(h.get('held_out_texts', []))}, {contexts + '-token windows, ' if contexts else ''}"
     texts = (f" on held-out text ({where}at least {h['held_out_scored_tokens_min']:,} scored tokens per text and context)"
              if p else " on the tuning texts (no held-out run)" if "held_out_texts" not in h and "scored_tokens_min" in h else "")
-    return (f"{model} {h['mode']} ({h['bits_per_value']:.2f} bits){texts}: ppl {h[p + 'ppl_change_pct']:+.2f}% (worst {h[p + 'ppl_change_worst_pct']:+.2f}%), "
+    line = (f"{model} {h['mode']} ({h['bits_per_value']:.2f} bits){texts}: ppl {h[p + 'ppl_change_pct']:+.2f}% (worst {h[p + 'ppl_change_worst_pct']:+.2f}%), "
             f"KL {h[p + 'kl']:.4f} (worst {h[p + 'kl_worst']:.4f})"
             + (f"; llama.cpp q4_0 {peer:+.2f}% (KL {h[p + 'llama_cpp_q4_0_kl']:.4f}) on the same windows" if peer is not None and p
                else f"; llama.cpp q4_0 {peer:+.2f}% on the same windows" if peer is not None else ""))
+    if p + "mlx_lm_q4_ppl_change_pct" in h:  # mlx-lm quantizes global layers only
+        on, total = len(h[p + "compared_with_mlx_lm_on"]), sum(len(cs) for cs in by_text.values()) if p else None
+        line += (f"; mlx-lm q4 (sliding-window layers left at 16 bits) {h[p + 'mlx_lm_q4_ppl_change_pct']:+.2f}% (KL {h[p + 'mlx_lm_q4_kl']:.4f}) on the windows of "
+                 f"{on}{f' of {total}' if total else ''} text contexts, where q4c is {h[p + 'ours_where_mlx_lm_ran_ppl_change_pct']:+.2f}%")
+    return line
 
 
 def _quality_section(out: Path, q: dict | None) -> list[str]:

@@ -385,7 +385,8 @@ def bench_model(name: str, args, progress=None) -> dict:
 
 
 def _summary(rows: list[tuple[str, str, dict]]) -> dict:
-    """The default mode's mean and worst ppl change and KL over `rows`, and llama.cpp q4_0's on the windows where it ran."""
+    """The default mode's mean and worst ppl change and KL over `rows`, and llama.cpp q4_0's and mlx-lm q4's on the
+    windows where each ran."""
     ours = [e[DEFAULT_KV] for _, _, e in rows]
     h = {"ppl_change_pct": round(float(np.mean([o["ppl_change_pct"] for o in ours])), 3),
          "ppl_change_worst_pct": round(max(o["ppl_change_pct"] for o in ours), 3),
@@ -398,6 +399,13 @@ def _summary(rows: list[tuple[str, str, dict]]) -> dict:
         h["ours_where_llama_cpp_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
         h["beats_llama_cpp_q4_0_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
         h["compared_with_llama_cpp_on"] = [f"{t} {c}" for t, c, e in rows if "llama.cpp q4_0" in e]
+    pairs = [(e[DEFAULT_KV], e["mlx-lm q4"]) for _, _, e in rows if "mlx-lm q4" in e]
+    if pairs:  # mlx-lm quantizes global layers only (docs/quality.md): on Gemma 3 it is favoured
+        h["mlx_lm_q4_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
+        h["mlx_lm_q4_kl"] = round(float(np.mean([p["kl"] for _, p in pairs])), 5)
+        h["ours_where_mlx_lm_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
+        h["beats_mlx_lm_q4_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
+        h["compared_with_mlx_lm_on"] = [f"{t} {c}" for t, c, e in rows if "mlx-lm q4" in e]
     return h
 
 

@@ -106,6 +106,13 @@ def test_headline_keeps_held_out_texts_apart_and_compares_on_the_same_windows():
     tuning_only = bq.headline({"m": result({"code": ("tuning", {"2048": engines(1.0, 7.0)})})})["m"]
     assert "held_out_ppl_change_pct" not in tuning_only
     assert "on the tuning texts (no held-out run): ppl +1.00%" in benchreport.quality_line("m", tuning_only)
+    assert "mlx-lm" not in benchreport.quality_line("m", both)
+    with_mlx = engines(2.0, 6.0) | {"mlx-lm q4": {"ppl": 12.0, "kl": 0.1, "top1": 0.7, "tokens": 16376, "ppl_change_pct": 20.0}}
+    h = bq.headline({"m": result({"gnu-standards": ("held-out", {"2048": with_mlx, "4096": engines(4.0, 8.0)})})})["m"]
+    assert (h["held_out_mlx_lm_q4_ppl_change_pct"], h["held_out_ours_where_mlx_lm_ran_ppl_change_pct"]) == (20.0, 2.0)
+    assert h["held_out_compared_with_mlx_lm_on"] == ["gnu-standards 2048"] and h["held_out_beats_mlx_lm_q4_wherever_both_ran"] is True
+    assert "mlx-lm q4 (sliding-window layers left at 16 bits) +20.00% (KL 0.1000) on the windows of 1 of 2 text contexts, where q4c is +2.00%" \
+        in benchreport.quality_line("m", h)
 
 
 def test_merge_keeps_every_run_and_merges_a_texts_contexts(tmp_path):
