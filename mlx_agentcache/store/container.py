@@ -324,7 +324,8 @@ class Opened:
         (writable, together exactly the tensor's bytes, in order), with preadv calls of
         about READ_BATCH bytes on `threads.io` while the caller goes on placing (and
         allocating) the next; each tensor's CRC32 is chained over its buffers, and a
-        float tensor's values checked finite, on `threads.crc`. `verify` waits for the returned jobs and compares the sums."""
+        float tensor's values checked finite, on `threads.crc`. `verify` waits for the
+        returned jobs and compares the sums."""
         fd, name, jobs = self.f.fileno(), self.path.name, []
         pos, iov, done, size = None, [], [], 0
 
@@ -362,8 +363,7 @@ class Opened:
 
     def verify(self, jobs: list[Future]) -> None:
         """Wait for `scatter`'s reads, compare their checksums with the header's and refuse
-        a value that is not finite;
-        raises on the first fault."""
+        a value that is not finite; raises on the first fault."""
         for job in jobs:
             for tname, sums in job.result():
                 c, ok = sums.result()
