@@ -429,6 +429,7 @@ def report(r: dict) -> str:
     lines = ["# Agent store", "", f"CPU: {r['cpu']} ({r['cores']} cores, load average {r['load_average']} at the start). "
              f"Geometry {r['geometry']['layers']} of {r['geometry'].get('model_layers')} layers x {r['geometry']['kv_heads']} KV heads x {r['geometry']['head_dim']} dims, q4c."
              + (" Quick run: small sizes, numbers not comparable." if r["quick"] else ""), "",
+             *([("Commands: " + "; ".join(f"{p}: `{c}`" for p, c in r["commands"].items())), ""] if r.get("commands") else []),
              "## Bytes written per turn (2 tokens cut, 18 prefilled, 4 decoded)", "",
              "| context | ours MB (median, min-max) | whole-file save MB | stored MB | ours / stored | segments |", "|---|---|---|---|---|---|"]
     for x in r["bytes_per_turn"]:
@@ -489,6 +490,8 @@ def main() -> None:
         raise SystemExit(f"--parts updates the store.json in {a.out} of a run like this one (--quick or not); there is none")
     r = old or {"quick": a.quick, "cpu": read_cpuinfo().model, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
                 "geometry": {"model": GEOMETRY, "layers": layers, "model_layers": full_layers, "kv_heads": heads, "head_dim": dim}}
+    command = " ".join(["python", "scripts/bench_store.py", *sys.argv[1:]])
+    r.setdefault("commands", {}).update({p: command for p in parts})  # what measured each part
     default_home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=default_home(), prefix="bench-store-") as tmp:  # the disk agents live on
         work = Path(tmp)
