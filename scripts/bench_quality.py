@@ -392,20 +392,14 @@ def _summary(rows: list[tuple[str, str, dict]]) -> dict:
          "ppl_change_worst_pct": round(max(o["ppl_change_pct"] for o in ours), 3),
          "kl": round(float(np.mean([o["kl"] for o in ours])), 5), "kl_worst": round(max(o["kl"] for o in ours), 5),
          "scored_tokens_min": min(o["tokens"] for o in ours), "contexts": sorted({int(c) for _, c, _ in rows})}
-    pairs = [(e[DEFAULT_KV], e["llama.cpp q4_0"]) for _, _, e in rows if "llama.cpp q4_0" in e]
-    if pairs:
-        h["llama_cpp_q4_0_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
-        h["llama_cpp_q4_0_kl"] = round(float(np.mean([p["kl"] for _, p in pairs])), 5)
-        h["ours_where_llama_cpp_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
-        h["beats_llama_cpp_q4_0_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
-        h["compared_with_llama_cpp_on"] = [f"{t} {c}" for t, c, e in rows if "llama.cpp q4_0" in e]
-    pairs = [(e[DEFAULT_KV], e["mlx-lm q4"]) for _, _, e in rows if "mlx-lm q4" in e]
-    if pairs:  # mlx-lm quantizes global layers only (docs/quality.md): on Gemma 3 it is favoured
-        h["mlx_lm_q4_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
-        h["mlx_lm_q4_kl"] = round(float(np.mean([p["kl"] for _, p in pairs])), 5)
-        h["ours_where_mlx_lm_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
-        h["beats_mlx_lm_q4_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
-        h["compared_with_mlx_lm_on"] = [f"{t} {c}" for t, c, e in rows if "mlx-lm q4" in e]
+    for engine, key, family in (("llama.cpp q4_0", "llama_cpp_q4_0", "llama_cpp"), ("mlx-lm q4", "mlx_lm_q4", "mlx_lm")):
+        pairs = [(e[DEFAULT_KV], e[engine]) for _, _, e in rows if engine in e]
+        if pairs:  # mlx-lm quantizes global layers only (docs/quality.md): on Gemma 3 it is favoured
+            h[f"{key}_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
+            h[f"{key}_kl"] = round(float(np.mean([p["kl"] for _, p in pairs])), 5)
+            h[f"ours_where_{family}_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
+            h[f"beats_{key}_wherever_both_ran"] = all(o["ppl_change_pct"] < p["ppl_change_pct"] for o, p in pairs)
+            h[f"compared_with_{family}_on"] = [f"{t} {c}" for t, c, e in rows if engine in e]
     return h
 
 
