@@ -263,7 +263,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = ap.parse_args()
     if args.quick:
-        args.runs, args.agents, args.repeats, args.batch_sizes, args.batch_steps = f"{GEOMETRY_8B}:512", 5, 2, "1,2,4", 2
+        # small sizes, but the 5 repeats of a real run: the other half of a loaded 2-core machine moves single steps 2x
+        args.runs, args.agents, args.repeats, args.batch_sizes, args.batch_steps = f"{GEOMETRY_8B}:512", 5, 5, "1,2,4", 3
     if args.repeats < 1 or args.agents <= args.fit:
         ap.error("need --repeats >= 1 and more --agents than --fit")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
