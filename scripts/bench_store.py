@@ -11,8 +11,9 @@
   segment) after evicting it, with the page cache dropped for its files
   (posix_fadvise), against a plain sequential read of the same files, the
   first restore after a restart (a new process: its memory is faulted in for
-  the first time), and a restore of the same cache saved as one version 2
-  file, alternating (each repeat starts with the next one), after a warm-up.
+  the first time), a restore of the same cache saved as one version 2
+  file, and a new process that only allocates the arrays such a restore
+  fills, alternating (each repeat starts with the next one), after a warm-up.
 * `agentcache agents ls` over 100, 1,000 and 10,000 agents (copies of one
   small agent's files): wall time of the whole command, process start
   included, and its CPU time; sizes alternate, after a warm-up run that
@@ -165,6 +166,13 @@ from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.pool import CachePool
 d, layers = Path(sys.argv[1]), int(sys.argv[2])
 mx.eval(mx.zeros(1))  # a restarted runtime has run MLX (its model) before it restores an agent
+if sys.argv[3:] == ["allocate"]:  # only what such a restore allocates: its bytes as fresh arrays of READ_BATCH bytes
+    from mlx_agentcache.store.container import READ_BATCH
+    t = time.perf_counter()
+    arrays = [mx.zeros((READ_BATCH,), mx.uint8) for _ in range(-(-int(sys.argv[4]) // READ_BATCH))]
+    mx.eval(arrays)
+    print(time.perf_counter() - t)
+    sys.exit()
 pool = CachePool(d, "f" * 32, lambda: AgentCache([LayerCache("q4c") for _ in range(layers)]), float("inf"), share_prefixes=False)
 t = time.perf_counter()
 cache, tier = pool.checkout("a")
@@ -195,10 +203,14 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
         assert tier == "warm"
         return time.perf_counter() - t, cache
 
-    def restart() -> float:
-        """The first restore after a restart: a new process, whose memory has never been touched."""
-        out = subprocess.run([sys.executable, "-c", RESTART, str(d), str(agent.shape[0])], capture_output=True, text=True, check=True)
+    def restart(*allocate: str) -> float:
+        """The first restore after a restart: a new process, whose memory has never been touched;
+        with "allocate", only the fresh arrays such a restore fills (its bound on this machine)."""
+        out = subprocess.run([sys.executable, "-c", RESTART, str(d), str(agent.shape[0]), *allocate], capture_output=True, text=True, check=True)
         return float(out.stdout.split()[-1])
+
+    def allocate() -> float:
+        return restart("allocate", str(total))
 
     running = CachePool(d, "f" * 32, agent.new_cache, None, share_prefixes=False)  # the default budget, as the product runs
 
@@ -219,12 +231,12 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
 
     load = [round(x, 2) for x in os.getloadavg()]
     cold = drop(files + [whole])
-    restart(), restore_running(), read_all(), restore_whole()  # warm-up
-    r, p, s, w = [], [], [], []
+    restart(), restore_running(), read_all(), restore_whole(), allocate()  # warm-up
+    r, p, s, w, a = [], [], [], [], []
     engines = [(r, restart, files, total), (p, restore_running, files, total), (s, read_all, files, total),
-               (w, restore_whole, [whole], whole.stat().st_size)]
+               (w, restore_whole, [whole], whole.stat().st_size), (a, allocate, [], total)]
     for i in range(repeats):  # alternating, each repeat starting one engine later: none always follows the same one
-        for out, run, paths, size in engines[i % 4:] + engines[: i % 4]:
+        for out, run, paths, size in engines[i % len(engines):] + engines[: i % len(engines)]:
             cold = drop(paths) and cold
             out.append(size / run() / 1e6)
     running.close()
@@ -234,8 +246,10 @@ def restore_bandwidth(agent: Agent, d: Path, repeats: int) -> dict:
             "running_pool_restore_MBps": spread(p, 1), "running_pool_ratio": round(statistics.median(p_ratio), 3), "running_pool_ratios": spread(p_ratio, 3),
             "restart_restore_MBps": spread(r, 1), "restart_ratio": round(statistics.median(r_ratio), 3), "restart_ratios": spread(r_ratio, 3),
             "one_file_restore_MBps": spread(w, 1),
+            "new_process_allocate_MBps": spread(a, 1), "allocate_ratio": round(statistics.median([x / y for x, y in zip(a, s)]), 3),
             "samples_MBps": {"sequential_read": [round(x, 1) for x in s], "running_pool": [round(x, 1) for x in p],
-                             "restart": [round(x, 1) for x in r], "one_file": [round(x, 1) for x in w]}}
+                             "restart": [round(x, 1) for x in r], "one_file": [round(x, 1) for x in w],
+                             "new_process_allocate": [round(x, 1) for x in a]}}
 
 
 def populate(src: Layout, name: str, d: Path, n: int) -> None:
@@ -450,7 +464,8 @@ def report(r: dict) -> str:
               f"The first restore after a restart (a new process): {mbps('restart_restore_MBps')}, ratio {rb['restart_ratio']} "
               f"({rb['restart_ratios']['min']}-{rb['restart_ratios']['max']}). Ratios are each repeat's restore over the same repeat's read, median "
               f"(min-max). The same cache as one version 2 file, in the running process: "
-              f"{mbps('one_file_restore_MBps')}.", "",
+              f"{mbps('one_file_restore_MBps')}. A new process only allocating the arrays such a restore fills "
+              f"(zero-filled, as MLX allocates): {mbps('new_process_allocate_MBps')}, ratio {rb['allocate_ratio']} to the read.", "",
               "## `agentcache agents ls` (process start included)", "", "| agents | wall s (median, min-max) | CPU s (median) |", "|---|---|---|"]
     for x in r["ls"]:
         lines.append(f"| {x['agents']:,} | {x['wall_s']['median']} ({x['wall_s']['min']}-{x['wall_s']['max']}) | {x['cpu_s']['median']} |")
