@@ -329,18 +329,20 @@ class Opened:
         fd, name, jobs = self.f.fileno(), self.path.name, []
         pos, iov, done, size = None, [], [], 0
 
-        def read(at: int, bufs: list, done: list) -> list[tuple[str, Future]]:
-            while bufs:
-                k = _preadv(fd, bufs[:IOV_MAX], at)
+        def read(at: int, bufs: list, done: list) -> Future:
+            i = 0  # the first buffer not yet full
+            while i < len(bufs):
+                k = _preadv(fd, bufs[i : i + IOV_MAX], at)
                 if not k:
                     raise CacheFileError(f"{name}: truncated while reading {done[0][0]}")
                 at += k
-                while bufs and k >= bufs[0].nbytes:
-                    k -= bufs[0].nbytes
-                    bufs = bufs[1:]
+                while i < len(bufs) and k >= bufs[i].nbytes:
+                    k -= bufs[i].nbytes
+                    i += 1
                 if k:
-                    bufs = [bufs[0][k:]] + bufs[1:]
-            return [(t, threads.crc.submit(_sums, b, self.header[t]["dtype"])) for t, b in done]
+                    bufs[i] = bufs[i][k:]
+            # one job per batch: a submit per tensor kept this thread from its next read
+            return threads.crc.submit(lambda: [(t, _sums(b, self.header[t]["dtype"])) for t, b in done])
 
         for tname, e in self.entries():
             a, b = e["data_offsets"]
@@ -365,8 +367,7 @@ class Opened:
         """Wait for `scatter`'s reads, compare their checksums with the header's and refuse
         a value that is not finite; raises on the first fault."""
         for job in jobs:
-            for tname, sums in job.result():
-                c, ok = sums.result()
+            for tname, (c, ok) in job.result().result():
                 if c != self.crcs[tname]:
                     raise CacheFileError(f"{self.path.name}: checksum mismatch in {tname}")
                 if not ok:
