@@ -24,7 +24,11 @@ Engines, all on the same token ids of the same GGUF weights:
   mlx-lm    its own model with QuantizedKVCache (4 and 8 bits, groups of
             64) against our fp16. mlx-lm cannot quantize a sliding-window
             cache (RotatingKVCache), so on Gemma 3 only the global layers
-            are quantized: it is favoured there.
+            are quantized: it is favoured there. On the CPU its attention
+            over the quantized cache dequantizes first and runs float
+            matmuls (`dequantized_attention`, the same values to float
+            rounding), since mlx's CPU quantized_matmul is far slower; the
+            JSON records which ran (`mlx_lm_attention`).
   llama.cpp llama-cpp-python with f16 (its own reference), q4_0 and q8_0
             K and V, flash attention on (quantized V needs it; every
             llama.cpp peer of the benchmarks runs with it), on every core:
@@ -196,11 +200,46 @@ class Ours:
         return self.cache.nbytes
 
 
+def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size=64, bits=8):
+    """mlx-lm's `quantized_scaled_dot_product_attention`, step for step, over the keys and values
+    its cache stores, dequantized first: the same values (`test_bench_method`), but float matmuls,
+    which reach the BLAS. On the CPU mlx's quantized_matmul does not, and is about 15x slower at
+    4K here (an 8K window of it ran for over half an hour). Used on the CPU only; the JSON says so."""
+    n_kv_heads = q_keys[0].shape[-3]
+    keys = mx.dequantize(*q_keys, group_size=group_size, bits=bits)
+    values = mx.dequantize(*q_values, group_size=group_size, bits=bits)
+    B, n_q_heads, L, D = queries.shape
+    repeats = n_q_heads // n_kv_heads
+    queries = queries * scale
+    if repeats > 1:
+        queries = queries.reshape(B, n_kv_heads, repeats, L, D)
+        keys, values = keys[:, :, None], values[:, :, None]
+    scores = queries @ keys.swapaxes(-1, -2)
+    if mask is not None:
+        if isinstance(mask, str):
+            q_len, k_len = scores.shape[-2:]
+            mask = mx.arange(k_len - q_len, k_len)[:, None] >= mx.arange(k_len)[None]
+        if repeats > 1 and mask.ndim > 3:
+            mask = mask[:, :, None]
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min) if mask.dtype == mx.bool_ else scores + mask
+    out = mx.softmax(scores, axis=-1, precise=True) @ values
+    return out.reshape(B, n_q_heads, L, D) if repeats > 1 else out
+
+
+MLX_LM_OWN = "mlx-lm's own (quantized_matmul)"  # what runs before the setting was recorded
+MLX_LM_ATTENTION = "dequantized first (dequantized_attention)" if mx.default_device() == mx.cpu else MLX_LM_OWN
+
+
 class MlxLm:
-    """mlx-lm's own model call and caches; global layers as QuantizedKVCache of `bits`."""
+    """mlx-lm's own model call and caches; global layers as QuantizedKVCache of `bits`. On the CPU
+    its attention over them runs as `dequantized_attention`."""
 
     def __init__(self, runner: ModelRunner, bits: int):
+        from mlx_lm.models import base
+
         self.model, self.bits, self.cache = runner.model, bits, None
+        if MLX_LM_ATTENTION != MLX_LM_OWN:
+            base.quantized_scaled_dot_product_attention = dequantized_attention
 
     def new_window(self):
         from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
@@ -438,7 +477,8 @@ def markdown(data: dict) -> str:
                      f"{', '.join(map(str, rs['windows']))} windows per text; "
                      + (r["note"] if "note" in r else f"peers alone on the windows of an earlier run: {', '.join(rs['peers'])}" if rs.get("peers_only")
                         else f"peers on every window: {', '.join(rs.get('peers', [])) or 'none'}; "
-                        f"our extra modes at the first context: {', '.join(rs.get('extra_modes', [])) or 'none'}"))
+                        f"our extra modes at the first context: {', '.join(rs.get('extra_modes', [])) or 'none'}")
+                     + (f"; mlx-lm's attention: {rs.get('mlx_lm_attention', MLX_LM_OWN)}" if any(p.startswith("mlx-lm") for p in rs.get("peers", [])) else ""))
     lines += ["", "Windows do not overlap and start as prompts do (BOS where the model's tokenizer adds one), fed in "
              f"{PREFILL_CHUNK}-token chunks; ppl change and KL (nats, mean over scored tokens) against the fp16 cache of "
              "the same engine family on the same windows; top-1 = share of positions whose most likely token matches. "
@@ -584,7 +624,7 @@ def main() -> None:
                         "blas": blas.CHOICE.summary(), "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")},
             "settings": {"contexts": args.contexts, "windows": args.windows, "texts": args.texts, "peers": args.peers,
                          "extra_modes": args.extra_modes, "peers_only": args.peers_only, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
-                         "gen": args.gen, "chunk": PREFILL_CHUNK, "llama_cpp_flash_attn": True},
+                         "gen": args.gen, "chunk": PREFILL_CHUNK, "llama_cpp_flash_attn": True, "mlx_lm_attention": MLX_LM_ATTENTION},
             "published_q4_ppl_change_pct": PUBLISHED, "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -48,6 +48,25 @@ def test_windows_do_not_overlap_start_with_bos_and_say_where_they_start():
         bq.windows(ids, 512, 2, [], offset=0)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mlx_lm_attention_over_its_quantized_cache_is_the_same_when_dequantized_first(bits):
+    """The quality benchmark's mlx-lm peer runs its attention as float matmuls over the dequantized
+    cache on the CPU: the same values as mlx-lm's own, under every mask it is called with."""
+    import mlx.core as mx
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention as own
+
+    mx.random.seed(bits)
+    for heads, kv_heads, q_len, k_len, mask in ((9, 3, 64, 64, "causal"), (9, 3, 32, 160, "causal"), (4, 4, 1, 96, None),
+                                                 (8, 1, 16, 80, "array")):
+        q = mx.random.normal((1, heads, q_len, 64))
+        k, v = (mx.quantize(mx.random.normal((1, kv_heads, k_len, 64)), 64, bits) for _ in range(2))
+        if mask == "array":
+            mask = mx.random.uniform(shape=(1, 1, q_len, k_len)) > 0.3
+        want = own(mx.array(q), k, v, 0.125, mask, 64, bits)  # copies: mlx-lm scales its queries in place
+        got = bq.dequantized_attention(mx.array(q), k, v, 0.125, mask, 64, bits)
+        assert got.shape == want.shape and mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), (heads, kv_heads, q_len, k_len)
+
+
 def test_default_windows_score_at_least_16000_tokens_per_text_and_context():
     for context, count in zip((2048, 4096, 8192), (8, 4, 2)):
         assert count * (context - 1) >= 16000
