@@ -817,12 +817,11 @@ def summary_rows(out: Path) -> list[tuple[str, str, str]]:
                                for model, r in b["models"].items()), "bits.json"))
     c = get("capacity.json")
     if c:
-        h, kv = c["headline"], capacity_mode(c)
+        kv = capacity_mode(c)
         pc = c.get("pool_check")
         check = (f"; real pool at {pc['context']} tokens: " + ", ".join(f"{m} {x['hot_agents']} hot (computed {x['computed_agents']})" for m, x in pc["modes"].items())) if pc else ""
         rows.append((f"Cache size, fp16 vs {kv} (measured bytes per token; agents per budget follow)", f"{capacity_ratio(c, kv):.2f}x "
-                     f"({c['bytes_per_token'][kv]:,.0f} vs {c['bytes_per_token']['fp16']:,.0f} B/token; q4 {capacity_ratio(c, 'q4'):.2f}x){check}; restore "
-                     f"{h['restore_vs_disk_bandwidth']}x the disk's sequential read ({h.get('restore_page_cache')} page cache)", "capacity.json"))
+                     f"({c['bytes_per_token'][kv]:,.0f} vs {c['bytes_per_token']['fp16']:,.0f} B/token; q4 {capacity_ratio(c, 'q4'):.2f}x){check}", "capacity.json"))
     d = get("decode.json")
     if d and d.get("headline"):
         h = d["headline"]

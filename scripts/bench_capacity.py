@@ -14,14 +14,12 @@ On SmolLM2-135M (real weights), this measures:
    counting how many stay hot in each mode;
 3. a 10-agent workflow whose agents share a ~2K-token system prompt: memory
    and disk bytes with shared prefix blocks vs one copy per agent (real run);
-4. restore throughput of a warm agent vs a plain sequential read of the same
-   bytes, with a cold page cache when this process may drop it (root on
-   Linux), and with a warm one; median of --repeats, alternating, min-max kept;
-5. a 10-agent round robin with room for 3 hot agents: persistence (evicted
+4. a 10-agent round robin with room for 3 hot agents: persistence (evicted
    agents restore from disk) vs re-prefill on eviction (real runs, the two
    alternating within each of --repeats repeats).
 
-MB is 10^6 bytes, MiB 2^20.
+Restore bandwidth against the disk's is the store benchmark's
+(scripts/bench_store.py, store.json). MB is 10^6 bytes, MiB 2^20.
 
 Writes bench_results/capacity.json and bench_results/capacity.md.
 """
@@ -185,80 +183,6 @@ def shared_prompt_workflow(runner: ModelRunner, max_tokens: int, agents: int = 1
     }
 
 
-# -- 4: restore throughput -------------------------------------------------------
-
-
-def drop_page_cache(path: Path) -> bool:
-    """Make the next read of `path` come from the disk (this file only: the machine may be shared)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return True
-
-
-def synthetic_cache(runner: ModelRunner, heads: int, dim: int, n: int) -> AgentCache:
-    """A cache in the runner's mode with the model's exact layout and random contents (restore
-    speed does not depend on values), appended 512 tokens at a time as a prefill would."""
-    cache = runner.new_cache()
-    for i, layer in enumerate(cache.layers):
-        for a in range(0, n, 512):
-            k, v = mx.random.normal((2, 1, heads, min(512, n - a), dim), key=mx.random.key(i * 1000 + a))
-            layer.update_and_fetch(k, v)
-        mx.eval([s.keys for s in layer.segments])
-    cache.tokens = list(range(n))
-    return cache
-
-
-def read_file(path: Path) -> float:
-    buf = bytearray(4 << 20)
-    t = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t
-
-
-def restore_throughput(runner: ModelRunner, n: int = 8192, repeats: int = 5) -> dict:
-    cfg = runner.config
-    heads = cfg["num_key_value_heads"]
-    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    layers = len(runner.windows)
-
-    new_cache = runner.new_cache
-    out = {"tokens": n, "layout": f"{layers} layers x {heads} KV heads x {dim} dims, {runner.kv_bits}"}
-    with tempfile.TemporaryDirectory(dir=ROOT) as d:
-        pool = CachePool(d, runner.fingerprint, new_cache, write_behind=False, share_prefixes=False)
-        pool.save("big", synthetic_cache(runner, heads, dim, n))
-        path = pool.path("big")
-        size = path.stat().st_size
-        out["file_bytes"] = size
-        for label, cold in (("cold", True), ("warm", False)):
-            if cold and not drop_page_cache(path):
-                out["cold"] = None
-                continue
-            restore, read = [], []
-            for _ in range(repeats):
-                cold and drop_page_cache(path)
-                p = CachePool(d, runner.fingerprint, new_cache, write_behind=False, share_prefixes=False)
-                t = time.perf_counter()
-                cache, tier = p.checkout("big")
-                mx.eval([s.keys for layer in cache.layers for s in layer.segments])
-                restore.append(time.perf_counter() - t)
-                assert tier == "warm"
-                del cache
-                cold and drop_page_cache(path)
-                read.append(read_file(path))
-            r, s = size / statistics.median(restore) / 1e6, size / statistics.median(read) / 1e6
-            out[label] = {"restore_MBps": round(r), "sequential_read_MBps": round(s), "ratio": round(r / s, 3),
-                          "restore_MBps_min_max": [round(size / max(restore) / 1e6), round(size / min(restore) / 1e6)],
-                          "read_MBps_min_max": [round(size / max(read) / 1e6), round(size / min(read) / 1e6)], "repeats": repeats}
-    return out
-
-
 # -- 5: round robin under a small budget -----------------------------------------
 
 
@@ -294,7 +218,7 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5, help="repeats of the restore timing and of the round robin (modes alternate)")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of the round robin (the modes alternate)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     ap.add_argument("--quick", action="store_true", help="Small sizes, to check the script (results are not comparable).")
     ap.add_argument("--report", type=Path, help="Only rewrite capacity.md from this capacity.json.")
@@ -319,8 +243,6 @@ def main() -> None:
     res["pool_check"] = pool_check(runner, bpt, 256 if q else 1024, 4 if q else 12)
     print("pool check", res["pool_check"], flush=True)
 
-    res["restore"] = restore_throughput(runner, 1024 if q else 8192, 2 if q else args.repeats)
-    print("restore", res["restore"], flush=True)
 
     res["shared_prompt_workflow"] = shared_prompt_workflow(runner, args.max_tokens, 3 if q else 10, 256 if q else SHARED_PROMPT)
     print("shared prompt", {k: v for k, v in res["shared_prompt_workflow"].items() if k != "turns"}, flush=True)
@@ -341,11 +263,8 @@ def main() -> None:
     print("round robin", {k: v for k, v in res["round_robin"].items() if not isinstance(v, dict)}, flush=True)
 
     c4 = next(r for r in res["capacity"] if r["context"] == 4096)
-    ratio = res["restore"]["cold"] or res["restore"]["warm"]
     res["headline"] = {
         "q4_vs_fp16_agents_4k": round(c4["q4_agents"] / c4["fp16_agents"], 2),
-        "restore_vs_disk_bandwidth": ratio["ratio"],
-        "restore_page_cache": "cold" if res["restore"]["cold"] else "warm",
         "round_robin_persistence_vs_re_prefill": res["round_robin"]["persistence_vs_re_prefill"],
         "pool_check_q4_vs_fp16_hot_agents": round(res["pool_check"]["modes"]["q4"]["hot_agents"] / max(1, res["pool_check"]["modes"]["fp16"]["hot_agents"]), 2),
     }
@@ -366,9 +285,8 @@ def report(r: dict) -> str:
         f"The machine was shared with other jobs (load average {r.get('load_average')} on {os.cpu_count()} cores): "
         "byte counts are exact, timings are noisy and CPU-bound parts are slower than on an idle machine.",
         "",
-        f"**Headline:** at 4K context, Q4 caches fit **{r['headline']['q4_vs_fp16_agents_4k']}x** as many agents as fp16; "
-        f"restoring a warm agent runs at **{r['headline']['restore_vs_disk_bandwidth']}x** the disk's sequential read bandwidth "
-        f"({r['headline']['restore_page_cache']} page cache).",
+        f"**Headline:** at 4K context, Q4 caches fit **{r['headline']['q4_vs_fp16_agents_4k']}x** as many agents as fp16. "
+        "Restore bandwidth against the disk's: store.md (scripts/bench_store.py).",
         "",
         "## Bytes per token (measured on real SmolLM2 caches, all 30 layers)",
         "",
@@ -405,19 +323,7 @@ def report(r: dict) -> str:
         "Prefill per agent (the first computes the prompt; the others attach the shared blocks): "
         + ", ".join(f"{t['prefilled']}" for t in s["turns"])
         + " tokens; TTFT " + ", ".join(f"{t['ttft_ms'] / 1000:.1f}" for t in s["turns"]) + " s.",
-        "",
-        "## Restore vs disk bandwidth",
-        "",
-        f"One agent file of {mib(r['restore']['file_bytes'])} ({r['restore']['tokens']} tokens, {r['restore']['layout']}, random contents). "
-        "Restore = open, check the header, read every tensor into a fresh MLX buffer and check its CRC (pool checkout of a warm agent); "
-        "read = `readinto` of the same file in 4 MiB chunks. Median of the repeats (restore and read alternate); cold = the file dropped from the page cache before each (posix_fadvise). MB = 10^6 bytes.",
-        "",
-        "| page cache | restore MB/s | sequential read MB/s | ratio |",
-        "|---|---:|---:|---:|",
     ]
-    for label in ("cold", "warm"):
-        x = r["restore"].get(label)
-        lines.append(f"| {label} | {x['restore_MBps']:,} | {x['sequential_read_MBps']:,} | {x['ratio']} |" if x else f"| {label} | n/a (cannot drop caches) | | |")
     rr = r["round_robin"]
     lines += [
         "",
