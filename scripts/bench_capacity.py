@@ -183,7 +183,7 @@ def shared_prompt_workflow(runner: ModelRunner, max_tokens: int, agents: int = 1
     }
 
 
-# -- 5: round robin under a small budget -----------------------------------------
+# -- 4: round robin under a small budget -----------------------------------------
 
 
 def round_robin(runner: ModelRunner, q4_bytes_per_token: float, persist: bool, rounds: int, max_tokens: int, agents: int, ctx_tokens: int) -> dict:
@@ -242,7 +242,6 @@ def main() -> None:
     print("bytes/token", res["bytes_per_token"], f"({time.perf_counter() - t:.0f} s)", flush=True)
     res["pool_check"] = pool_check(runner, bpt, 256 if q else 1024, 4 if q else 12)
     print("pool check", res["pool_check"], flush=True)
-
 
     res["shared_prompt_workflow"] = shared_prompt_workflow(runner, args.max_tokens, 3 if q else 10, 256 if q else SHARED_PROMPT)
     print("shared prompt", {k: v for k, v in res["shared_prompt_workflow"].items() if k != "turns"}, flush=True)

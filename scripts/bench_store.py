@@ -166,7 +166,7 @@ from mlx_agentcache.kvcache import AgentCache, LayerCache
 from mlx_agentcache.pool import CachePool
 d, layers = Path(sys.argv[1]), int(sys.argv[2])
 mx.eval(mx.zeros(1))  # a restarted runtime has run MLX (its model) before it restores an agent
-if sys.argv[3:] == ["allocate"]:  # only what such a restore allocates: its bytes as fresh arrays of READ_BATCH bytes
+if sys.argv[3:4] == ["allocate"]:  # only what such a restore allocates: argv[4] bytes as fresh arrays of READ_BATCH bytes
     from mlx_agentcache.store.container import READ_BATCH
     t = time.perf_counter()
     arrays = [mx.zeros((READ_BATCH,), mx.uint8) for _ in range(-(-int(sys.argv[4]) // READ_BATCH))]
