@@ -431,9 +431,10 @@ def _summary(rows: list[tuple[str, str, dict]]) -> dict:
          "ppl_change_worst_pct": round(max(o["ppl_change_pct"] for o in ours), 3),
          "kl": round(float(np.mean([o["kl"] for o in ours])), 5), "kl_worst": round(max(o["kl"] for o in ours), 5),
          "scored_tokens_min": min(o["tokens"] for o in ours), "contexts": sorted({int(c) for _, c, _ in rows})}
+    # mlx-lm quantizes global layers only (docs/quality.md): on Gemma 3 it is favoured
     for engine, key, family in (("llama.cpp q4_0", "llama_cpp_q4_0", "llama_cpp"), ("mlx-lm q4", "mlx_lm_q4", "mlx_lm")):
         pairs = [(e[DEFAULT_KV], e[engine]) for _, _, e in rows if engine in e]
-        if pairs:  # mlx-lm quantizes global layers only (docs/quality.md): on Gemma 3 it is favoured
+        if pairs:
             h[f"{key}_ppl_change_pct"] = round(float(np.mean([p["ppl_change_pct"] for _, p in pairs])), 3)
             h[f"{key}_kl"] = round(float(np.mean([p["kl"] for _, p in pairs])), 5)
             h[f"ours_where_{family}_ran_ppl_change_pct"] = round(float(np.mean([o["ppl_change_pct"] for o, _ in pairs])), 3)
