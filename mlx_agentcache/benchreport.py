@@ -410,9 +410,13 @@ def quality_line(model: str, h: dict) -> str:
             f"KL {h[p + 'kl']:.4f} (worst {h[p + 'kl_worst']:.4f})"
             + (f"; llama.cpp q4_0 {peer:+.2f}% (KL {h[p + 'llama_cpp_q4_0_kl']:.4f}) on the same windows" if peer is not None and p
                else f"; llama.cpp q4_0 {peer:+.2f}% on the same windows" if peer is not None else ""))
-    if p + "mlx_lm_q4_ppl_change_pct" in h:  # mlx-lm quantizes global layers only
+    if p + "mlx_lm_q4_ppl_change_pct" in h:
         on, total = len(h[p + "compared_with_mlx_lm_on"]), sum(len(cs) for cs in by_text.values()) if p else None
-        line += (f"; mlx-lm q4 (sliding-window layers left at 16 bits) {h[p + 'mlx_lm_q4_ppl_change_pct']:+.2f}% (KL {h[p + 'mlx_lm_q4_kl']:.4f}) on the windows of "
+        layers = h.get("mlx_lm_layers") or {}  # mlx-lm cannot quantize a sliding-window layer's cache
+        left = layers.get("total", 0) - layers.get("quantized", 0)
+        unquantized = f" ({left} of its {layers.get('total')} layers, the sliding-window ones, not quantized)" if left else ""
+        line += (f"; mlx-lm q4{unquantized} "
+                 f"{h[p + 'mlx_lm_q4_ppl_change_pct']:+.2f}% (KL {h[p + 'mlx_lm_q4_kl']:.4f}) on the windows of "
                  f"{on}{f' of {total}' if total else ''} text contexts, where q4c is {h[p + 'ours_where_mlx_lm_ran_ppl_change_pct']:+.2f}%")
     return line
 

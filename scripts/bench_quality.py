@@ -242,10 +242,24 @@ class MlxLm:
             base.quantized_scaled_dot_product_attention = dequantized_attention
 
     def new_window(self):
-        from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+        from mlx_lm.models.cache import QuantizedKVCache
 
-        self.cache = [QuantizedKVCache(group_size=64, bits=self.bits) if type(c) is KVCache else c
-                      for c in make_prompt_cache(self.model)]
+        self.cache = [QuantizedKVCache(group_size=64, bits=self.bits) if quantizable else c
+                      for c, quantizable in mlx_lm_caches(self.model)]
+
+
+def mlx_lm_caches(model) -> list[tuple[object, bool]]:
+    """mlx-lm's prompt cache for `model`, a layer at a time, and whether it can quantize that
+    layer (a plain KVCache; a sliding-window RotatingKVCache it cannot)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return [(c, type(c) is KVCache) for c in make_prompt_cache(model)]
+
+
+def mlx_lm_layers(model) -> dict:
+    """How many of the model's layers mlx-lm's quantized cache quantizes, of how many."""
+    caches = mlx_lm_caches(model)
+    return {"quantized": sum(q for _, q in caches), "total": len(caches)}
 
     def logits(self, part: list[int]) -> np.ndarray:
         out = self.model(mx.array(part)[None], cache=self.cache)[0].astype(mx.float32)
@@ -371,7 +385,7 @@ def bench_model(name: str, args, progress=None) -> dict:
     tok = runner.tokenizer
     bos = quality.prompt_bos(tok)
     gguf = gguf_file(name, args.home)
-    out = {"bos": bool(bos), "gguf": gguf.name if gguf else None, "texts": {}}
+    out = {"bos": bool(bos), "gguf": gguf.name if gguf else None, "mlx_lm_layers": mlx_lm_layers(runner.model), "texts": {}}
     for text_name in args.texts:
         text = TEXTS[text_name]
         ids = tok.encode(text.load(args.home / "texts"), add_special_tokens=False)
@@ -463,6 +477,8 @@ def headline(models: dict) -> dict:
                 h[f"{key}_contexts_by_text"] = {t: sorted(int(c) for t2, c, _ in part if t2 == t) for t in h[f"{key}_texts"]}
                 h[f"{key}_scored_tokens_per_text"] = min(sum(e[DEFAULT_KV]["tokens"] for t2, _, e in part if t2 == t) for t in h[f"{key}_texts"])
         h["goal_met"] = h["ppl_change_worst_pct"] < 3.0 and h["kl_worst"] < 0.02 and h["bits_per_value"] <= 4.5
+        if res.get("mlx_lm_layers"):
+            h["mlx_lm_layers"] = res["mlx_lm_layers"]
         out[name] = h
     return out
 
@@ -546,6 +562,8 @@ def merge(paths: list[Path]) -> dict:
                                          "llama.cpp q4_0 where --peers-first-only was not given (see each context's engines)"})
         for name, res in part["models"].items():
             have = data["models"].setdefault(name, {**res, "texts": {}, "seconds": 0.0})
+            for k, v in res.items():  # what an earlier file did not record yet (mlx_lm_layers)
+                have.setdefault(k, v)
             for t, tr in res["texts"].items():  # files from before texts carried their role
                 if t in TEXTS:
                     tr.setdefault("role", TEXTS[t].role), tr.setdefault("source", TEXTS[t].source), tr.setdefault("licence", TEXTS[t].licence)

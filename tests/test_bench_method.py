@@ -130,8 +130,12 @@ def test_headline_keeps_held_out_texts_apart_and_compares_on_the_same_windows():
     h = bq.headline({"m": result({"gnu-standards": ("held-out", {"2048": with_mlx, "4096": engines(4.0, 8.0)})})})["m"]
     assert (h["held_out_mlx_lm_q4_ppl_change_pct"], h["held_out_ours_where_mlx_lm_ran_ppl_change_pct"]) == (20.0, 2.0)
     assert h["held_out_compared_with_mlx_lm_on"] == ["gnu-standards 2048"] and h["held_out_beats_mlx_lm_q4_wherever_both_ran"] is True
-    assert "mlx-lm q4 (sliding-window layers left at 16 bits) +20.00% (KL 0.1000) on the windows of 1 of 2 text contexts, where q4c is +2.00%" \
-        in benchreport.quality_line("m", h)
+    assert "; mlx-lm q4 +20.00% (KL 0.1000) on the windows of 1 of 2 text contexts, where q4c is +2.00%" in benchreport.quality_line("m", h)
+    sliding = {**result({"gnu-standards": ("held-out", {"2048": with_mlx})}), "mlx_lm_layers": {"quantized": 3, "total": 18}}
+    h = bq.headline({"m": sliding})["m"]
+    assert "mlx-lm q4 (15 of its 18 layers, the sliding-window ones, not quantized) +20.00%" in benchreport.quality_line("m", h)
+    h = bq.headline({"m": {**sliding, "mlx_lm_layers": {"quantized": 18, "total": 18}}})["m"]
+    assert "; mlx-lm q4 +20.00%" in benchreport.quality_line("m", h)
 
 
 def test_merge_keeps_every_run_and_merges_a_texts_contexts(tmp_path):
@@ -169,6 +173,10 @@ def test_merge_keeps_every_run_and_merges_a_texts_contexts(tmp_path):
     assert list(ctx["engines"]) == ["fp16", "q4c", "llama.cpp f16", "llama.cpp q4_0", "llama.cpp q8_0"]
     assert ctx["engines"]["q4c"]["ppl_change_pct"] == 2.0 and ctx["engines"]["llama.cpp q4_0"]["ppl_change_pct"] == 5.0
     assert joined["headline"]["m"]["held_out_llama_cpp_q4_0_ppl_change_pct"] == 5.0
+    # a fact about the model that only a later file recorded is kept
+    d["models"]["m"]["mlx_lm_layers"] = {"quantized": 3, "total": 18}
+    (tmp_path / "d.json").write_text(json.dumps(d))
+    assert bq.merge([tmp_path / "a.json", tmp_path / "d.json"])["headline"]["m"]["mlx_lm_layers"] == {"quantized": 3, "total": 18}
     assert "peers alone on the windows of an earlier run: llama.cpp q4_0" in bq.markdown(joined)
     d["models"]["m"]["texts"]["gnu-standards"]["contexts"]["2048"]["window_starts"] = [2047]
     (tmp_path / "d.json").write_text(json.dumps(d))
