@@ -98,7 +98,7 @@ SPECS = {
     "batch": Bench("probe_batch.py", "batch_probe.json", ["--quick"], []),
     "handoff": Bench("bench_handoff.py", "handoff.json", ["--quick"], []),
     "server": Bench("bench_server.py", "server.json", ["--clients", "4", "--agents", "2", "--requests", "8", "--budget", "4194304"], []),
-    "store": Bench("bench_store.py", "store.json", ["--quick"], []),
+    "store": Bench("bench_store.py", "store.json", ["--quick"], ["--layers", "8", "--repeats", "15"]),  # as store.json was measured
     "arch": Bench("bench_arch_accuracy.py", "arch_accuracy.json", ["--tokens", "128"], [],
                   about="next-token KL and top-1 of each KV mode against a 16-bit cache, per architecture (and mlx-lm's 4-bit cache)"),
     "weights": Bench("bench_weight_forms.py", "weight_forms.json", ["--quick", "--models", "smollm2-135m", "--repeats", "1"], [],

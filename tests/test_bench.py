@@ -291,6 +291,15 @@ def test_the_full_ablation_reruns_the_committed_layouts():
     assert full[full.index("--windows") + 1] == str(committed["windows"])
 
 
+def test_the_full_store_run_measures_as_the_committed_file_was():
+    """`agentcache bench store` passes the options every part of the committed store.json ran with."""
+    full = benchreport.command("store", ROOT, Path("/out"), False, None)[2:-2]
+    for part, command in json.loads((ROOT / "bench_results" / "store.json").read_text())["commands"].items():
+        args = command.split()[2:]
+        for option in ("--layers", "--repeats"):
+            assert args[args.index(option) : args.index(option) + 2] == full[full.index(option) : full.index(option) + 2], part
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_every_benchmark_maps_to_a_script_and_its_options(quick):
     for name in benchreport.SPECS:
