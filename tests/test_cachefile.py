@@ -31,9 +31,18 @@ def small_file(tmp_path_factory) -> tuple[bytes, object]:
     return path.read_bytes(), cache
 
 
+@pytest.fixture(params=["one batch", "many batches"])
+def read_batch(request, monkeypatch):
+    """Reads of READ_BATCH bytes; small ones split a file into many preadv calls,
+    allocation batches and checksum jobs."""
+    if request.param == "many batches":
+        monkeypatch.setattr(container, "READ_BATCH", 2048)
+    return request.param
+
+
 @pytest.mark.parametrize("bits", [4, 8, 16, "q4k", "q4c"])
 @pytest.mark.parametrize("n", [3, 300])
-def test_round_trip_is_exact(tmp_path, bits, n):
+def test_round_trip_is_exact(tmp_path, bits, n, read_batch):
     cache = random_cache(1, bits=bits, n=n)
     path = tmp_path / "a.safetensors"
     size = codec.save(path, cache, FP, extra={"k": 1}, model="m")
@@ -95,7 +104,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
-def test_damaged_files_are_refused_with_a_reason(tmp_path, small_file, kind):
+def test_damaged_files_are_refused_with_a_reason(tmp_path, small_file, kind, read_batch):
     damage, reason = DAMAGE[kind]
     path = tmp_path / "a.safetensors"
     path.write_bytes(damage(small_file[0]))
