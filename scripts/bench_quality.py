@@ -230,6 +230,20 @@ MLX_LM_OWN = "mlx-lm's own (quantized_matmul)"  # what runs before the setting w
 MLX_LM_ATTENTION = "dequantized first (dequantized_attention)" if mx.default_device() == mx.cpu else MLX_LM_OWN
 
 
+def mlx_lm_caches(model) -> list[tuple[object, bool]]:
+    """mlx-lm's prompt cache for `model`, a layer at a time, and whether it can quantize that
+    layer (a plain KVCache; a sliding-window RotatingKVCache it cannot)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return [(c, type(c) is KVCache) for c in make_prompt_cache(model)]
+
+
+def mlx_lm_layers(model) -> dict:
+    """How many of the model's layers mlx-lm's quantized cache quantizes, of how many."""
+    caches = mlx_lm_caches(model)
+    return {"quantized": sum(q for _, q in caches), "total": len(caches)}
+
+
 class MlxLm:
     """mlx-lm's own model call and caches; global layers as QuantizedKVCache of `bits`. On the CPU
     its attention over them runs as `dequantized_attention`."""
@@ -246,20 +260,6 @@ class MlxLm:
 
         self.cache = [QuantizedKVCache(group_size=64, bits=self.bits) if quantizable else c
                       for c, quantizable in mlx_lm_caches(self.model)]
-
-
-def mlx_lm_caches(model) -> list[tuple[object, bool]]:
-    """mlx-lm's prompt cache for `model`, a layer at a time, and whether it can quantize that
-    layer (a plain KVCache; a sliding-window RotatingKVCache it cannot)."""
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    return [(c, type(c) is KVCache) for c in make_prompt_cache(model)]
-
-
-def mlx_lm_layers(model) -> dict:
-    """How many of the model's layers mlx-lm's quantized cache quantizes, of how many."""
-    caches = mlx_lm_caches(model)
-    return {"quantized": sum(q for _, q in caches), "total": len(caches)}
 
     def logits(self, part: list[int]) -> np.ndarray:
         out = self.model(mx.array(part)[None], cache=self.cache)[0].astype(mx.float32)
