@@ -11,10 +11,9 @@ few values (under the kernels that wrote it, on every value)."""
 import shutil
 from pathlib import Path
 
+import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import mlx.core as mx
 import numpy as np
-
-import mlx_agentcache  # noqa: F401  (loads the BLAS before mlx)
 import pytest
 
 from mlx_agentcache.pool import CachePool
@@ -43,6 +42,7 @@ def holds_the_file(cache, file: Path, runner, tmp_path) -> bool:
 
 
 def agrees_with_a_fresh_prefill(cache, runner, toks, mode: str) -> None:
+    """The same tokens, layout and encodings as today's prefill; values apart by one rounding step at most, few of them."""
     ref = fresh(runner, toks)
     assert cache.tokens == ref.tokens
     for x, y in zip(cache.layers, ref.layers, strict=True):
