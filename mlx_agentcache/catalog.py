@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from .store import codec, container, history, index, segments
+from .store import codec, container, formats, history, index, segments
 from .store.container import CacheFileError
 from .store.layout import ARCHIVE_SUFFIX, SUFFIX, Layout, validate_agent_name
 
@@ -81,7 +81,7 @@ def export_archive(cache_dir: Path, name: str, out: Path) -> Path:
     if meta["format"] == codec.MANIFEST:
         joined, meta = segments.assemble(path, arrays, meta, meta.get("fingerprint", ""), codec.NAMES)
         arrays = segments.numpy(joined)
-    ref = codec.prefix_ref(meta)
+    ref = formats.prefix_ref(meta)
     tensors = dict(arrays)
     if ref:  # inline the shared prefix: the archive must not depend on the blocks folder
         block = layout.block_file(ref["hash"])
@@ -89,7 +89,7 @@ def export_archive(cache_dir: Path, name: str, out: Path) -> Path:
             raise CacheFileError(f"{path.name}: shared prefix {ref['hash']} is missing")
         battrs, bmeta = container.read_tensors(block, (codec.BLOCK_FORMAT,))
         n = int(ref["tokens"])
-        if codec.block_tokens(bmeta)[:n] != arrays["tokens"][:n].tolist():
+        if formats.block_tokens(bmeta)[:n] != arrays["tokens"][:n].tolist():
             raise CacheFileError(f"{block.name}: prefix block does not hold this agent's tokens")
         tensors, meta = codec.inline_prefix(arrays, meta, battrs, n)
     about = {"name": name, "history": history.read(layout.history_file(name)), "exported_at": int(time.time())}
@@ -187,7 +187,7 @@ def gc_plan(cache_dir: Path, known_fingerprints: set[str]) -> list[tuple[Path, s
         elif (damage := _header_damage(p)) is not None:
             plan.append((p, f"damaged cache file ({damage})"))
         else:
-            ref = codec.prefix_ref(meta)
+            ref = formats.prefix_ref(meta)
             if ref:
                 used.add(str(ref.get("hash")))
     for p in layout.block_files():

@@ -161,7 +161,7 @@ class AgentStore:
         for p in self.layout.block_files():
             try:
                 _, meta, _ = container.read_header(p, (codec.BLOCK_FORMAT,))
-                tokens = codec.block_tokens(meta)
+                tokens = formats.block_tokens(meta)
             except (CacheFileError, KeyError, ValueError):
                 continue  # gc reports and removes it; loads of agents using it will refuse
             if meta.get("fingerprint") == self.fingerprint and codec.block_mode(meta) == mode:

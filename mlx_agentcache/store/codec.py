@@ -35,7 +35,7 @@ from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
 from . import formats, numbers, segments
 from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
-from .formats import block_tokens, prefix_ref  # noqa: F401  (re-exported: callers read them from the codec)
+from .formats import block_tokens
 from .layout import Layout
 
 ENCODINGS = ("fp16", "q8", "q4", "q4c")
