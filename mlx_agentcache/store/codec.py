@@ -35,7 +35,6 @@ from ..kvcache import KV_MODES, AgentCache, LayerCache, Segment, StoredShape, kv
 from ..q4 import BLOCK_TOKENS, GROUP_SIZE, KEY_GROUP, VALUE_GROUP
 from . import formats, numbers, segments
 from .container import MAX_DIM, CacheFileError, read_arrays, write_tensors
-from .formats import block_tokens
 from .layout import Layout
 
 ENCODINGS = ("fp16", "q8", "q4", "q4c")
@@ -270,7 +269,7 @@ def read_block(path: Path, fingerprint: str, mode: str, tokens: list[int], expec
             raise CacheFileError(f"{path.name}: prefix block does not hold these tokens")
 
     arrays, meta = read_arrays(path, (BLOCK_FORMAT,), same)
-    n = len(block_tokens(meta))
+    n = len(formats.block_tokens(meta))
     out = []
     try:
         for i, s in enumerate(json.loads(meta["layers"])):
