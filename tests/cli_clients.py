@@ -33,10 +33,13 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 # The README's Claude Code recipe: these variables, then `claude` with these arguments.
 # CLAUDE_CODE_ATTRIBUTION_HEADER=0: else the system prompt opens with a line that
 # changes with the first message, and no two sessions share a prefix.
+# CLAUDE_CODE_MAX_OUTPUT_TOKENS: Claude Code asks for 32,000 tokens, and its first
+# message carries today's date, so whether a greedy 135M model ends its reply
+# changes from day to day; the limit bounds every run (see `served`).
 CLAUDE_ENV = {"ANTHROPIC_AUTH_TOKEN": KEY, "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
               "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0",
-              "CLAUDE_CODE_ATTRIBUTION_HEADER": "0"}
+              "CLAUDE_CODE_ATTRIBUTION_HEADER": "0", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "64"}
 CLAUDE_ARGS = ["--output-format", "json", "--tools", "", "--max-turns", "1"]
 
 
@@ -50,16 +53,25 @@ def claude(server: Server, prompt: str, system_prompt: str, cwd: Path) -> dict:
     return {**json.loads(p.stdout), "exit_code": p.returncode}
 
 
+def served(result: dict) -> None:
+    """Every request was served: the model ended its reply, or it reached the
+    output limit each time Claude Code asked for the rest, which Claude Code
+    then reports as an error of its own (not an API error)."""
+    assert result["api_error_status"] is None, result
+    if result["is_error"]:
+        assert "output token maximum" in result["result"], result
+    else:
+        assert result["exit_code"] == 0 and result["stop_reason"] == "end_turn" and result["result"].strip(), result
+
+
 # Claude Code's own system prompt and 24 tools, as it sends them, against `serve --compact-tools`.
-# A small model rarely ends its reply on that prompt: the output limit bounds the run (Claude Code
-# asks for its continuation a few times, then reports the limit as an error that is not the server's).
-CLAUDE_FULL_ENV = {**CLAUDE_ENV, "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "64"}
+# A small model rarely ends its reply on that prompt.
 CLAUDE_FULL_ARGS = ["--output-format", "json", "--max-turns", "1"]
 
 
 def claude_full(server: Server, prompt: str, cwd: Path) -> dict:
     """`claude -p PROMPT` with its whole prompt (system prompt and tools); its JSON result."""
-    p = run([binary("claude"), "-p", prompt, *CLAUDE_FULL_ARGS], {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_FULL_ENV}, cwd)
+    p = run([binary("claude"), "-p", prompt, *CLAUDE_FULL_ARGS], {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_ENV}, cwd)
     assert p.stdout.strip(), f"claude printed nothing (exit {p.returncode}): {p.stderr[-2000:]}"
     return {**json.loads(p.stdout), "exit_code": p.returncode}
 
