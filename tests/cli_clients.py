@@ -43,14 +43,17 @@ CLAUDE_ENV = {"ANTHROPIC_AUTH_TOKEN": KEY, "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_
 CLAUDE_ARGS = ["--output-format", "json", "--tools", "", "--max-turns", "1"]
 
 
-def claude(server: Server, prompt: str, system_prompt: str, cwd: Path) -> dict:
-    """`claude -p PROMPT` with no tools and a short system prompt (its full
-    prompt, 24 tools, is ~18K tokens: minutes of prefill on a small CPU); its
-    JSON result."""
-    env = {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_ENV}
-    p = run([binary("claude"), "-p", prompt, *CLAUDE_ARGS, "--system-prompt", system_prompt], env, cwd)
+def claude_json(server: Server, args: list[str], cwd: Path) -> dict:
+    """`claude ARGS` against the server with the README's variables; its JSON result."""
+    p = run([binary("claude"), *args], {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_ENV}, cwd)
     assert p.stdout.strip(), f"claude printed nothing (exit {p.returncode}): {p.stderr[-2000:]}"
     return {**json.loads(p.stdout), "exit_code": p.returncode}
+
+
+def claude(server: Server, prompt: str, system_prompt: str, cwd: Path) -> dict:
+    """`claude -p PROMPT` with no tools and a short system prompt (its full
+    prompt, 24 tools, is ~18K tokens: minutes of prefill on a small CPU)."""
+    return claude_json(server, ["-p", prompt, *CLAUDE_ARGS, "--system-prompt", system_prompt], cwd)
 
 
 def served(result: dict) -> None:
@@ -70,10 +73,8 @@ CLAUDE_FULL_ARGS = ["--output-format", "json", "--max-turns", "1"]
 
 
 def claude_full(server: Server, prompt: str, cwd: Path) -> dict:
-    """`claude -p PROMPT` with its whole prompt (system prompt and tools); its JSON result."""
-    p = run([binary("claude"), "-p", prompt, *CLAUDE_FULL_ARGS], {"ANTHROPIC_BASE_URL": server.url, **CLAUDE_ENV}, cwd)
-    assert p.stdout.strip(), f"claude printed nothing (exit {p.returncode}): {p.stderr[-2000:]}"
-    return {**json.loads(p.stdout), "exit_code": p.returncode}
+    """`claude -p PROMPT` with its whole prompt (system prompt and tools)."""
+    return claude_json(server, ["-p", prompt, *CLAUDE_FULL_ARGS], cwd)
 
 
 CODEX_CONFIG = """\
